@@ -1,0 +1,147 @@
+//! The `#[repr(C)]` types that cross the kernel/user boundary: ring-buffer events, map keys and values.
+//!
+//! Every struct is laid out by hand with explicit padding fields so that no byte is left implicit: the
+//! eBPF side copies these structs into maps and ring buffers, and the verifier rejects reads of
+//! uninitialised stack bytes. The size assertions at the bottom keep the two sides in agreement.
+#![no_std]
+
+/// IANA protocol numbers as the kernel reports them in `bpf_sock.protocol`.
+pub const IPPROTO_TCP: u16 = 6;
+pub const IPPROTO_UDP: u16 = 17;
+
+/// Address families as in `bpf_sock.family`.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps and programs in the eBPF object, used by the loader.
+pub mod names {
+    pub const CONFIG: &str = "CONFIG";
+    pub const EVENTS: &str = "EVENTS";
+    pub const CANDIDATES: &str = "CANDIDATES";
+    pub const BOUND: &str = "BOUND";
+    pub const HELD_ELSEWHERE: &str = "HELD_ELSEWHERE";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const BIND4: &str = "natbinder_bind4";
+    pub const BIND6: &str = "natbinder_bind6";
+    pub const POST_BIND4: &str = "natbinder_post_bind4";
+    pub const POST_BIND6: &str = "natbinder_post_bind6";
+    pub const SOCK_RELEASE: &str = "natbinder_sock_release";
+}
+
+/// Capacities of the maps. BOUND bounds how many forwarded sockets the kernel side can track at once.
+pub const CANDIDATES_CAPACITY: u32 = 4096;
+pub const BOUND_CAPACITY: u32 = 65536;
+pub const HELD_ELSEWHERE_CAPACITY: u32 = 8192;
+/// Ring buffer size in bytes (a power of two multiple of the page size).
+pub const EVENTS_BYTES: u32 = 256 * 1024;
+
+/// The single entry of the CONFIG array map, written by the daemon before it attaches the programs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Network namespace cookie of the daemon: binds in any other namespace are not reported.
+    pub netns_cookie: u64,
+    /// Lowest port that is forwarded (ports below it pass untouched); the paper's 1024.
+    pub min_port: u16,
+    /// 1 while the daemon wants binds reported; 0 makes every hook a no-op.
+    pub enabled: u8,
+    pub _pad: [u8; 5],
+}
+
+/// What happened to a socket. Values of `SocketEvent::kind`.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A TCP or UDP socket was bound to a wildcard address on an explicit, non-privileged port.
+    Bound = 1,
+    /// A socket previously reported as Bound was released (closed, or its last holder exited).
+    Released = 2,
+    /// A bind was failed with EADDRINUSE because another host holds the port on the gateway.
+    Refused = 3,
+}
+
+impl EventKind {
+    pub fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            1 => Some(Self::Bound),
+            2 => Some(Self::Released),
+            3 => Some(Self::Refused),
+            _ => None,
+        }
+    }
+}
+
+/// One ring-buffer record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketEvent {
+    /// `bpf_get_socket_cookie`: the socket's identity for its whole life; Released is matched by it.
+    pub cookie: u64,
+    /// cgroup v2 id of the process that bound (0 for Released).
+    pub cgroup_id: u64,
+    /// An `EventKind` value.
+    pub kind: u32,
+    /// Thread-group id (the process id users know) of the binder; 0 for Released.
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// AF_INET or AF_INET6 (an AF_INET6 socket on [::] may also accept IPv4).
+    pub family: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP.
+    pub protocol: u16,
+    /// Port in host byte order.
+    pub port: u16,
+    pub _pad: u16,
+    /// The binder's command name (`comm`), NUL-padded.
+    pub comm: [u8; 16],
+}
+
+/// Value of the BOUND map, keyed by socket cookie: what sock_release needs to report.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BoundSocket {
+    pub family: u16,
+    pub protocol: u16,
+    pub port: u16,
+    pub _pad: u16,
+}
+
+/// Key of the HELD_ELSEWHERE map: a port another LAN host holds on the gateway.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortKey {
+    pub protocol: u16,
+    pub port: u16,
+}
+
+/// Value of the HELD_ELSEWHERE map: the holder's IPv4 address (network byte order), for the logs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Holder {
+    pub ipv4_be: u32,
+}
+
+/// Slots of the COUNTERS per-CPU array.
+pub mod counters {
+    /// Events that could not be written because the ring buffer was full.
+    pub const EVENTS_DROPPED: u32 = 0;
+    /// Forwardable sockets that could not be tracked because BOUND was full.
+    pub const BOUND_FULL: u32 = 1;
+    pub const COUNT: u32 = 2;
+}
+
+const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<SocketEvent>() == 56);
+const _: () = assert!(core::mem::size_of::<BoundSocket>() == 8);
+const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
+const _: () = assert!(core::mem::size_of::<Holder>() == 4);
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all these types are #[repr(C)], made only of integers, with every padding byte named.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::SocketEvent {}
+    unsafe impl aya::Pod for super::BoundSocket {}
+    unsafe impl aya::Pod for super::PortKey {}
+    unsafe impl aya::Pod for super::Holder {}
+}

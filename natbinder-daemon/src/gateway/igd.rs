@@ -1,0 +1,120 @@
+//! UPnP IGD through igd-next: SSDP discovery restricted to the default gateway, and the mapping calls
+//! translated into [`AddError`]s the reconciler understands.
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use igd_next::{
+    aio::{tokio::Tokio, Gateway as IgdNext},
+    AddPortError, GetGenericPortMappingEntryError, PortMappingProtocol, RemovePortError, RequestError,
+    SearchOptions,
+};
+
+use super::{AddError, Gateway, GatewayEntry, MappingRequest};
+use crate::{netinfo::LanInfo, Protocol};
+
+/// Upper bound on the entries read from a gateway's table, so a broken gateway cannot keep us listing.
+const MAX_LISTED_ENTRIES: u32 = 4096;
+
+pub struct IgdGateway {
+    inner: IgdNext<Tokio>,
+}
+
+impl IgdGateway {
+    /// Finds the IGD over SSDP, sending from this host's LAN address. Only a device at the default
+    /// gateway's address is accepted: a LAN host answering SSDP cannot redirect our mappings.
+    pub async fn discover(lan: &LanInfo, timeout: Duration) -> Result<Self, String> {
+        let mut options = SearchOptions::default();
+        options.bind_addr = SocketAddr::new(IpAddr::V4(lan.local), 0);
+        options.timeout = Some(timeout);
+        options.single_search_timeout = Some(timeout.min(Duration::from_secs(3)));
+        let inner = igd_next::aio::tokio::search_gateway(options)
+            .await
+            .map_err(|e| format!("no UPnP IGD answered SSDP from {} within {timeout:?}: {e}", lan.local))?;
+        if inner.addr.ip() != IpAddr::V4(lan.gateway) {
+            return Err(format!(
+                "ignoring the UPnP IGD at {}: it is not the default gateway {}",
+                inner.addr, lan.gateway
+            ));
+        }
+        Ok(Self { inner })
+    }
+}
+
+fn igd_protocol(p: Protocol) -> PortMappingProtocol {
+    match p {
+        Protocol::Tcp => PortMappingProtocol::TCP,
+        Protocol::Udp => PortMappingProtocol::UDP,
+    }
+}
+
+/// Transport failures mean the gateway is gone or moved (miniupnpd picks a new port when it restarts).
+fn request_error(e: RequestError) -> AddError {
+    match e {
+        RequestError::ErrorCode(code, text) => AddError::Refused(format!("UPnP error {code} {text}")),
+        RequestError::UnsupportedAction(a) => AddError::Refused(format!("the gateway does not support {a}")),
+        RequestError::InvalidResponse(r) => AddError::Refused(format!("invalid response: {r}")),
+        other => AddError::Unreachable(other.to_string()),
+    }
+}
+
+impl Gateway for IgdGateway {
+    fn describe(&self) -> String {
+        format!("UPnP IGD at {} ({})", self.inner.addr, self.inner.service_type)
+    }
+
+    async fn add(&self, request: &MappingRequest) -> Result<(), AddError> {
+        let local = SocketAddr::new(IpAddr::V4(request.internal_client), request.port);
+        let lease = request.lease.as_secs().clamp(1, 604_800) as u32;
+        self.inner
+            .add_port(igd_protocol(request.protocol), request.port, local, lease, &request.description)
+            .await
+            .map_err(|e| match e {
+                AddPortError::PortInUse => AddError::Conflict,
+                AddPortError::RequestError(e) => request_error(e),
+                other => AddError::Refused(other.to_string()),
+            })
+    }
+
+    async fn delete(&self, protocol: Protocol, port: u16) -> Result<(), AddError> {
+        match self.inner.remove_port(igd_protocol(protocol), port).await {
+            Ok(()) | Err(RemovePortError::NoSuchPortMapping) => Ok(()),
+            Err(RemovePortError::RequestError(e)) => Err(request_error(e)),
+            Err(other) => Err(AddError::Refused(other.to_string())),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<GatewayEntry>, AddError> {
+        let mut entries = Vec::new();
+        for index in 0..MAX_LISTED_ENTRIES {
+            match self.inner.get_generic_port_mapping_entry(index).await {
+                Ok(e) => entries.push(GatewayEntry {
+                    protocol: match e.protocol {
+                        PortMappingProtocol::TCP => Protocol::Tcp,
+                        PortMappingProtocol::UDP => Protocol::Udp,
+                    },
+                    external_port: e.external_port,
+                    internal_client: e.internal_client,
+                    internal_port: e.internal_port,
+                    description: e.port_mapping_description,
+                    lease_secs: e.lease_duration,
+                    enabled: e.enabled,
+                }),
+                Err(GetGenericPortMappingEntryError::SpecifiedArrayIndexInvalid) => break,
+                // Some gateways end the list with 714 NoSuchEntryInArray or another code instead of 713.
+                Err(GetGenericPortMappingEntryError::RequestError(RequestError::ErrorCode(_, _))) if index > 0 => break,
+                Err(GetGenericPortMappingEntryError::RequestError(e)) => return Err(request_error(e)),
+                Err(other) => return Err(AddError::Refused(other.to_string())),
+            }
+        }
+        Ok(entries)
+    }
+
+    async fn external_address(&self) -> Result<IpAddr, AddError> {
+        self.inner.get_external_ip().await.map_err(|e| match e {
+            igd_next::GetExternalIpError::RequestError(e) => request_error(e),
+            other => AddError::Refused(other.to_string()),
+        })
+    }
+}

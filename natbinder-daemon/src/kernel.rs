@@ -1,0 +1,325 @@
+//! The kernel side as the daemon sees it: loads natbinder's eBPF programs, attaches them to the watched
+//! cgroup with bpf_links, and exposes the three things the daemon needs: the event stream, the
+//! "held elsewhere" port map that makes binds fail with EADDRINUSE, and the drop counters.
+//!
+//! The links are not pinned: they detach when the daemon exits, however it exits, so that with no
+//! daemon running every bind behaves exactly as it would without natbinder.
+use std::{
+    fs::File,
+    net::Ipv4Addr,
+    os::fd::AsRawFd,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::{CgroupAttachMode, CgroupSock, CgroupSockAddr},
+    Ebpf,
+};
+use natbinder_common::{
+    counters, names, Config, EventKind, Holder, PortKey, SocketEvent, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, warn};
+
+use crate::{Family, Protocol};
+
+/// The object built from natbinder-ebpf by build.rs.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/natbinder.bpf.o"));
+
+/// A decoded ring-buffer record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelEvent {
+    Bound(BoundSocket),
+    Released { cookie: u64 },
+    /// A bind failed with EADDRINUSE because another host holds the port on the gateway.
+    Refused(BoundSocket),
+}
+
+/// A socket bound to a wildcard address on an explicit, non-privileged port, as the hook saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BoundSocket {
+    pub cookie: u64,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub comm: String,
+    pub family: Family,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+impl KernelEvent {
+    /// Decodes one record; a malformed record (which would mean a kernel/daemon mismatch) is an error.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        if bytes.len() < std::mem::size_of::<SocketEvent>() {
+            bail!("ring buffer record of {} bytes is shorter than a SocketEvent", bytes.len());
+        }
+        // SAFETY: length checked; SocketEvent is plain integers, read unaligned.
+        let raw: SocketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+        let kind = EventKind::from_u32(raw.kind).ok_or_else(|| anyhow!("unknown event kind {}", raw.kind))?;
+        if kind == EventKind::Released {
+            return Ok(KernelEvent::Released { cookie: raw.cookie });
+        }
+        let protocol = match raw.protocol {
+            IPPROTO_TCP => Protocol::Tcp,
+            IPPROTO_UDP => Protocol::Udp,
+            p => bail!("event for unexpected protocol {p}"),
+        };
+        let family = if raw.family == AF_INET6 { Family::Ipv6 } else { Family::Ipv4 };
+        let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
+        let socket = BoundSocket {
+            cookie: raw.cookie,
+            pid: raw.pid,
+            uid: raw.uid,
+            gid: raw.gid,
+            cgroup_id: raw.cgroup_id,
+            comm: String::from_utf8_lossy(&raw.comm[..comm_len]).into_owned(),
+            family,
+            protocol,
+            port: raw.port,
+        };
+        Ok(match kind {
+            EventKind::Bound => KernelEvent::Bound(socket),
+            _ => KernelEvent::Refused(socket),
+        })
+    }
+}
+
+/// Ports other hosts hold on the gateway. Shared between the event loop and the reconciler.
+#[derive(Clone)]
+pub struct HeldElsewhere {
+    map: Arc<Mutex<BpfHashMap<MapData, PortKey, Holder>>>,
+}
+
+impl HeldElsewhere {
+    fn key(protocol: Protocol, port: u16) -> PortKey {
+        PortKey { protocol: protocol.ip_proto(), port }
+    }
+
+    pub fn insert(&self, protocol: Protocol, port: u16, holder: Ipv4Addr) -> Result<()> {
+        let value = Holder { ipv4_be: u32::from(holder).to_be() };
+        self.map
+            .lock()
+            .unwrap()
+            .insert(Self::key(protocol, port), value, 0)
+            .with_context(|| format!("marking {protocol}/{port} as held by {holder}"))
+    }
+
+    pub fn remove(&self, protocol: Protocol, port: u16) {
+        let _ = self.map.lock().unwrap().remove(&Self::key(protocol, port));
+    }
+
+    pub fn holder(&self, protocol: Protocol, port: u16) -> Option<Ipv4Addr> {
+        let map = self.map.lock().unwrap();
+        map.get(&Self::key(protocol, port), 0).ok().map(|h| Ipv4Addr::from(u32::from_be(h.ipv4_be)))
+    }
+
+    /// Replaces the whole set with `entries`.
+    pub fn replace_all(&self, entries: &[(Protocol, u16, Ipv4Addr)]) -> Result<()> {
+        let mut map = self.map.lock().unwrap();
+        let wanted: std::collections::HashSet<PortKey> =
+            entries.iter().map(|(p, port, _)| Self::key(*p, *port)).collect();
+        let stale: Vec<PortKey> = map.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
+        for key in stale {
+            let _ = map.remove(&key);
+        }
+        for (protocol, port, holder) in entries {
+            let value = Holder { ipv4_be: u32::from(*holder).to_be() };
+            map.insert(Self::key(*protocol, *port), value, 0)
+                .with_context(|| format!("marking {protocol}/{port} as held by {holder}"))?;
+        }
+        Ok(())
+    }
+}
+
+/// The loaded and attached programs. Dropping it detaches them.
+pub struct KernelHooks {
+    ebpf: Ebpf,
+    config: Array<MapData, Config>,
+    events: AsyncFd<RingBuf<MapData>>,
+    counters: PerCpuArray<MapData, u64>,
+    held_elsewhere: HeldElsewhere,
+    config_value: Config,
+}
+
+/// The network namespace cookie of the calling thread (SO_NETNS_COOKIE, Linux 5.14+).
+pub fn current_netns_cookie() -> Result<u64> {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").context("opening a socket to read the netns cookie")?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: SO_NETNS_COOKIE writes a u64 into the buffer we own.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("getsockopt(SO_NETNS_COOKIE) (needs Linux 5.14 or later)");
+    }
+    Ok(cookie)
+}
+
+impl KernelHooks {
+    /// Loads the programs, configures them and attaches them to `cgroup`. Binds start being reported
+    /// as soon as this returns.
+    pub fn attach(cgroup: &Path, netns_cookie: u64, min_port: u16) -> Result<Self> {
+        if EBPF_OBJECT.is_empty() {
+            bail!("this natbinder was built with NATBINDER_SKIP_EBPF=1 and has no kernel programs; rebuild it without that variable");
+        }
+        bump_memlock_rlimit();
+        let mut ebpf = Ebpf::load(EBPF_OBJECT).context(
+            "loading natbinder's eBPF object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF and cgroup BPF)",
+        )?;
+        match aya_log::EbpfLogger::init(&mut ebpf) {
+            Ok(logger) => spawn_ebpf_logger(logger),
+            Err(e) => debug!("eBPF logging unavailable: {e}"),
+        }
+
+        let mut config: Array<MapData, Config> = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
+        let config_value = Config { netns_cookie, min_port, enabled: 1, _pad: [0; 5] };
+        config.set(0, config_value, 0).context("writing the hooks' configuration")?;
+        let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
+        let events = register_readable(events).context("registering the event ring buffer with tokio")?;
+        let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
+        let held = BpfHashMap::try_from(take_map(&mut ebpf, names::HELD_ELSEWHERE)?)?;
+        let held_elsewhere = HeldElsewhere { map: Arc::new(Mutex::new(held)) };
+
+        let cgroup_file = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        // Release first, then post_bind, then bind: a socket is never recorded before its release can be seen.
+        for name in [names::SOCK_RELEASE, names::POST_BIND4, names::POST_BIND6] {
+            let program: &mut CgroupSock = program(&mut ebpf, name)?.try_into()?;
+            program.load().with_context(|| format!("loading {name} (the kernel verifier refused it)"))?;
+            program
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        }
+        for name in [names::BIND4, names::BIND6] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            program.load().with_context(|| format!("loading {name} (the kernel verifier refused it)"))?;
+            program
+                .attach(&cgroup_file, CgroupAttachMode::Single)
+                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+        }
+        Ok(Self { ebpf, config, events, counters, held_elsewhere, config_value })
+    }
+
+    pub fn held_elsewhere(&self) -> HeldElsewhere {
+        self.held_elsewhere.clone()
+    }
+
+    /// Waits until events are available and decodes all of them into `out`.
+    pub async fn read_events(&mut self, out: &mut Vec<KernelEvent>) -> Result<()> {
+        let mut guard = self.events.readable_mut().await.context("waiting on the event ring buffer")?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match KernelEvent::decode(&item) {
+                Ok(event) => out.push(event),
+                Err(e) => warn!("dropping an undecodable kernel event: {e:#}"),
+            }
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Total events lost to a full ring buffer, and forwardable sockets not tracked for a full map.
+    pub fn lost_events(&self) -> u64 {
+        let read = |slot| self.counters.get(&slot, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        read(counters::EVENTS_DROPPED) + read(counters::BOUND_FULL)
+    }
+
+    /// Turns every hook into a no-op without detaching (used at shutdown, before mappings are deleted).
+    pub fn disable(&mut self) -> Result<()> {
+        let value = Config { enabled: 0, ..self.config_value };
+        self.config.set(0, value, 0).context("disabling the hooks")
+    }
+
+    /// Detaches and unloads everything.
+    pub fn detach(self) {
+        drop(self.ebpf);
+    }
+}
+
+/// Registers a map's fd with tokio for readiness.
+fn register_readable<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
+    // SAFETY: the fd belongs to `inner`, which the AsyncFd owns, so it stays open while registered.
+    unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }
+        .map_err(|e| std::io::Error::other(e.to_string()))
+}
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map> {
+    ebpf.take_map(name).ok_or_else(|| anyhow!("map {name} missing from the eBPF object"))
+}
+
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::programs::Program> {
+    ebpf.program_mut(name).ok_or_else(|| anyhow!("program {name} missing from the eBPF object"))
+}
+
+/// Kernels before 5.11 charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless on newer ones.
+fn bump_memlock_rlimit() {
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        debug!("could not raise RLIMIT_MEMLOCK; fine on Linux 5.11 and later");
+    }
+}
+
+fn spawn_ebpf_logger(logger: aya_log::EbpfLogger<&'static dyn log::Log>) {
+    let Ok(mut logger) = register_readable(logger) else { return };
+    tokio::spawn(async move {
+        loop {
+            let Ok(mut guard) = logger.readable_mut().await else { return };
+            guard.get_inner_mut().flush();
+            guard.clear_ready();
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(kind: u32, family: u16, protocol: u16) -> Vec<u8> {
+        let mut comm = [0u8; 16];
+        comm[..7].copy_from_slice(b"rtorren");
+        let ev = SocketEvent {
+            cookie: 42,
+            cgroup_id: 7,
+            kind,
+            pid: 1234,
+            uid: 1000,
+            gid: 1000,
+            family,
+            protocol,
+            port: 10000,
+            _pad: 0,
+            comm,
+        };
+        // SAFETY: SocketEvent is plain data.
+        unsafe { std::slice::from_raw_parts((&ev as *const SocketEvent).cast::<u8>(), std::mem::size_of::<SocketEvent>()) }
+            .to_vec()
+    }
+
+    #[test]
+    fn decodes_bound_and_released() {
+        let KernelEvent::Bound(b) = KernelEvent::decode(&raw(1, 2, 6)).unwrap() else { panic!() };
+        assert_eq!((b.cookie, b.pid, b.port, b.protocol, b.family), (42, 1234, 10000, Protocol::Tcp, Family::Ipv4));
+        assert_eq!(b.comm, "rtorren");
+        assert_eq!(KernelEvent::decode(&raw(2, 10, 17)).unwrap(), KernelEvent::Released { cookie: 42 });
+        assert!(matches!(KernelEvent::decode(&raw(3, 10, 17)).unwrap(), KernelEvent::Refused(s) if s.family == Family::Ipv6));
+    }
+
+    #[test]
+    fn rejects_malformed_records() {
+        assert!(KernelEvent::decode(&[0u8; 10]).is_err());
+        assert!(KernelEvent::decode(&raw(9, 2, 6)).is_err());
+        assert!(KernelEvent::decode(&raw(1, 2, 1)).is_err());
+    }
+}

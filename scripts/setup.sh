@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Installs everything natbinder's build, lab demo and tests need on a fresh Debian/Ubuntu machine.
+# Idempotent: each step checks first and does nothing when its part is already there.
+# Run as root (or with sudo available). Every failure names the step that failed and what to try.
+set -euo pipefail
+
+say()  { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
+fail() { printf '\033[1;31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || fail "not root and no sudo: run this script as root"
+    SUDO="sudo"
+fi
+
+# --- 1. Debian packages: the lab gateway (miniupnpd), independent IGD/NAT-PMP clients, nftables, iproute2.
+APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3 pkg-config)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing apt packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    $SUDO apt-get update -q >/dev/null || fail "apt-get update failed: check the package mirror in /etc/apt/sources.list"
+    # miniupnpd's postinst asks debconf questions and may try to start the service: answer nothing, start nothing.
+    echo 'exit 101' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null; $SUDO chmod +x /usr/sbin/policy-rc.d
+    if ! $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null; then
+        $SUDO rm -f /usr/sbin/policy-rc.d
+        fail "apt-get install ${missing[*]} failed: see apt's message above"
+    fi
+    $SUDO rm -f /usr/sbin/policy-rc.d
+    # A machine-wide miniupnpd service has no business running: the lab starts its own inside a namespace.
+    $SUDO systemctl disable --now miniupnpd >/dev/null 2>&1 || true
+else
+    say "apt packages present"
+fi
+command -v miniupnpd >/dev/null || [ -x /usr/sbin/miniupnpd ] || fail "miniupnpd is not installed after apt (package miniupnpd-nftables)"
+
+# --- 2. Rust: stable toolchain with rust-src (the eBPF crate is built with -Z build-std=core under RUSTC_BOOTSTRAP=1).
+command -v rustup >/dev/null || fail "rustup not found: install Rust with rustup (https://rustup.rs) first"
+TOOLCHAIN="$(cd "$(dirname "$0")/.." && rustup show active-toolchain | cut -d' ' -f1)"
+if ! rustup component list --installed --toolchain "$TOOLCHAIN" | grep -q '^rust-src'; then
+    say "adding rust-src to $TOOLCHAIN"
+    rustup component add rust-src --toolchain "$TOOLCHAIN" || fail "rustup component add rust-src failed"
+else
+    say "rust-src present on $TOOLCHAIN"
+fi
+
+# --- 3. bpf-linker, built against the toolchain's own shared LLVM so that no system LLVM is needed.
+SYSROOT="$(rustc +"$TOOLCHAIN" --print sysroot)"
+LLVM_SO="$(ls "$SYSROOT"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)"
+[ -n "$LLVM_SO" ] || fail "no libLLVM.so.* in $SYSROOT/lib: this toolchain does not ship a shared LLVM"
+LLVM_MAJOR="$(basename "$LLVM_SO" | sed -E 's/^libLLVM\.so\.([0-9]+).*/\1/')"
+PREFIX="${CARGO_HOME:-$HOME/.cargo}/natbinder-llvm-$(basename "$SYSROOT")"
+if command -v bpf-linker >/dev/null && bpf-linker --version >/dev/null 2>&1 \
+   && [ -f "$PREFIX/.built-for" ] && [ "$(cat "$PREFIX/.built-for")" = "$(basename "$LLVM_SO")" ]; then
+    say "bpf-linker present ($(bpf-linker --version))"
+else
+    say "building bpf-linker against $(basename "$LLVM_SO") (LLVM $LLVM_MAJOR)"
+    mkdir -p "$PREFIX/lib"
+    ln -sf "$LLVM_SO" "$PREFIX/lib/libLLVM.so"
+    ln -sf "$LLVM_SO" "$PREFIX/lib/$(basename "$LLVM_SO")"
+    LLVM_PREFIX="$PREFIX" cargo +"$TOOLCHAIN" install --locked bpf-linker --force \
+        --no-default-features --features "llvm-$LLVM_MAJOR" \
+        || fail "cargo install bpf-linker failed (LLVM $LLVM_MAJOR from $LLVM_SO)"
+    basename "$LLVM_SO" > "$PREFIX/.built-for"
+    bpf-linker --version >/dev/null || fail "bpf-linker was built but does not run: check that $PREFIX/lib holds $(basename "$LLVM_SO")"
+fi
+
+# --- 4. cargo-nextest is not needed: the test suite runs under plain cargo test.
+say "ready"

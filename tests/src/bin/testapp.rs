@@ -1,0 +1,147 @@
+//! An ordinary network program for the lab, with no knowledge of natbinder: it binds the way servers
+//! do and echoes what it receives, prefixed with its name, so a WAN peer can tell who answered.
+//!
+//! natbinder-testapp tcp-echo ADDR [--close-on-stdin]
+//! natbinder-testapp udp-echo ADDR [--close-on-stdin]
+//! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds)
+//!
+//! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
+//! when a line arrives on stdin and then prints "closed".
+use std::{
+    io::{BufRead, Read, Write},
+    net::{SocketAddr, TcpListener, UdpSocket},
+    process::exit,
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Duration,
+};
+
+fn announce(line: String) {
+    let mut out = std::io::stdout();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn wait_for_stdin_line() {
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+}
+
+fn serve_tcp(listener: TcpListener, name: String, close_on_stdin: bool) -> ! {
+    announce(format!("bound {}", listener.local_addr().unwrap().port()));
+    let open = Arc::new(AtomicBool::new(true));
+    if close_on_stdin {
+        listener.set_nonblocking(true).unwrap();
+    }
+    let flag = open.clone();
+    if close_on_stdin {
+        std::thread::spawn(move || {
+            wait_for_stdin_line();
+            flag.store(false, Ordering::SeqCst);
+        });
+    }
+    while open.load(Ordering::SeqCst) {
+        match listener.accept() {
+            Ok((mut s, _)) => {
+                let name = name.clone();
+                std::thread::spawn(move || {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut buf = [0u8; 512];
+                    if let Ok(n) = s.read(&mut buf) {
+                        let _ = s.write_all(format!("{name}:{}", String::from_utf8_lossy(&buf[..n])).as_bytes());
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(5)),
+            Err(e) => {
+                eprintln!("accept: {e}");
+                exit(1);
+            }
+        }
+    }
+    drop(listener);
+    announce("closed".into());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn serve_udp(socket: UdpSocket, name: String, close_on_stdin: bool) -> ! {
+    announce(format!("bound {}", socket.local_addr().unwrap().port()));
+    if close_on_stdin {
+        socket.set_read_timeout(Some(Duration::from_millis(5))).unwrap();
+    }
+    let open = Arc::new(AtomicBool::new(true));
+    if close_on_stdin {
+        let flag = open.clone();
+        std::thread::spawn(move || {
+            wait_for_stdin_line();
+            flag.store(false, Ordering::SeqCst);
+        });
+    }
+    let mut buf = [0u8; 512];
+    while open.load(Ordering::SeqCst) {
+        match socket.recv_from(&mut buf) {
+            Ok((n, peer)) => {
+                let _ = socket.send_to(format!("{name}:{}", String::from_utf8_lossy(&buf[..n])).as_bytes(), peer);
+            }
+            Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {}
+            Err(e) => eprintln!("recv: {e}"),
+        }
+    }
+    drop(socket);
+    announce("closed".into());
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+fn usage() -> ! {
+    eprintln!("usage: natbinder-testapp tcp-echo|udp-echo ADDR [--close-on-stdin] | first-free FROM TO");
+    exit(2)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let name = std::env::var("TESTAPP_NAME").unwrap_or_else(|_| "testapp".into());
+    let close = args.iter().any(|a| a == "--close-on-stdin");
+    match args.first().map(String::as_str) {
+        Some("tcp-echo") => {
+            let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            match TcpListener::bind(addr) {
+                Ok(l) => serve_tcp(l, name, close),
+                Err(e) => {
+                    eprintln!("bind {addr}: {e}");
+                    exit(1)
+                }
+            }
+        }
+        Some("udp-echo") => {
+            let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            match UdpSocket::bind(addr) {
+                Ok(s) => serve_udp(s, name, close),
+                Err(e) => {
+                    eprintln!("bind {addr}: {e}");
+                    exit(1)
+                }
+            }
+        }
+        Some("first-free") => {
+            let from: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let to: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let mut last = None;
+            for port in from..=to {
+                match TcpListener::bind(("0.0.0.0", port)) {
+                    Ok(l) => serve_tcp(l, name, false),
+                    Err(e) => last = Some(e),
+                }
+            }
+            eprintln!("no free port in {from}-{to}: {}", last.map_or("empty range".into(), |e| e.to_string()));
+            exit(1)
+        }
+        _ => usage(),
+    }
+}

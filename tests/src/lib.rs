@@ -1,0 +1,208 @@
+//! Helpers for natbinder's end-to-end tests: the lab with a natbinder daemon on lan1 and ordinary
+//! programs (natbinder-testapp) started in the watched cgroup.
+use std::{
+    fs::File,
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context, Result};
+pub use natbinder_lab::*;
+
+/// A binary of this workspace built next to the test executable (target/<profile>/NAME).
+fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().unwrap().parent().unwrap();
+    let bin = profile_dir.join(name);
+    assert!(
+        bin.exists(),
+        "{} is missing: build the workspace's binaries first (`cargo build --workspace --bins`, as `cargo xtask test` does)",
+        bin.display()
+    );
+    bin
+}
+
+/// The natbinder binary under test: $NATBINDER_BIN, or the one built with these tests.
+pub fn natbinder_bin() -> PathBuf {
+    match std::env::var_os("NATBINDER_BIN") {
+        Some(p) => p.into(),
+        None => workspace_bin("natbinder"),
+    }
+}
+
+pub fn testapp_bin() -> PathBuf {
+    workspace_bin("natbinder-testapp")
+}
+
+/// A running natbinder daemon in lan1.
+pub struct Daemon {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until the log holds `needle` (after `from` bytes), returning the time it took.
+    pub fn wait_log(&mut self, needle: &str, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if self.log_text().contains(needle) {
+                return Ok(start.elapsed());
+            }
+            if let Some(status) = self.child.try_wait()? {
+                bail!("natbinder exited ({status}) before logging {needle:?}:\n{}", self.log_text());
+            }
+            if start.elapsed() > limit {
+                bail!("natbinder did not log {needle:?} within {limit:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Sends `signal` and waits for the process to end; returns its exit status.
+    pub fn stop(&mut self, signal: i32, limit: Duration) -> Result<std::process::ExitStatus> {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            if start.elapsed() > limit {
+                let _ = self.child.kill();
+                bail!("natbinder did not exit within {limit:?} of signal {signal}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A program under test, started in the watched cgroup.
+pub struct App {
+    pub pid: u32,
+    pub port: u16,
+    pub child: Child,
+}
+
+impl App {
+    /// Asks a `--close-on-stdin` app to close its socket (it keeps running) and waits until it has.
+    pub fn close_socket(&mut self, stdout: &mut BufReader<std::process::ChildStdout>) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.child.stdin.as_mut().context("app has no stdin")?)?;
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        if line.trim() != "closed" {
+            bail!("app answered {line:?} instead of closed");
+        }
+        Ok(())
+    }
+}
+
+pub struct Harness {
+    pub lab: Lab,
+    pub daemon: Option<Daemon>,
+}
+
+impl Harness {
+    pub fn start() -> Result<Self> {
+        Self::start_with(LabConfig::default(), &[])
+    }
+
+    pub fn start_with(config: LabConfig, daemon_args: &[&str]) -> Result<Self> {
+        let lab = Lab::start(config)?;
+        let mut h = Harness { lab, daemon: None };
+        h.start_daemon(daemon_args)?;
+        Ok(h)
+    }
+
+    /// Starts natbinder in lan1 (outside the watched cgroup) and waits until it is ready.
+    pub fn start_daemon(&mut self, extra: &[&str]) -> Result<()> {
+        let log_path = self.lab.dir.join(format!("natbinder-{}.log", Instant::now().elapsed().as_nanos()));
+        let log = File::create(&log_path)?;
+        let mut cmd = self.lab.command(&self.lab.lan1, false, natbinder_bin())?;
+        cmd.arg("daemon")
+            .arg("--cgroup")
+            .arg(&self.lab.cgroup.path)
+            .args(extra)
+            .env("NATBINDER_LOG", "natbinder=debug,info")
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let child = cmd.spawn().context("starting natbinder")?;
+        let mut daemon = Daemon { child, log: log_path };
+        daemon.wait_log("ready:", Duration::from_secs(30))?;
+        self.daemon = Some(daemon);
+        Ok(())
+    }
+
+    pub fn daemon(&mut self) -> &mut Daemon {
+        self.daemon.as_mut().expect("daemon running")
+    }
+
+    /// Starts natbinder-testapp with `args` in `ns`, in the watched cgroup, and waits for "bound PORT".
+    /// Returns the app and its stdout reader.
+    pub fn app_in(&mut self, ns: &Netns, name: &str, args: &[&str]) -> Result<(App, BufReader<std::process::ChildStdout>)> {
+        let mut cmd = self.lab.command(ns, true, testapp_bin())?;
+        cmd.args(args).env("TESTAPP_NAME", name).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let mut child = cmd.spawn()?;
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let Some(port) = line.trim().strip_prefix("bound ").and_then(|p| p.parse().ok()) else {
+            let mut err = String::new();
+            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+            let _ = child.wait();
+            return Err(anyhow!("{name} did not bind: {}", err.trim()));
+        };
+        Ok((App { pid: child.id(), port, child }, stdout))
+    }
+
+    pub fn app(&mut self, name: &str, args: &[&str]) -> Result<(App, BufReader<std::process::ChildStdout>)> {
+        let ns = Netns { name: self.lab.lan1.name.clone() };
+        self.app_in(&ns, name, args)
+    }
+
+    /// The gateway's entry for `protocol`/`port`, as miniupnpc on lan2 sees it.
+    pub fn mapping(&self, protocol: &str, port: u16) -> Option<GatewayMapping> {
+        self.lab
+            .gateway_mappings()
+            .expect("listing the gateway's mappings")
+            .into_iter()
+            .find(|m| m.protocol == protocol && m.external_port == port)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = &self.daemon {
+                eprintln!("---- natbinder log ----\n{}", d.log_text());
+            }
+            eprintln!("---- miniupnpd log ----\n{}", self.lab.miniupnpd_log());
+        }
+        // The daemon goes first so that it cannot act on a half-removed lab.
+        self.daemon = None;
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
