@@ -85,6 +85,61 @@ impl Netns {
     }
 }
 
+/// A network namespace owned by a test on its own (outside a [`Lab`]): deleted on drop.
+pub struct ScratchNetns(pub Netns);
+
+impl ScratchNetns {
+    /// Creates a namespace with only `lo` up, named after this process so stale ones can be found.
+    pub fn create(role: &str) -> Result<Self> {
+        remove_stale_labs();
+        let seq = LAB_SEQ.fetch_add(1, Ordering::SeqCst);
+        let name = format!("{NETNS_PREFIX}{}-{seq}-{role}", std::process::id());
+        run_cmd(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = ScratchNetns(Netns { name });
+        run_cmd(Command::new("ip").args(["-n", &ns.0.name, "link", "set", "lo", "up"]))?;
+        Ok(ns)
+    }
+}
+
+impl Drop for ScratchNetns {
+    fn drop(&mut self) {
+        kill_netns_processes(&self.0.name);
+        let _ = Command::new("ip").args(["netns", "delete", &self.0.name]).stderr(Stdio::null()).status();
+    }
+}
+
+/// The name for a scratch cgroup of this process (found and removed by later runs if left behind).
+pub fn scratch_cgroup_name(role: &str) -> String {
+    format!("{CGROUP_PREFIX}{}-{}-{role}", std::process::id(), LAB_SEQ.fetch_add(1, Ordering::SeqCst))
+}
+
+/// A command that runs in network namespace `ns` and, if given, in `cgroup`. Enters only the network
+/// namespace, so /sys/fs/cgroup stays visible inside (unlike `ip netns exec`).
+pub fn command_in(ns: &Netns, cgroup: Option<&Cgroup>, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    let netns = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
+    let procs = match cgroup {
+        Some(c) => Some(OpenOptions::new().write(true).open(c.path.join("cgroup.procs"))?),
+        None => None,
+    };
+    let mut cmd = Command::new(program);
+    // SAFETY: only async-signal-safe syscalls (write, setns) run between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if let Some(procs) = &procs {
+                // "0" moves the writing process itself.
+                if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
 /// A cgroup v2 directory made by the lab; programs under test run in it.
 #[derive(Debug)]
 pub struct Cgroup {
@@ -92,7 +147,8 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    fn create(name: &str) -> Result<Self> {
+    /// Creates `<cgroup2 root>/<name>`; removed (its processes killed) on drop.
+    pub fn create(name: &str) -> Result<Self> {
         let root = cgroup2_root()?;
         let path = root.join(name);
         fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
@@ -437,31 +493,8 @@ impl Lab {
     }
 
     /// A command that runs in `ns` and, if `in_cgroup`, in the lab's cgroup (watched by natbinder).
-    /// Enters only the network namespace, so /sys/fs/cgroup stays visible inside.
     pub fn command(&self, ns: &Netns, in_cgroup: bool, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
-        let netns = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
-        let procs = if in_cgroup {
-            Some(OpenOptions::new().write(true).open(self.cgroup.path.join("cgroup.procs"))?)
-        } else {
-            None
-        };
-        let mut cmd = Command::new(program);
-        // SAFETY: only async-signal-safe syscalls (write, setns) run between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(procs) = &procs {
-                    // "0" moves the writing process itself.
-                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        Ok(cmd)
+        command_in(ns, in_cgroup.then_some(&self.cgroup), program)
     }
 
     /// Spawns `cmd` and keeps it for clean-up; returns its pid.

@@ -114,9 +114,18 @@ impl App {
     }
 }
 
+/// Lab tests share the kernel (cgroup hooks, namespaces): they run one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub struct Harness {
-    pub lab: Lab,
+    // Field order = drop order: the daemon stops before the lab is torn down, and the lock goes last.
     pub daemon: Option<Daemon>,
+    pub lab: Lab,
+    _serial: std::sync::MutexGuard<'static, ()>,
 }
 
 impl Harness {
@@ -125,10 +134,16 @@ impl Harness {
     }
 
     pub fn start_with(config: LabConfig, daemon_args: &[&str]) -> Result<Self> {
-        let lab = Lab::start(config)?;
-        let mut h = Harness { lab, daemon: None };
+        let mut h = Self::lab_only(config)?;
         h.start_daemon(daemon_args)?;
         Ok(h)
+    }
+
+    /// The lab without a daemon (start it later with [`Harness::start_daemon`]).
+    pub fn lab_only(config: LabConfig) -> Result<Self> {
+        let serial = serial();
+        let lab = Lab::start(config)?;
+        Ok(Harness { daemon: None, lab, _serial: serial })
     }
 
     /// Starts natbinder in lan1 (outside the watched cgroup) and waits until it is ready.

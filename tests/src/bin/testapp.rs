@@ -1,7 +1,7 @@
 //! An ordinary network program for the lab, with no knowledge of natbinder: it binds the way servers
 //! do and echoes what it receives, prefixed with its name, so a WAN peer can tell who answered.
 //!
-//! natbinder-testapp tcp-echo ADDR [--close-on-stdin]
+//! natbinder-testapp tcp-echo ADDR [--close-on-stdin] [--v6only]
 //! natbinder-testapp udp-echo ADDR [--close-on-stdin]
 //! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds)
 //!
@@ -99,6 +99,36 @@ fn serve_udp(socket: UdpSocket, name: String, close_on_stdin: bool) -> ! {
     }
 }
 
+/// A TCP listener on an IPv6 address with IPV6_V6ONLY set before bind (std cannot do that).
+fn bind_v6only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V6(v6) = addr else { return Err(std::io::Error::other("--v6only needs an IPv6 address")) };
+    // SAFETY: plain socket calls on a descriptor we own until TcpListener takes it.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let listener = TcpListener::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        if libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const libc::c_int).cast(), size) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+        sa.sin6_port = v6.port().to_be();
+        sa.sin6_addr.s6_addr = v6.ip().octets();
+        if libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), std::mem::size_of::<libc::sockaddr_in6>() as u32) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::listen(fd, 128) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(listener)
+    }
+}
+
 fn usage() -> ! {
     eprintln!("usage: natbinder-testapp tcp-echo|udp-echo ADDR [--close-on-stdin] | first-free FROM TO");
     exit(2)
@@ -111,7 +141,8 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("tcp-echo") => {
             let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
-            match TcpListener::bind(addr) {
+            let bound = if args.iter().any(|a| a == "--v6only") { bind_v6only(addr) } else { TcpListener::bind(addr) };
+            match bound {
                 Ok(l) => serve_tcp(l, name, close),
                 Err(e) => {
                     eprintln!("bind {addr}: {e}");
