@@ -15,7 +15,8 @@ fn main() {
     let object = out_dir.join("natbinder.bpf.o");
 
     println!("cargo:rerun-if-env-changed=NATBINDER_SKIP_EBPF");
-    for dir in ["natbinder-ebpf/src", "natbinder-ebpf/Cargo.toml", "natbinder-ebpf/Cargo.lock", "natbinder-common/src"] {
+    for dir in ["natbinder-ebpf/src", "natbinder-ebpf/Cargo.toml", "natbinder-ebpf/Cargo.lock", "natbinder-common/src"]
+    {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
 
@@ -35,9 +36,18 @@ fn main() {
         .env("RUSTC_BOOTSTRAP", "1");
     // Settings meant for the host build must not leak into the eBPF build.
     for var in [
-        "RUSTC", "RUSTC_WRAPPER", "RUSTC_WORKSPACE_WRAPPER", "RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR", "CARGO_BUILD_RUSTFLAGS", "CARGO_PROFILE_RELEASE_DEBUG",
-        "CARGO_MAKEFLAGS", "MAKEFLAGS", "MFLAGS",
+        "RUSTC",
+        "RUSTC_WRAPPER",
+        "RUSTC_WORKSPACE_WRAPPER",
+        "RUSTFLAGS",
+        "CARGO_ENCODED_RUSTFLAGS",
+        "CARGO_BUILD_TARGET",
+        "CARGO_TARGET_DIR",
+        "CARGO_BUILD_RUSTFLAGS",
+        "CARGO_PROFILE_RELEASE_DEBUG",
+        "CARGO_MAKEFLAGS",
+        "MAKEFLAGS",
+        "MFLAGS",
     ] {
         cmd.env_remove(var);
     }

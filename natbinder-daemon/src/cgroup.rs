@@ -48,9 +48,9 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf> {
         Some(p) if p.is_absolute() => p.to_path_buf(),
         Some(p) => root.join(p),
     };
-    let canonical = path
-        .canonicalize()
-        .with_context(|| format!("cgroup {} does not exist (create it with mkdir, or pick another --cgroup)", path.display()))?;
+    let canonical = path.canonicalize().with_context(|| {
+        format!("cgroup {} does not exist (create it with mkdir, or pick another --cgroup)", path.display())
+    })?;
     let root = root.canonicalize().unwrap_or(root);
     if !canonical.starts_with(&root) {
         bail!("{} is not inside the cgroup2 hierarchy mounted at {}", canonical.display(), root.display());

@@ -47,7 +47,10 @@ pub struct DaemonArgs {
 impl DaemonArgs {
     pub fn into_config(self) -> Result<DaemonConfig> {
         if self.min_port < 1024 {
-            bail!("--min-port {} is a privileged port: natbinder never maps ports below 1024; use 1024 or more", self.min_port);
+            bail!(
+                "--min-port {} is a privileged port: natbinder never maps ports below 1024; use 1024 or more",
+                self.min_port
+            );
         }
         if !(60..=604_800).contains(&self.lease) {
             bail!("--lease {} is out of range: use 60 to 604800 seconds (IGDv2's cap is one week)", self.lease);

@@ -97,7 +97,10 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
         shared.wake.notify_one();
         let lost = hooks.lost_events();
         if lost > lost_seen {
-            warn!("{} socket events were lost (ring buffer or socket map full); the table may be incomplete", lost - lost_seen);
+            warn!(
+                "{} socket events were lost (ring buffer or socket map full); the table may be incomplete",
+                lost - lost_seen
+            );
             lost_seen = lost;
         }
     }
@@ -122,10 +125,15 @@ fn handle_event(shared: &Shared, event: KernelEvent) {
                 // Dual-stack [::] sockets take IPv4 too; IPv6-only ones need pinholes, not NAT mappings.
                 Family::Ipv6 => match sockdiag::ipv6_only(socket.protocol, socket.port, socket.cookie) {
                     Ok(Some(v6only)) => !v6only,
-                    Ok(None) => return, // already closed; its release event follows
+                    // Closed already (its release follows), or a TCP socket not yet listening on a kernel
+                    // older than 6.7, which cannot list those: assume the system default.
+                    Ok(None) => !sockdiag::system_default_is_ipv6_only(),
                     Err(e) => {
-                        warn!("could not tell whether {} socket on [::]:{} is IPv6-only ({e:#}); treating it as dual-stack", socket.protocol, socket.port);
-                        true
+                        warn!(
+                            "could not tell whether {} socket on [::]:{} is IPv6-only ({e:#}); assuming the system default",
+                            socket.protocol, socket.port
+                        );
+                        !sockdiag::system_default_is_ipv6_only()
                     }
                 },
             };
@@ -144,7 +152,10 @@ fn handle_event(shared: &Shared, event: KernelEvent) {
         KernelEvent::Released { cookie } => {
             let mut table = shared.table.lock().unwrap();
             let Some(record) = table.socket(cookie) else { return };
-            info!("released {}/{} (pid {}, {})", record.socket.protocol, record.socket.port, record.socket.pid, record.socket.comm);
+            info!(
+                "released {}/{} (pid {}, {})",
+                record.socket.protocol, record.socket.port, record.socket.pid, record.socket.comm
+            );
             table.remove_socket(cookie);
         }
         KernelEvent::Refused(socket) => {

@@ -33,7 +33,9 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KernelEvent {
     Bound(BoundSocket),
-    Released { cookie: u64 },
+    Released {
+        cookie: u64,
+    },
     /// A bind failed with EADDRINUSE because another host holds the port on the gateway.
     Refused(BoundSocket),
 }
@@ -303,8 +305,10 @@ mod tests {
             comm,
         };
         // SAFETY: SocketEvent is plain data.
-        unsafe { std::slice::from_raw_parts((&ev as *const SocketEvent).cast::<u8>(), std::mem::size_of::<SocketEvent>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts((&ev as *const SocketEvent).cast::<u8>(), std::mem::size_of::<SocketEvent>())
+        }
+        .to_vec()
     }
 
     #[test]
@@ -313,7 +317,9 @@ mod tests {
         assert_eq!((b.cookie, b.pid, b.port, b.protocol, b.family), (42, 1234, 10000, Protocol::Tcp, Family::Ipv4));
         assert_eq!(b.comm, "rtorren");
         assert_eq!(KernelEvent::decode(&raw(2, 10, 17)).unwrap(), KernelEvent::Released { cookie: 42 });
-        assert!(matches!(KernelEvent::decode(&raw(3, 10, 17)).unwrap(), KernelEvent::Refused(s) if s.family == Family::Ipv6));
+        assert!(
+            matches!(KernelEvent::decode(&raw(3, 10, 17)).unwrap(), KernelEvent::Refused(s) if s.family == Family::Ipv6)
+        );
     }
 
     #[test]

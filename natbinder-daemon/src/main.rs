@@ -15,10 +15,8 @@ fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Daemon(args) => args.into_config().and_then(|config| {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(anyhow::Error::from)?;
+            let runtime =
+                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
             runtime.block_on(natbinder::daemon::run(config, shutdown_signal()))
         }),
     };

@@ -2,8 +2,8 @@
 //! queries. These are local kernel calls that answer in microseconds, so they run inline.
 use anyhow::{bail, Context, Result};
 use netlink_packet_core::{
-    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable,
-    NLM_F_DUMP, NLM_F_REQUEST,
+    NetlinkDeserializable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NetlinkSerializable, NLM_F_DUMP,
+    NLM_F_REQUEST,
 };
 use netlink_sys::{Socket, SocketAddr};
 
@@ -31,8 +31,8 @@ where
         let size = socket.recv(&mut &mut recv_buf[..], 0).context("receiving a netlink reply")?;
         let mut offset = 0;
         while offset < size {
-            let message = NetlinkMessage::<T>::deserialize(&recv_buf[offset..size])
-                .context("decoding a netlink reply")?;
+            let message =
+                NetlinkMessage::<T>::deserialize(&recv_buf[offset..size]).context("decoding a netlink reply")?;
             let length = message.header.length as usize;
             match message.payload {
                 NetlinkPayload::Done(_) => return Ok(replies),

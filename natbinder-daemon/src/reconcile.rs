@@ -144,7 +144,6 @@ impl<B: PortBlocklist> Reconciler<B> {
                     continue;
                 }
             };
-            discovery_delay = Duration::from_secs(1);
             last_discovery_error.clear();
             info!("gateway: {}; this host is {} on its LAN", gateway.describe(), lan.local);
             match gateway.external_address().await {
@@ -153,6 +152,7 @@ impl<B: PortBlocklist> Reconciler<B> {
             }
             // Whatever we believed about the gateway's table is stale after (re)discovery.
             self.shared.table.lock().unwrap().gateway_reset(Instant::now().into_std());
+            let session = Instant::now();
             match self.serve(&gateway, &lan, &mut stop).await {
                 Outcome::Stop => {
                     self.remove_all(&gateway, &lan).await;
@@ -162,6 +162,16 @@ impl<B: PortBlocklist> Reconciler<B> {
                     warn!("lost contact with {}; looking for the gateway again", gateway.describe());
                 }
             }
+            // A gateway that is found but does not answer must not be rediscovered in a busy loop:
+            // back off unless the session was a healthy one.
+            if session.elapsed() >= self.config.interval {
+                discovery_delay = Duration::from_secs(1);
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(discovery_delay) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            discovery_delay = (discovery_delay * 2).min(Duration::from_secs(30));
         }
     }
 
@@ -308,7 +318,7 @@ impl<B: PortBlocklist> Reconciler<B> {
         for entry in &entries {
             let key = MappingKey { protocol: entry.protocol, port: entry.external_port };
             match entry.internal_ipv4() {
-                Some(ip) if ip == lan.local => {
+                Some(_) => {
                     if is_ours(&entry.description, &self.config.hostname) {
                         ours_listed.insert(key);
                         if startup && !self.shared.table.lock().unwrap().adopt_existing(key, now) {
@@ -350,7 +360,9 @@ impl<B: PortBlocklist> Reconciler<B> {
         }
         for key in stale {
             match gateway.delete(key.protocol, key.port).await {
-                Ok(()) => info!("removed {key}, left on the gateway by an earlier natbinder run with no socket needing it"),
+                Ok(()) => {
+                    info!("removed {key}, left on the gateway by an earlier natbinder run with no socket needing it")
+                }
                 Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
                 Err(e) => warn!("could not remove stale mapping {key}: {e}"),
             }

@@ -44,6 +44,11 @@ pub fn ipv6_only(protocol: Protocol, port: u16, cookie: u64) -> Result<Option<bo
     Ok(None)
 }
 
+/// net.ipv6.bindv6only: whether AF_INET6 sockets are IPv6-only unless they say otherwise (default no).
+pub fn system_default_is_ipv6_only() -> bool {
+    std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -168,9 +168,14 @@ impl Table {
 
     /// The gateway accepted an add or renewal with `lease`.
     pub fn record_mapped(&mut self, key: MappingKey, lease: Duration, now: Instant) {
-        if let Some(m) = self.mappings.get_mut(&key) {
-            // An empty socket set stays Active so that the next pass deletes it.
-            m.state = MappingState::Active { renew_at: now + lease / 2, expires_at: now + lease };
+        let state = MappingState::Active { renew_at: now + lease / 2, expires_at: now + lease };
+        // An empty socket set stays Active so that the next pass deletes it. If the last socket went
+        // while the add was in flight, remove_socket dropped the pending mapping: track it again.
+        match self.mappings.get_mut(&key) {
+            Some(m) => m.state = state,
+            None => {
+                self.mappings.insert(key, Mapping { sockets: BTreeSet::new(), state, comm: String::new() });
+            }
         }
     }
 
@@ -225,11 +230,7 @@ impl Table {
 
     /// Mappings currently on the gateway (for shutdown).
     pub fn active_keys(&self) -> Vec<MappingKey> {
-        self.mappings
-            .iter()
-            .filter(|(_, m)| matches!(m.state, MappingState::Active { .. }))
-            .map(|(k, _)| *k)
-            .collect()
+        self.mappings.iter().filter(|(_, m)| matches!(m.state, MappingState::Active { .. })).map(|(k, _)| *k).collect()
     }
 
     /// The gateway lost everything it had (rediscovered, restarted): every wanted mapping becomes pending.

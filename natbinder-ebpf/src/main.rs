@@ -25,9 +25,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use natbinder_common::{
-    counters, BoundSocket, Config, EventKind, Holder, PortKey, SocketEvent, AF_INET, AF_INET6,
-    BOUND_CAPACITY, CANDIDATES_CAPACITY, EVENTS_BYTES, HELD_ELSEWHERE_CAPACITY, IPPROTO_TCP,
-    IPPROTO_UDP,
+    counters, BoundSocket, Config, EventKind, Holder, PortKey, SocketEvent, AF_INET, AF_INET6, BOUND_CAPACITY,
+    CANDIDATES_CAPACITY, EVENTS_BYTES, HELD_ELSEWHERE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP,
 };
 
 /// Return values of cgroup hooks: 1 lets the operation proceed, 0 fails it (with the errno set by

@@ -229,7 +229,9 @@ pub fn remove_stale_labs() {
     if let Ok(entries) = fs::read_dir("/run/netns") {
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix(NETNS_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok()) {
+            if let Some(pid) =
+                name.strip_prefix(NETNS_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok())
+            {
                 if !pid_alive(pid) {
                     kill_netns_processes(&name);
                     let _ = Command::new("ip").args(["netns", "delete", &name]).status();
@@ -241,7 +243,9 @@ pub fn remove_stale_labs() {
         if let Ok(entries) = fs::read_dir(&root) {
             for e in entries.flatten() {
                 let name = e.file_name().to_string_lossy().into_owned();
-                if let Some(pid) = name.strip_prefix(CGROUP_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok()) {
+                if let Some(pid) =
+                    name.strip_prefix(CGROUP_PREFIX).and_then(|r| r.split('-').next()).and_then(|p| p.parse().ok())
+                {
                     if !pid_alive(pid) {
                         Cgroup::destroy(&e.path());
                     }
@@ -298,7 +302,11 @@ impl Lab {
             bail!("the lab needs root (network namespaces, nftables, cgroups, eBPF): run it as root or with sudo");
         }
         for tool in ["ip", "nft", "miniupnpd", "upnpc"] {
-            if Command::new("sh").args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")]).output().map_or(true, |o| !o.status.success()) {
+            if Command::new("sh")
+                .args(["-c", &format!("command -v {tool} || test -x /usr/sbin/{tool}")])
+                .output()
+                .map_or(true, |o| !o.status.success())
+            {
                 bail!("`{tool}` is not installed: run scripts/setup.sh, which installs the lab's packages");
             }
         }
@@ -424,7 +432,9 @@ impl Lab {
         let port = self.config.http_port;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let up = self.gw.run(move || TcpStream::connect_timeout(&SocketAddr::from((GW_LAN_IP, port)), Duration::from_millis(200)).is_ok());
+            let up = self.gw.run(move || {
+                TcpStream::connect_timeout(&SocketAddr::from((GW_LAN_IP, port)), Duration::from_millis(200)).is_ok()
+            });
             if up {
                 return Ok(());
             }

@@ -171,7 +171,12 @@ impl Harness {
 
     /// Starts natbinder-testapp with `args` in `ns`, in the watched cgroup, and waits for "bound PORT".
     /// Returns the app and its stdout reader.
-    pub fn app_in(&mut self, ns: &Netns, name: &str, args: &[&str]) -> Result<(App, BufReader<std::process::ChildStdout>)> {
+    pub fn app_in(
+        &mut self,
+        ns: &Netns,
+        name: &str,
+        args: &[&str],
+    ) -> Result<(App, BufReader<std::process::ChildStdout>)> {
         let mut cmd = self.lab.command(ns, true, testapp_bin())?;
         cmd.args(args).env("TESTAPP_NAME", name).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = cmd.spawn()?;

@@ -119,6 +119,32 @@ fn forwarding_ends_when_the_program_is_killed() {
 }
 
 #[test]
+fn sockets_sharing_a_port_keep_one_mapping_until_the_last_is_released() {
+    let mut h = Harness::start().unwrap();
+    let (first, _o1) = h.app("first", &["tcp-echo", "0.0.0.0:8700", "--reuseport"]).unwrap();
+    let (second, _o2) = h.app("second", &["tcp-echo", "0.0.0.0:8700", "--reuseport"]).unwrap();
+    assert!(reachable_tcp(&h, 8700).is_some());
+    let ours = |h: &Harness| h.lab.gateway_mappings().unwrap().iter().filter(|m| m.external_port == 8700).count();
+    assert_eq!(ours(&h), 1, "two sockets on one port share one mapping");
+
+    drop(first);
+    // The survivor keeps the port reachable: every new connection now lands on it.
+    assert_eq!(
+        wait_for(LIMIT, || tcp_from_wan_answer(&h, 8700).filter(|a| a == "second:ping")).as_deref(),
+        Some("second:ping")
+    );
+    assert!(h.mapping("TCP", 8700).is_some(), "the mapping went with the first of two sockets");
+
+    drop(second);
+    assert!(wait_unmapped(&h, "TCP", 8700), "the mapping outlived the last socket");
+    assert_eq!(tcp_from_wan(&h.lab, 8700, "ping"), Reach::Refused);
+}
+
+fn tcp_from_wan_answer(h: &Harness, port: u16) -> Option<String> {
+    answered(tcp_from_wan(&h.lab, port, "ping"))
+}
+
+#[test]
 fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse() {
     let mut h = Harness::lab_only(LabConfig::default()).unwrap();
     // Another LAN host holds the odd ports of 10000-10009 on the gateway.
@@ -142,8 +168,14 @@ fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse() {
     assert!(err.contains("Address already in use"), "sixth instance failed with: {err}");
 
     // The other host's mappings are untouched.
-    let mut held: Vec<u16> =
-        h.lab.gateway_mappings().unwrap().iter().filter(|m| m.internal_client == LAN2_IP).map(|m| m.external_port).collect();
+    let mut held: Vec<u16> = h
+        .lab
+        .gateway_mappings()
+        .unwrap()
+        .iter()
+        .filter(|m| m.internal_client == LAN2_IP)
+        .map(|m| m.external_port)
+        .collect();
     held.sort();
     assert_eq!(held, vec![10001, 10003, 10005, 10007, 10009]);
     assert!(h.daemon().log_text().contains("EADDRINUSE"), "the daemon explains refused binds");

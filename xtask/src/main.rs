@@ -1,1 +1,128 @@
-fn main(){}
+//! `cargo xtask <command>`: natbinder's developer entry points.
+//!
+//! * `setup`: installs what building and testing need (scripts/setup.sh; idempotent).
+//! * `demo`:  setup, release build, then the lab demo: an unmodified server on a LAN host becomes
+//!   reachable from a WAN peer through a real miniupnpd gateway, and stops being so when it exits.
+//! * `test`:  setup, formatting and lint checks, then every test (the kernel/lab ones as root).
+//! * `bench`: bind() overhead and bind-to-reachable latency in the lab, against a same-run baseline.
+mod bench;
+mod demo;
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install the build and lab dependencies (apt packages, rust-src, bpf-linker).
+    Setup,
+    /// Run the self-contained lab demo (installs what it needs first).
+    Demo {
+        /// Skip setup and the build (use the binaries already in target/release).
+        #[arg(long)]
+        no_build: bool,
+    },
+    /// Run the whole test suite (installs what it needs first).
+    Test,
+    /// Measure bind() overhead and bind-to-reachable latency in the lab.
+    Bench {
+        #[arg(long)]
+        no_build: bool,
+        /// Samples per measurement.
+        #[arg(long, default_value_t = 200)]
+        samples: usize,
+    },
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+}
+
+pub fn is_root() -> bool {
+    // SAFETY: geteuid cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    eprintln!("\x1b[1;34m[xtask]\x1b[0m {}", describe(cmd));
+    let status = cmd.status().with_context(|| format!("could not start {}", describe(cmd)))?;
+    if !status.success() {
+        bail!("{} failed ({status})", describe(cmd));
+    }
+    Ok(())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program()).chain(cmd.get_args()).map(|s| s.to_string_lossy()).collect::<Vec<_>>().join(" ")
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn setup() -> Result<()> {
+    run(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")))
+}
+
+/// Re-runs this xtask command under sudo when not root (builds stay owned by the user).
+fn escalate(args: &[&str]) -> Result<()> {
+    let exe = std::env::current_exe()?;
+    run(Command::new("sudo").arg("--preserve-env").arg(exe).args(args))
+}
+
+fn test() -> Result<()> {
+    setup()?;
+    run(cargo().args(["fmt", "--all", "--check"]))?;
+    run(cargo().args(["fmt", "--check", "--manifest-path", "natbinder-ebpf/Cargo.toml"]))?;
+    run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // The lab tests start target/debug/natbinder and natbinder-testapp: build them first.
+    run(cargo().args(["build", "--workspace", "--bins"]))?;
+    let mut test = cargo();
+    test.args(["test", "--workspace", "--no-fail-fast"]);
+    if !is_root() {
+        eprintln!("[xtask] the kernel and lab tests need root: running test binaries through sudo");
+        test.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo --preserve-env");
+    }
+    run(&mut test)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Task::Setup => setup(),
+        Task::Test => test(),
+        Task::Demo { no_build } => {
+            if !no_build {
+                setup()?;
+                run(cargo().args(["build", "--release", "-p", "natbinder-daemon"]))?;
+            }
+            if !is_root() {
+                return escalate(&["demo", "--no-build"]);
+            }
+            demo::run()
+        }
+        Task::Bench { no_build, samples } => {
+            if !no_build {
+                setup()?;
+                run(cargo().args(["build", "--release", "-p", "natbinder-daemon", "-p", "natbinder-tests", "--bins"]))?;
+            }
+            if !is_root() {
+                return escalate(&["bench", "--no-build", "--samples", &samples.to_string()]);
+            }
+            bench::run(samples)
+        }
+    }
+}

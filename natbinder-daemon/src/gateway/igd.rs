@@ -7,8 +7,7 @@ use std::{
 
 use igd_next::{
     aio::{tokio::Tokio, Gateway as IgdNext},
-    AddPortError, GetGenericPortMappingEntryError, PortMappingProtocol, RemovePortError, RequestError,
-    SearchOptions,
+    AddPortError, GetGenericPortMappingEntryError, PortMappingProtocol, RemovePortError, RequestError, SearchOptions,
 };
 
 use super::{AddError, Gateway, GatewayEntry, MappingRequest};

@@ -1,9 +1,10 @@
 //! An ordinary network program for the lab, with no knowledge of natbinder: it binds the way servers
 //! do and echoes what it receives, prefixed with its name, so a WAN peer can tell who answered.
 //!
-//! natbinder-testapp tcp-echo ADDR [--close-on-stdin] [--v6only]
+//! natbinder-testapp tcp-echo ADDR [--close-on-stdin] [--v6only] [--reuseport]
 //! natbinder-testapp udp-echo ADDR [--close-on-stdin]
 //! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds)
+//! natbinder-testapp bind-loop N             (benchmark: N x socket+bind(0.0.0.0:40000)+close, prints ns each)
 //!
 //! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
 //! when a line arrives on stdin and then prints "closed".
@@ -99,27 +100,56 @@ fn serve_udp(socket: UdpSocket, name: String, close_on_stdin: bool) -> ! {
     }
 }
 
-/// A TCP listener on an IPv6 address with IPV6_V6ONLY set before bind (std cannot do that).
-fn bind_v6only(addr: SocketAddr) -> std::io::Result<TcpListener> {
+/// A TCP listener with socket options std cannot set before bind: IPV6_V6ONLY and SO_REUSEPORT.
+fn bind_with_options(addr: SocketAddr, v6only: bool, reuseport: bool) -> std::io::Result<TcpListener> {
     use std::os::fd::FromRawFd;
-    let SocketAddr::V6(v6) = addr else { return Err(std::io::Error::other("--v6only needs an IPv6 address")) };
     // SAFETY: plain socket calls on a descriptor we own until TcpListener takes it.
     unsafe {
-        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        let family = if addr.is_ipv6() { libc::AF_INET6 } else { libc::AF_INET };
+        let fd = libc::socket(family, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
         let listener = TcpListener::from_raw_fd(fd);
         let one: libc::c_int = 1;
         let size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-        if libc::setsockopt(fd, libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, (&one as *const libc::c_int).cast(), size) != 0 {
-            return Err(std::io::Error::last_os_error());
+        let set = |level, name| {
+            if libc::setsockopt(fd, level, name, (&one as *const libc::c_int).cast(), size) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        if v6only {
+            set(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?;
         }
-        let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
-        sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-        sa.sin6_port = v6.port().to_be();
-        sa.sin6_addr.s6_addr = v6.ip().octets();
-        if libc::bind(fd, (&sa as *const libc::sockaddr_in6).cast(), std::mem::size_of::<libc::sockaddr_in6>() as u32) != 0 {
+        if reuseport {
+            set(libc::SOL_SOCKET, libc::SO_REUSEPORT)?;
+        }
+        let rc = match addr {
+            SocketAddr::V6(v6) => {
+                let mut sa: libc::sockaddr_in6 = std::mem::zeroed();
+                sa.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sa.sin6_port = v6.port().to_be();
+                sa.sin6_addr.s6_addr = v6.ip().octets();
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in6).cast(),
+                    std::mem::size_of::<libc::sockaddr_in6>() as u32,
+                )
+            }
+            SocketAddr::V4(v4) => {
+                let mut sa: libc::sockaddr_in = std::mem::zeroed();
+                sa.sin_family = libc::AF_INET as libc::sa_family_t;
+                sa.sin_port = v4.port().to_be();
+                sa.sin_addr.s_addr = u32::from(*v4.ip()).to_be();
+                libc::bind(
+                    fd,
+                    (&sa as *const libc::sockaddr_in).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as u32,
+                )
+            }
+        };
+        if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
         if libc::listen(fd, 128) != 0 {
@@ -141,7 +171,10 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("tcp-echo") => {
             let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
-            let bound = if args.iter().any(|a| a == "--v6only") { bind_v6only(addr) } else { TcpListener::bind(addr) };
+            let v6only = args.iter().any(|a| a == "--v6only");
+            let reuseport = args.iter().any(|a| a == "--reuseport");
+            let bound =
+                if v6only || reuseport { bind_with_options(addr, v6only, reuseport) } else { TcpListener::bind(addr) };
             match bound {
                 Ok(l) => serve_tcp(l, name, close),
                 Err(e) => {
@@ -172,6 +205,21 @@ fn main() {
             }
             eprintln!("no free port in {from}-{to}: {}", last.map_or("empty range".into(), |e| e.to_string()));
             exit(1)
+        }
+        Some("bind-loop") => {
+            let n: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                match UdpSocket::bind("0.0.0.0:40000") {
+                    Ok(s) => drop(s),
+                    Err(e) => {
+                        eprintln!("bind 0.0.0.0:40000: {e}");
+                        exit(1)
+                    }
+                }
+            }
+            announce(format!("{:.1}", start.elapsed().as_nanos() as f64 / n as f64));
+            exit(0)
         }
         _ => usage(),
     }

@@ -1,0 +1,194 @@
+//! The kernel programs on their own, in the style of aya's integration tests: the real object loaded
+//! into the running kernel, attached to a child cgroup, with binding programs in a fresh network
+//! namespace. No gateway is involved: these tests check the events and the EADDRINUSE decision.
+use std::{
+    io::{BufRead, BufReader, Read},
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use natbinder::{
+    kernel::{current_netns_cookie, KernelEvent, KernelHooks},
+    Family, Protocol,
+};
+use natbinder_tests::*;
+
+struct Fixture {
+    hooks: KernelHooks,
+    ns: ScratchNetns,
+    other_ns: ScratchNetns,
+    cgroup: Cgroup,
+    runtime: tokio::runtime::Runtime,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+/// What a test program printed: Ok(port) once bound, Err(message) if bind failed.
+fn bind_in(ns: &Netns, cgroup: &Cgroup, args: &[&str]) -> (Child, Result<u16, String>) {
+    let mut cmd = command_in(ns, Some(cgroup), testapp_bin()).unwrap();
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    match line.trim().strip_prefix("bound ").and_then(|p| p.parse().ok()) {
+        Some(port) => (child, Ok(port)),
+        None => {
+            let mut err = String::new();
+            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            (child, Err(err))
+        }
+    }
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let serial = serial();
+        let ns = ScratchNetns::create("ebpf").unwrap();
+        let other_ns = ScratchNetns::create("other").unwrap();
+        let cgroup = Cgroup::create(&scratch_cgroup_name("ebpf")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let cookie = ns.0.run(|| current_netns_cookie().unwrap());
+        let hooks = runtime.block_on(async { KernelHooks::attach(&cgroup.path, cookie, 1024) }).unwrap();
+        Fixture { hooks, ns, other_ns, cgroup, runtime, _serial: serial }
+    }
+
+    fn bind(&self, args: &[&str]) -> (Child, Result<u16, String>) {
+        bind_in(&self.ns.0, &self.cgroup, args)
+    }
+
+    /// Reads events until `until` matches one (included), or fails after a generous limit.
+    fn events_until(&mut self, until: impl Fn(&KernelEvent) -> bool) -> Vec<KernelEvent> {
+        let mut all = Vec::new();
+        let hooks = &mut self.hooks;
+        self.runtime.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), async {
+                loop {
+                    let mut batch = Vec::new();
+                    hooks.read_events(&mut batch).await.unwrap();
+                    for e in batch {
+                        let done = until(&e);
+                        all.push(e);
+                        if done {
+                            return;
+                        }
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| panic!("expected event never came; got {all:?}"));
+        });
+        all
+    }
+}
+
+fn bound_port(e: &KernelEvent) -> Option<u16> {
+    match e {
+        KernelEvent::Bound(s) => Some(s.port),
+        _ => None,
+    }
+}
+
+#[test]
+fn a_wildcard_bind_is_reported_with_its_owner_and_released_by_cookie_on_kill() {
+    let mut f = Fixture::new();
+    let (mut child, port) = f.bind(&["tcp-echo", "0.0.0.0:7000"]);
+    assert_eq!(port, Ok(7000));
+    let events = f.events_until(|e| bound_port(e) == Some(7000));
+    let KernelEvent::Bound(s) = events.last().unwrap() else { unreachable!() };
+    assert_eq!((s.pid, s.uid, s.protocol, s.family, s.port), (child.id(), 0, Protocol::Tcp, Family::Ipv4, 7000));
+    assert_eq!(s.comm, "natbinder-testa");
+    assert_ne!(s.cgroup_id, 0);
+    let cookie = s.cookie;
+
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let events = f.events_until(|e| matches!(e, KernelEvent::Released { .. }));
+    assert_eq!(events.last(), Some(&KernelEvent::Released { cookie }));
+}
+
+#[test]
+fn only_explicit_unprivileged_wildcard_binds_in_the_watched_namespace_are_reported() {
+    let mut f = Fixture::new();
+    let mut children = Vec::new();
+    for args in [
+        &["tcp-echo", "127.0.0.1:7010"][..],
+        &["tcp-echo", "0.0.0.0:0"],
+        &["udp-echo", "0.0.0.0:0"],
+        &["tcp-echo", "0.0.0.0:1023"],
+        &["udp-echo", "[::1]:7011"],
+    ] {
+        let (child, port) = f.bind(args);
+        assert!(port.is_ok(), "{args:?} should bind: {port:?}");
+        children.push(child);
+    }
+    // The same cgroup in another network namespace: a container's bind.
+    let (child, port) = bind_in(&f.other_ns.0, &f.cgroup, &["tcp-echo", "0.0.0.0:7012"]);
+    assert_eq!(port, Ok(7012));
+    children.push(child);
+    // The fence: reported, and after all the others in the ring buffer.
+    let (child, _) = f.bind(&["udp-echo", "0.0.0.0:7013"]);
+    children.push(child);
+    let (child, _) = f.bind(&["tcp-echo", "[::]:7014"]);
+    children.push(child);
+
+    let events = f.events_until(|e| bound_port(e) == Some(7014));
+    let bound: Vec<(Protocol, Family, u16)> = events
+        .iter()
+        .filter_map(|e| match e {
+            KernelEvent::Bound(s) => Some((s.protocol, s.family, s.port)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(bound, vec![(Protocol::Udp, Family::Ipv4, 7013), (Protocol::Tcp, Family::Ipv6, 7014)]);
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn a_port_held_elsewhere_fails_the_bind_with_eaddrinuse_for_that_protocol_only() {
+    let mut f = Fixture::new();
+    let holder = std::net::Ipv4Addr::new(192, 168, 77, 20);
+    f.hooks.held_elsewhere().insert(Protocol::Tcp, 7020, holder).unwrap();
+
+    let (_c1, refused) = f.bind(&["tcp-echo", "0.0.0.0:7020"]);
+    let err = refused.expect_err("bind of a port held elsewhere succeeded");
+    assert!(err.contains("Address already in use"), "{err}");
+    let events = f.events_until(|e| matches!(e, KernelEvent::Refused(_)));
+    assert!(matches!(events.last(), Some(KernelEvent::Refused(s)) if s.port == 7020 && s.protocol == Protocol::Tcp));
+
+    // The dual-stack form of the same bind is refused too.
+    let (_c2, refused6) = f.bind(&["tcp-echo", "[::]:7020"]);
+    assert!(refused6.unwrap_err().contains("Address already in use"));
+    // UDP on that port, and a specific address, are not held elsewhere.
+    let (mut c3, udp) = f.bind(&["udp-echo", "0.0.0.0:7020"]);
+    assert_eq!(udp, Ok(7020));
+    let (mut c4, lo) = f.bind(&["tcp-echo", "127.0.0.1:7020"]);
+    assert_eq!(lo, Ok(7020));
+
+    // Once the other host lets go, the port binds again.
+    f.hooks.held_elsewhere().remove(Protocol::Tcp, 7020);
+    let _ = c4.kill();
+    let _ = c4.wait();
+    let (mut c5, again) = f.bind(&["tcp-echo", "0.0.0.0:7020"]);
+    assert_eq!(again, Ok(7020));
+    for c in [&mut c3, &mut c5] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+#[test]
+fn detaching_restores_plain_bind_behaviour() {
+    let f = Fixture::new();
+    f.hooks.held_elsewhere().insert(Protocol::Udp, 7030, std::net::Ipv4Addr::new(10, 0, 0, 2)).unwrap();
+    let (_c, refused) = f.bind(&["udp-echo", "0.0.0.0:7030"]);
+    assert!(refused.is_err());
+    let Fixture { hooks, ns, cgroup, runtime, _serial, other_ns } = f;
+    hooks.detach();
+    let (mut c, port) = bind_in(&ns.0, &cgroup, &["udp-echo", "0.0.0.0:7030"]);
+    assert_eq!(port, Ok(7030), "a bind still failed after the hooks were detached");
+    let _ = c.kill();
+    let _ = c.wait();
+    drop((runtime, other_ns));
+}
