@@ -318,7 +318,7 @@ impl<B: PortBlocklist> Reconciler<B> {
         for entry in &entries {
             let key = MappingKey { protocol: entry.protocol, port: entry.external_port };
             match entry.internal_ipv4() {
-                Some(_) => {
+                Some(ip) if ip == lan.local => {
                     if is_ours(&entry.description, &self.config.hostname) {
                         ours_listed.insert(key);
                         if startup && !self.shared.table.lock().unwrap().adopt_existing(key, now) {

@@ -42,6 +42,9 @@ pub struct Mapping {
     pub state: MappingState,
     /// Command name of the first socket, for the mapping's description.
     pub comm: String,
+    /// The gateway may hold this mapping for us (an add succeeded and no delete since): when no socket
+    /// needs it any more it must be deleted, whatever happened to later renewals.
+    pub on_gateway: bool,
 }
 
 #[derive(Clone, Debug)]
@@ -90,6 +93,7 @@ impl Table {
                     sockets: BTreeSet::new(),
                     state: MappingState::Pending { attempts: 0, retry_at: now, last_error: None },
                     comm: socket.comm.clone(),
+                    on_gateway: false,
                 }
             });
             if mapping.sockets.is_empty() {
@@ -112,7 +116,7 @@ impl Table {
             return None;
         }
         // Never on the gateway: nothing to undo.
-        if !matches!(mapping.state, MappingState::Active { .. }) {
+        if !mapping.on_gateway {
             self.mappings.remove(&key);
         }
         Some(key)
@@ -139,12 +143,17 @@ impl Table {
         let mut work = Vec::new();
         for (key, m) in &self.mappings {
             let key = *key;
-            match (&m.state, m.sockets.is_empty()) {
-                (MappingState::Active { .. }, true) => work.push(Work::Delete { key }),
-                (MappingState::Active { renew_at, .. }, false) if *renew_at <= now => {
+            if m.sockets.is_empty() {
+                if m.on_gateway {
+                    work.push(Work::Delete { key });
+                }
+                continue;
+            }
+            match &m.state {
+                MappingState::Active { renew_at, .. } if *renew_at <= now => {
                     work.push(Work::Renew { key, comm: m.comm.clone() })
                 }
-                (MappingState::Pending { retry_at, .. }, false) if *retry_at <= now => {
+                MappingState::Pending { retry_at, .. } if *retry_at <= now => {
                     work.push(Work::Add { key, comm: m.comm.clone() })
                 }
                 _ => {}
@@ -172,18 +181,25 @@ impl Table {
         // An empty socket set stays Active so that the next pass deletes it. If the last socket went
         // while the add was in flight, remove_socket dropped the pending mapping: track it again.
         match self.mappings.get_mut(&key) {
-            Some(m) => m.state = state,
+            Some(m) => {
+                m.state = state;
+                m.on_gateway = true;
+            }
             None => {
-                self.mappings.insert(key, Mapping { sockets: BTreeSet::new(), state, comm: String::new() });
+                let mapping = Mapping { sockets: BTreeSet::new(), state, comm: String::new(), on_gateway: true };
+                self.mappings.insert(key, mapping);
             }
         }
     }
 
     /// The gateway refused for a passing reason: keep it pending, retry with backoff.
+    /// A failed renewal keeps `on_gateway`: the old lease may still be running.
     pub fn record_failed(&mut self, key: MappingKey, error: String, now: Instant) {
         let Some(m) = self.mappings.get_mut(&key) else { return };
         if m.sockets.is_empty() {
-            self.mappings.remove(&key);
+            if !m.on_gateway {
+                self.mappings.remove(&key);
+            }
             return;
         }
         let attempts = match &m.state {
@@ -197,6 +213,7 @@ impl Table {
     /// Another host holds the port.
     pub fn record_conflict(&mut self, key: MappingKey, holder: Option<Ipv4Addr>) {
         let Some(m) = self.mappings.get_mut(&key) else { return };
+        m.on_gateway = false;
         if m.sockets.is_empty() {
             self.mappings.remove(&key);
         } else {
@@ -207,6 +224,7 @@ impl Table {
     /// The mapping is gone from the gateway. If a socket wanted it again meanwhile, it is re-added.
     pub fn record_deleted(&mut self, key: MappingKey, now: Instant) {
         let Some(m) = self.mappings.get_mut(&key) else { return };
+        m.on_gateway = false;
         if m.sockets.is_empty() {
             self.mappings.remove(&key);
         } else {
@@ -219,6 +237,7 @@ impl Table {
     pub fn adopt_existing(&mut self, key: MappingKey, now: Instant) -> bool {
         match self.mappings.get_mut(&key) {
             Some(m) if !m.sockets.is_empty() => {
+                m.on_gateway = true;
                 if !matches!(m.state, MappingState::Active { .. }) {
                     m.state = MappingState::Active { renew_at: now, expires_at: now };
                 }
@@ -228,15 +247,17 @@ impl Table {
         }
     }
 
-    /// Mappings currently on the gateway (for shutdown).
+    /// Mappings the gateway may hold for us (for shutdown).
     pub fn active_keys(&self) -> Vec<MappingKey> {
-        self.mappings.iter().filter(|(_, m)| matches!(m.state, MappingState::Active { .. })).map(|(k, _)| *k).collect()
+        self.mappings.iter().filter(|(_, m)| m.on_gateway).map(|(k, _)| *k).collect()
     }
 
-    /// The gateway lost everything it had (rediscovered, restarted): every wanted mapping becomes pending.
+    /// What the gateway holds is unknown (it was rediscovered, it may have restarted): every wanted
+    /// mapping becomes pending. Unwanted ones it may still hold stay, to be deleted (deleting a mapping
+    /// that is not there is harmless).
     pub fn gateway_reset(&mut self, now: Instant) {
-        self.mappings.retain(|_, m| !m.sockets.is_empty());
-        for m in self.mappings.values_mut() {
+        self.mappings.retain(|_, m| !m.sockets.is_empty() || m.on_gateway);
+        for m in self.mappings.values_mut().filter(|m| !m.sockets.is_empty()) {
             if !matches!(m.state, MappingState::Conflict { .. }) {
                 m.state = MappingState::Pending { attempts: 0, retry_at: now, last_error: None };
             }
@@ -380,6 +401,29 @@ mod tests {
         assert_eq!(t.add_socket(sock(2, Protocol::Tcp, 9090), false, now), None);
         assert!(t.due_work(now).is_empty());
         assert_eq!(t.remove_socket(2), None);
+    }
+
+    #[test]
+    fn a_failed_renewal_still_deletes_after_release() {
+        let now = Instant::now();
+        let mut t = Table::new();
+        t.add_socket(sock(1, Protocol::Tcp, 8080), true, now);
+        t.record_mapped(TCP8080, Duration::from_secs(100), now);
+        t.record_failed(TCP8080, "timeout".into(), now + Duration::from_secs(50));
+        t.remove_socket(1);
+        assert_eq!(t.due_work(now + Duration::from_secs(51)), vec![Work::Delete { key: TCP8080 }]);
+        assert_eq!(t.active_keys(), vec![TCP8080]);
+    }
+
+    #[test]
+    fn gateway_reset_keeps_unwanted_mappings_for_deletion() {
+        let now = Instant::now();
+        let mut t = Table::new();
+        t.add_socket(sock(1, Protocol::Tcp, 8080), true, now);
+        t.record_mapped(TCP8080, Duration::from_secs(100), now);
+        t.remove_socket(1);
+        t.gateway_reset(now);
+        assert_eq!(t.due_work(now), vec![Work::Delete { key: TCP8080 }]);
     }
 
     #[test]

@@ -123,13 +123,18 @@ pub fn natbinder_bind6(ctx: SockAddrContext) -> i32 {
 fn post_bind(ctx: &SockContext, family: u16) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // Fast path for every bind that is not a candidate: one failed lookup.
-    if unsafe { CANDIDATES.get(&cookie) }.is_none() {
+    let Some(requested) = (unsafe { CANDIDATES.get(&cookie) }).copied() else {
         return ALLOW;
-    }
+    };
     let _ = CANDIDATES.remove(&cookie);
     let sock: &bpf_sock = unsafe { &*ctx.sock };
     let protocol = sock.protocol as u16;
     let port = sock.src_port as u16;
+    // A candidate left by an earlier bind() of this socket that failed after bind4 (the port was taken
+    // locally) must not make a later ephemeral bind of the same socket look explicit.
+    if port != requested {
+        return ALLOW;
+    }
 
     let key = PortKey { protocol, port };
     if unsafe { HELD_ELSEWHERE.get(&key) }.is_some() {

@@ -96,7 +96,40 @@ fn test() -> Result<()> {
         eprintln!("[xtask] the kernel and lab tests need root: running test binaries through sudo");
         test.env("CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUNNER", "sudo --preserve-env");
     }
-    run(&mut test)
+    let started = std::time::Instant::now();
+    let (status, totals) = run_counting_tests(&mut test)?;
+    // One closing line for the whole suite (cargo prints one per test binary, the last often a doc-test run).
+    println!("\nsuite took {:.0} s", started.elapsed().as_secs_f64());
+    println!("tests: {} passed, {} failed", totals.0, totals.1);
+    if !status.success() || totals.1 > 0 {
+        bail!("the test suite failed");
+    }
+    if totals.0 == 0 {
+        bail!("the test suite ran no test");
+    }
+    Ok(())
+}
+
+/// Runs cargo test, echoing its output, and adds up its "test result:" lines.
+fn run_counting_tests(cmd: &mut Command) -> Result<(std::process::ExitStatus, (u64, u64))> {
+    use std::io::BufRead;
+    eprintln!("\x1b[1;34m[xtask]\x1b[0m {}", describe(cmd));
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().context("could not start cargo test")?;
+    let mut totals = (0, 0);
+    for line in std::io::BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| -> u64 {
+                rest.split(';')
+                    .find_map(|part| part.trim().strip_suffix(word)?.trim().rsplit(' ').next()?.parse().ok())
+                    .unwrap_or(0)
+            };
+            totals.0 += count("passed");
+            totals.1 += count("failed");
+        }
+    }
+    Ok((child.wait()?, totals))
 }
 
 fn main() -> Result<()> {

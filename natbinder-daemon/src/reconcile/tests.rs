@@ -1,1 +1,762 @@
+//! The reconciler against an in-memory gateway, on paused tokio time: every test asserts on the
+//! gateway's resulting table, which is what a user sees on the router.
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc, Mutex,
+    },
+    time::Duration,
+};
 
+use tokio::{sync::watch, task::JoinHandle, time::Instant};
+
+use super::*;
+use crate::{kernel::BoundSocket, table::MappingState, Family};
+
+const LOCAL: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
+const OTHER: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 20);
+const HOST: &str = "testbox";
+const LEASE: Duration = Duration::from_secs(3600);
+const INTERVAL: Duration = Duration::from_secs(600);
+
+const TCP: Protocol = Protocol::Tcp;
+const UDP: Protocol = Protocol::Udp;
+
+// ---------------------------------------------------------------------------------------------------
+// Fakes
+// ---------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum CallKind {
+    Add(MappingRequest),
+    Delete(Protocol, u16),
+    List,
+    ExternalAddress,
+}
+
+#[derive(Clone, Debug)]
+struct Call {
+    at: Instant,
+    kind: CallKind,
+}
+
+#[derive(Default)]
+struct GatewayState {
+    entries: BTreeMap<(Protocol, u16), GatewayEntry>,
+    calls: Vec<Call>,
+    /// Remaining `Refused("UPnP error 501 ActionFailed")` answers to adds of a port.
+    refuse: HashMap<(Protocol, u16), u32>,
+    /// Bumped when the gateway restarts (miniupnpd then listens on a new port): handles found before
+    /// get `Unreachable` until the reconciler discovers the gateway again.
+    generation: u64,
+    /// Found by discovery but answers nothing: every call is `Unreachable`.
+    dead: bool,
+    /// Remaining discovery attempts that fail (no IGD answered SSDP).
+    undiscoverable: u32,
+    /// How long each answer takes (the call takes effect at once, the reply comes later).
+    latency: Duration,
+}
+
+/// An in-memory UPnP IGD. The table is keyed by (protocol, external port) and shared by every handle.
+///
+/// Faults it scripts:
+/// * Conflict: adding a port whose entry belongs to another internal client fails with
+///   `AddError::Conflict`, as IGD answers 718 ConflictInMappingEntry ([`FakeGateway::insert`] puts
+///   such an entry there);
+/// * Refused: the next `n` adds of a port fail with `Refused("UPnP error 501 ActionFailed")`
+///   ([`FakeGateway::refuse`]);
+/// * Unreachable: after [`FakeGateway::restart`] (table lost, new control port) calls through handles
+///   found before fail with `Unreachable` until `discover` hands out a new one; [`FakeGateway::kill`]
+///   makes every call fail so;
+/// * dropped entries: [`FakeGateway::forget`] removes an entry behind the reconciler's back;
+/// * failed discovery: [`FakeGateway::undiscoverable`];
+/// * slow answers: [`FakeGateway::slow`], so that the table can change while a call is in flight.
+///
+/// Deleting works on any entry, whoever made it (as on IGDv1), so a wrongful delete shows.
+#[derive(Clone, Default)]
+struct FakeGateway {
+    state: Arc<Mutex<GatewayState>>,
+    generation: u64,
+}
+
+impl FakeGateway {
+    fn new() -> Self {
+        Self::default()
+    }
+
+    /// A handle to the gateway as it is now (what discovery returns).
+    fn discovered(&self) -> Result<Self, String> {
+        let mut s = self.state.lock().unwrap();
+        if s.undiscoverable > 0 {
+            s.undiscoverable -= 1;
+            return Err("no UPnP IGD answered SSDP".into());
+        }
+        Ok(Self { state: self.state.clone(), generation: s.generation })
+    }
+
+    fn insert(&self, entry: GatewayEntry) {
+        self.state.lock().unwrap().entries.insert((entry.protocol, entry.external_port), entry);
+    }
+    fn forget(&self, protocol: Protocol, port: u16) {
+        self.state.lock().unwrap().entries.remove(&(protocol, port));
+    }
+    fn refuse(&self, protocol: Protocol, port: u16, times: u32) {
+        self.state.lock().unwrap().refuse.insert((protocol, port), times);
+    }
+    fn restart(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.entries.clear();
+        s.generation += 1;
+    }
+    fn kill(&self) {
+        self.state.lock().unwrap().dead = true;
+    }
+    fn undiscoverable(&self, times: u32) {
+        self.state.lock().unwrap().undiscoverable = times;
+    }
+    fn slow(&self, latency: Duration) {
+        self.state.lock().unwrap().latency = latency;
+    }
+
+    fn entries(&self) -> BTreeMap<(Protocol, u16), GatewayEntry> {
+        self.state.lock().unwrap().entries.clone()
+    }
+    fn entry(&self, protocol: Protocol, port: u16) -> Option<GatewayEntry> {
+        self.state.lock().unwrap().entries.get(&(protocol, port)).cloned()
+    }
+    fn calls(&self) -> Vec<Call> {
+        self.state.lock().unwrap().calls.clone()
+    }
+    /// Every add of this port (successful or not), with when it was made.
+    fn adds(&self, protocol: Protocol, port: u16) -> Vec<(Instant, MappingRequest)> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c.kind {
+                CallKind::Add(r) if r.protocol == protocol && r.port == port => Some((c.at, r)),
+                _ => None,
+            })
+            .collect()
+    }
+    fn deletes(&self) -> Vec<(Protocol, u16)> {
+        self.calls()
+            .into_iter()
+            .filter_map(|c| match c.kind {
+                CallKind::Delete(p, port) => Some((p, port)),
+                _ => None,
+            })
+            .collect()
+    }
+    fn lists(&self) -> usize {
+        self.calls().iter().filter(|c| c.kind == CallKind::List).count()
+    }
+
+    /// Logs the call and says whether this handle can reach the gateway.
+    /// A network round trip.
+    async fn reply(&self) {
+        let latency = self.state.lock().unwrap().latency;
+        if latency.is_zero() {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(latency).await;
+        }
+    }
+
+    fn enter(&self, kind: CallKind) -> Result<std::sync::MutexGuard<'_, GatewayState>, AddError> {
+        let mut s = self.state.lock().unwrap();
+        s.calls.push(Call { at: Instant::now(), kind });
+        if s.dead || s.generation != self.generation {
+            return Err(AddError::Unreachable("connection refused".into()));
+        }
+        Ok(s)
+    }
+
+    fn do_add(&self, r: &MappingRequest) -> Result<(), AddError> {
+        let mut s = self.enter(CallKind::Add(r.clone()))?;
+        let key = (r.protocol, r.port);
+        if let Some(left) = s.refuse.get_mut(&key).filter(|n| **n > 0) {
+            *left -= 1;
+            return Err(AddError::Refused("UPnP error 501 ActionFailed".into()));
+        }
+        if s.entries.get(&key).is_some_and(|e| e.internal_client != r.internal_client.to_string()) {
+            return Err(AddError::Conflict);
+        }
+        let entry = GatewayEntry {
+            protocol: r.protocol,
+            external_port: r.port,
+            internal_client: r.internal_client.to_string(),
+            internal_port: r.port,
+            description: r.description.clone(),
+            lease_secs: r.lease.as_secs() as u32,
+            enabled: true,
+        };
+        s.entries.insert(key, entry);
+        Ok(())
+    }
+}
+
+impl Gateway for FakeGateway {
+    fn describe(&self) -> String {
+        format!("fake IGD at {ROUTER}")
+    }
+
+    async fn add(&self, request: &MappingRequest) -> Result<(), AddError> {
+        let result = self.do_add(request);
+        self.reply().await;
+        result
+    }
+
+    async fn delete(&self, protocol: Protocol, port: u16) -> Result<(), AddError> {
+        let result = self.enter(CallKind::Delete(protocol, port)).map(|mut s| {
+            s.entries.remove(&(protocol, port));
+        });
+        self.reply().await;
+        result
+    }
+
+    async fn list(&self) -> Result<Vec<GatewayEntry>, AddError> {
+        let result = self.enter(CallKind::List).map(|s| s.entries.values().cloned().collect());
+        self.reply().await;
+        result
+    }
+
+    async fn external_address(&self) -> Result<IpAddr, AddError> {
+        let result = self.enter(CallKind::ExternalAddress).map(|_| IpAddr::V4(Ipv4Addr::new(203, 0, 113, 7)));
+        self.reply().await;
+        result
+    }
+}
+
+/// Records what the reconciler puts in the EADDRINUSE map.
+#[derive(Clone, Default)]
+struct FakeBlocklist(Arc<Mutex<BlocklistState>>);
+
+#[derive(Default)]
+struct BlocklistState {
+    /// The map's contents.
+    held: BTreeMap<(Protocol, u16), Ipv4Addr>,
+    /// Every `block` call.
+    blocked: Vec<(Protocol, u16, Ipv4Addr)>,
+}
+
+impl FakeBlocklist {
+    fn held(&self) -> BTreeMap<(Protocol, u16), Ipv4Addr> {
+        self.0.lock().unwrap().held.clone()
+    }
+    fn blocked(&self) -> Vec<(Protocol, u16, Ipv4Addr)> {
+        self.0.lock().unwrap().blocked.clone()
+    }
+}
+
+impl PortBlocklist for FakeBlocklist {
+    fn block(&self, protocol: Protocol, port: u16, holder: Ipv4Addr) {
+        let mut s = self.0.lock().unwrap();
+        s.blocked.push((protocol, port, holder));
+        s.held.insert((protocol, port), holder);
+    }
+    fn replace_all(&self, entries: &[(Protocol, u16, Ipv4Addr)]) {
+        self.0.lock().unwrap().held = entries.iter().map(|(p, port, ip)| ((*p, *port), *ip)).collect();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Harness
+// ---------------------------------------------------------------------------------------------------
+
+fn config() -> ReconcilerConfig {
+    ReconcilerConfig {
+        lease: LEASE,
+        interval: INTERVAL,
+        min_port: 1024,
+        hostname: HOST.into(),
+        shutdown_grace: Duration::from_secs(5),
+    }
+}
+
+fn lan() -> LanInfo {
+    LanInfo { gateway: ROUTER, local: LOCAL, interface_index: 2 }
+}
+
+fn sock(cookie: u64, protocol: Protocol, port: u16) -> BoundSocket {
+    BoundSocket {
+        cookie,
+        pid: 4242,
+        uid: 1000,
+        gid: 1000,
+        cgroup_id: 1,
+        comm: "server".into(),
+        family: Family::Ipv4,
+        protocol,
+        port,
+    }
+}
+
+fn entry(protocol: Protocol, port: u16, client: Ipv4Addr, description: &str) -> GatewayEntry {
+    GatewayEntry {
+        protocol,
+        external_port: port,
+        internal_client: client.to_string(),
+        internal_port: port,
+        description: description.into(),
+        lease_secs: 0,
+        enabled: true,
+    }
+}
+
+fn key(protocol: Protocol, port: u16) -> MappingKey {
+    MappingKey { protocol, port }
+}
+
+/// Lets the reconciler run until it waits (paused time only moves once every task is idle).
+async fn settle() {
+    tokio::time::sleep(Duration::from_millis(1)).await;
+}
+
+async fn sleep(secs: u64) {
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs_f64().round() as u64
+}
+
+struct Harness {
+    shared: Arc<Shared>,
+    blocklist: FakeBlocklist,
+    discoveries: Arc<AtomicUsize>,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Harness {
+    /// Starts `Reconciler::run` with `bound` already in the table (sockets found at start-up).
+    fn start_with(gateway: &FakeGateway, config: ReconcilerConfig, bound: &[BoundSocket]) -> Self {
+        let shared = Arc::new(Shared::default());
+        for socket in bound {
+            shared.table.lock().unwrap().add_socket(socket.clone(), true, Instant::now().into_std());
+        }
+        let blocklist = FakeBlocklist::default();
+        let discoveries = Arc::new(AtomicUsize::new(0));
+        let (stop, stop_rx) = watch::channel(false);
+        let reconciler = Reconciler { config, shared: shared.clone(), blocklist: blocklist.clone() };
+        let (found, count) = (gateway.clone(), discoveries.clone());
+        let discover = move || {
+            count.fetch_add(1, Ordering::SeqCst);
+            let found = found.discovered();
+            async move { found.map(|g| (g, lan())) }
+        };
+        let task = tokio::spawn(reconciler.run(discover, stop_rx));
+        Self { shared, blocklist, discoveries, stop, task }
+    }
+
+    async fn start(gateway: &FakeGateway) -> Self {
+        let h = Self::start_with(gateway, config(), &[]);
+        settle().await;
+        h
+    }
+
+    /// What the event loop does for a Bound event.
+    fn bind_with(&self, socket: BoundSocket, forward_ipv4: bool) {
+        self.shared.table.lock().unwrap().add_socket(socket, forward_ipv4, Instant::now().into_std());
+        self.shared.wake.notify_one();
+    }
+    fn bind(&self, cookie: u64, protocol: Protocol, port: u16) {
+        self.bind_with(sock(cookie, protocol, port), true);
+    }
+    /// What the event loop does for a Released event.
+    fn release(&self, cookie: u64) {
+        self.shared.table.lock().unwrap().remove_socket(cookie);
+        self.shared.wake.notify_one();
+    }
+
+    fn state(&self, protocol: Protocol, port: u16) -> Option<MappingState> {
+        self.shared.table.lock().unwrap().mapping(&key(protocol, port)).map(|m| m.state.clone())
+    }
+    fn discoveries(&self) -> usize {
+        self.discoveries.load(Ordering::SeqCst)
+    }
+
+    /// Stops the reconciler as the daemon does at shutdown and waits for it to finish.
+    async fn stop(self) {
+        self.stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the reconciler did not stop within 60 s")
+            .expect("the reconciler task panicked");
+    }
+}
+
+fn assert_ours(e: &GatewayEntry, port: u16) {
+    assert_eq!(e.external_port, port);
+    assert_eq!(e.internal_port, port, "external port = internal port");
+    assert_eq!(e.internal_client, LOCAL.to_string());
+    assert_eq!(e.lease_secs as u64, LEASE.as_secs(), "finite lease as configured");
+    assert!(e.description.starts_with(&format!("natbinder@{HOST} ")), "description {:?}", e.description);
+    assert!(e.enabled);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn bound_socket_becomes_a_mapping() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    assert!(gw.entries().is_empty());
+
+    h.bind(1, TCP, 8080);
+    settle().await;
+
+    let entries = gw.entries();
+    assert_eq!(entries.len(), 1);
+    let e = &entries[&(TCP, 8080)];
+    assert_ours(e, 8080);
+    assert_eq!(e.description, "natbinder@testbox server");
+    assert!(matches!(h.state(TCP, 8080), Some(MappingState::Active { .. })));
+    assert!(h.blocklist.blocked().is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn tcp_and_udp_are_separate_mappings_and_ipv6_only_or_low_ports_map_nothing() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 7000);
+    h.bind(2, UDP, 7000);
+    let mut v6only = sock(3, TCP, 7001);
+    v6only.family = Family::Ipv6;
+    h.bind_with(v6only, false);
+    h.bind(4, TCP, 80); // below min_port
+    settle().await;
+
+    let ports: Vec<_> = gw.entries().into_keys().collect();
+    assert_eq!(ports, vec![(TCP, 7000), (UDP, 7000)]);
+    assert!(gw.adds(TCP, 80).is_empty(), "a port below min_port must not even be asked for");
+    assert!(gw.adds(TCP, 7001).is_empty());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_deletes_the_mapping() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    settle().await;
+    assert!(gw.entry(TCP, 8080).is_some());
+
+    h.release(1);
+    settle().await;
+    assert!(gw.entries().is_empty());
+    assert_eq!(gw.deletes(), vec![(TCP, 8080)]);
+    assert!(h.state(TCP, 8080).is_none(), "the table forgets a deleted mapping");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn socket_released_while_its_add_is_in_flight_is_deleted() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    gw.slow(Duration::from_millis(50));
+    h.bind(1, TCP, 8080);
+    settle().await; // the add has reached the gateway; its answer is on the way
+    assert_eq!(gw.adds(TCP, 8080).len(), 1);
+    h.release(1);
+
+    sleep(1).await;
+    assert!(gw.entries().is_empty(), "a mapping for a closed socket was left on the gateway");
+    assert_eq!(gw.deletes(), vec![(TCP, 8080)]);
+    assert!(h.state(TCP, 8080).is_none());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_port_keeps_one_mapping_until_the_last_socket_goes() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    h.bind(1, UDP, 9000);
+    h.bind(2, UDP, 9000);
+    settle().await;
+    assert_eq!(gw.adds(UDP, 9000).len(), 1, "one mapping for both sockets");
+
+    h.release(1);
+    settle().await;
+    assert_ours(&gw.entry(UDP, 9000).expect("still needed by socket 2"), 9000);
+    assert!(gw.deletes().is_empty());
+
+    h.release(2);
+    settle().await;
+    assert!(gw.entries().is_empty());
+    assert_eq!(gw.deletes(), vec![(UDP, 9000)]);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn renews_at_half_the_lease() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    settle().await;
+    let first = gw.adds(TCP, 8080)[0].0;
+
+    tokio::time::sleep_until(first + LEASE / 2 - Duration::from_secs(1)).await;
+    assert_eq!(gw.adds(TCP, 8080).len(), 1, "no renewal before half the lease");
+
+    sleep(2).await;
+    let adds = gw.adds(TCP, 8080);
+    assert_eq!(adds.len(), 2, "renewed at half the lease");
+    assert_eq!(secs(adds[1].0 - first), LEASE.as_secs() / 2);
+    assert_eq!(adds[1].1, adds[0].1, "the renewal asks for the same mapping and lease");
+    assert_ours(&gw.entry(TCP, 8080).unwrap(), 8080);
+
+    // And again half a lease later: the mapping never lapses while the socket lives.
+    tokio::time::sleep_until(first + LEASE + Duration::from_secs(1)).await;
+    assert_eq!(gw.adds(TCP, 8080).len(), 3);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn conflict_blocks_the_port_and_is_not_retried() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    // Another host takes the port after our start-up check, before our socket binds.
+    let theirs = entry(TCP, 8080, OTHER, "Plex");
+    gw.insert(theirs.clone());
+
+    h.bind(1, TCP, 8080);
+    settle().await;
+    assert_eq!(h.blocklist.blocked(), vec![(TCP, 8080, OTHER)]);
+    assert_eq!(h.blocklist.held().get(&(TCP, 8080)), Some(&OTHER));
+    assert_eq!(h.state(TCP, 8080), Some(MappingState::Conflict { holder: Some(OTHER) }));
+    assert_eq!(gw.entry(TCP, 8080), Some(theirs.clone()), "the other host's entry is untouched");
+
+    // Hours later, through renewals' and checks' times: never retried, never touched, still blocked.
+    sleep(3 * LEASE.as_secs()).await;
+    assert_eq!(gw.adds(TCP, 8080).len(), 1);
+    assert!(gw.deletes().is_empty());
+    assert_eq!(gw.entry(TCP, 8080), Some(theirs));
+    assert_eq!(h.blocklist.held().get(&(TCP, 8080)), Some(&OTHER));
+
+    // Releasing our socket must not delete their entry either.
+    h.release(1);
+    settle().await;
+    h.stop().await;
+    assert!(gw.deletes().is_empty());
+    assert_eq!(gw.entries().len(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn conflict_that_ends_is_mapped_at_the_next_check() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    gw.insert(entry(TCP, 8080, OTHER, "Plex"));
+    h.bind(1, TCP, 8080);
+    settle().await;
+    assert!(matches!(h.state(TCP, 8080), Some(MappingState::Conflict { .. })));
+
+    gw.forget(TCP, 8080); // the other host lets go
+    sleep(INTERVAL.as_secs() + 1).await;
+    assert_ours(&gw.entry(TCP, 8080).expect("mapped once the port is free"), 8080);
+    assert!(h.blocklist.held().is_empty(), "no longer held elsewhere");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_is_retried_with_backoff_until_it_succeeds() {
+    let gw = FakeGateway::new();
+    gw.refuse(TCP, 8080, 3);
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    settle().await;
+    assert!(gw.entry(TCP, 8080).is_none());
+    assert!(
+        matches!(h.state(TCP, 8080), Some(MappingState::Pending { attempts: 1, last_error: Some(ref e), .. }) if e.contains("501"))
+    );
+
+    sleep(10).await;
+    let times: Vec<Instant> = gw.adds(TCP, 8080).into_iter().map(|(at, _)| at).collect();
+    assert_eq!(times.len(), 4, "three refusals, then success");
+    let gaps: Vec<u64> = times.windows(2).map(|w| secs(w[1] - w[0])).collect();
+    assert_eq!(gaps, vec![1, 2, 4], "exponential backoff");
+    assert_ours(&gw.entry(TCP, 8080).unwrap(), 8080);
+    assert!(matches!(h.state(TCP, 8080), Some(MappingState::Active { .. })));
+    assert!(h.blocklist.blocked().is_empty(), "a refusal is not a conflict");
+    assert_eq!(h.discoveries(), 1, "a refusal is not a lost gateway");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unreachable_gateway_is_rediscovered_and_mappings_readded() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    settle().await;
+    assert!(gw.entry(TCP, 8080).is_some());
+    assert_eq!(h.discoveries(), 1);
+
+    // The router restarts: its table is gone and the old control URL refuses connections.
+    gw.restart();
+    h.bind(2, UDP, 9000);
+    sleep(5).await;
+
+    assert_eq!(h.discoveries(), 2, "Unreachable makes the reconciler discover the gateway again");
+    let entries = gw.entries();
+    assert_eq!(entries.keys().copied().collect::<Vec<_>>(), vec![(TCP, 8080), (UDP, 9000)]);
+    assert_ours(&entries[&(TCP, 8080)], 8080);
+    assert_ours(&entries[&(UDP, 9000)], 9000);
+    assert_eq!(gw.adds(TCP, 8080).len(), 2, "the old mapping was re-added");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_discovery_is_retried_and_waiting_sockets_get_mapped() {
+    let gw = FakeGateway::new();
+    gw.undiscoverable(2);
+    let h = Harness::start_with(&gw, config(), &[sock(1, TCP, 8080)]);
+    settle().await;
+    assert!(gw.calls().is_empty());
+
+    sleep(4).await; // retries after 1 s and 2 s more
+    assert_eq!(h.discoveries(), 3);
+    assert_ours(&gw.entry(TCP, 8080).expect("mapped once the gateway is found"), 8080);
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn gateway_that_is_found_but_never_answers_is_not_hammered() {
+    let gw = FakeGateway::new();
+    gw.kill();
+    let h = Harness::start_with(&gw, config(), &[sock(1, TCP, 8080)]);
+    // Without a pause between rediscoveries this loops without ever letting time move.
+    for _ in 0..1000 {
+        tokio::task::yield_now().await;
+    }
+    assert!(h.discoveries() <= 2, "rediscovered {} times without time passing", h.discoveries());
+
+    sleep(120).await;
+    let n = h.discoveries();
+    assert!((3..=10).contains(&n), "{n} discoveries in two minutes: expected a backoff");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn startup_cleans_our_leftovers_adopts_wanted_ones_and_leaves_the_rest() {
+    let gw = FakeGateway::new();
+    let leftover = entry(TCP, 20000, LOCAL, &description(HOST, "oldprog"));
+    let our_tag_other_address = entry(TCP, 20001, OTHER, &description(HOST, "oldprog"));
+    let other_host_tag = entry(TCP, 20002, LOCAL, "natbinder@otherbox srv");
+    let not_natbinder = entry(UDP, 20003, LOCAL, "Skype");
+    let mut wanted = entry(TCP, 20004, LOCAL, &description(HOST, "web"));
+    wanted.lease_secs = 120;
+    for e in [&leftover, &our_tag_other_address, &other_host_tag, &not_natbinder, &wanted] {
+        gw.insert(e.clone());
+    }
+
+    let h = Harness::start_with(&gw, config(), &[sock(1, TCP, 20004)]);
+    settle().await;
+
+    assert_eq!(gw.deletes(), vec![(TCP, 20000)], "only our leftover with no socket is deleted");
+    assert_eq!(gw.entry(TCP, 20001), Some(our_tag_other_address.clone()));
+    assert_eq!(gw.entry(TCP, 20002), Some(other_host_tag.clone()));
+    assert_eq!(gw.entry(UDP, 20003), Some(not_natbinder.clone()));
+    for (p, port) in [(TCP, 20001), (TCP, 20002), (UDP, 20003)] {
+        assert!(gw.adds(p, port).is_empty());
+    }
+    assert_eq!(h.blocklist.held(), BTreeMap::from([((TCP, 20001), OTHER)]), "another address holds 20001");
+
+    // Adopted: renewed right away with our lease and description, not deleted and added.
+    assert_eq!(gw.adds(TCP, 20004).len(), 1);
+    let adopted = gw.entry(TCP, 20004).unwrap();
+    assert_ours(&adopted, 20004);
+    assert_eq!(adopted.description, "natbinder@testbox server");
+    assert!(matches!(h.state(TCP, 20004), Some(MappingState::Active { .. })));
+
+    // Later checks and shutdown do not touch the others either.
+    sleep(2 * LEASE.as_secs()).await;
+    h.stop().await;
+    assert_eq!(gw.deletes(), vec![(TCP, 20000), (TCP, 20004)]);
+    assert_eq!(
+        gw.entries().into_values().collect::<Vec<_>>(),
+        vec![our_tag_other_address, other_host_tag, not_natbinder]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn periodic_check_readds_a_mapping_the_gateway_dropped() {
+    let gw = FakeGateway::new();
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    h.bind(2, TCP, 8081);
+    settle().await;
+    let first = gw.adds(TCP, 8080)[0].0;
+    let lists = gw.lists();
+
+    gw.forget(TCP, 8080);
+    sleep(INTERVAL.as_secs() - 10).await;
+    assert!(gw.entry(TCP, 8080).is_none(), "no check yet");
+
+    sleep(20).await;
+    assert!(gw.lists() > lists, "the periodic check read the table");
+    let adds = gw.adds(TCP, 8080);
+    assert_eq!(adds.len(), 2, "re-added by the check");
+    assert!(adds[1].0 - first < LEASE / 2, "by the check, not by the renewal");
+    assert_ours(&gw.entry(TCP, 8080).unwrap(), 8080);
+    assert_eq!(gw.adds(TCP, 8081).len(), 1, "mappings still there are left alone");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn stop_deletes_our_mappings_and_only_ours() {
+    let gw = FakeGateway::new();
+    let theirs = entry(UDP, 5000, OTHER, "game console");
+    gw.insert(theirs.clone());
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    h.bind(2, UDP, 9000);
+    h.bind(3, UDP, 5000); // conflicts with the other host
+    settle().await;
+    assert_eq!(gw.entries().len(), 3);
+
+    h.stop().await;
+    assert_eq!(gw.entries().into_values().collect::<Vec<_>>(), vec![theirs]);
+    let mut deleted = gw.deletes();
+    deleted.sort();
+    assert_eq!(deleted, vec![(TCP, 8080), (UDP, 9000)]);
+}
+
+#[test]
+fn descriptions_are_sanitised_truncated_and_recognised() {
+    assert_eq!(description("testbox", "nginx"), "natbinder@testbox nginx");
+    assert!(is_ours("natbinder@testbox nginx", "testbox"));
+
+    let odd_host = "my host<b>é";
+    let d = description(odd_host, "web server<1>");
+    assert_eq!(d, "natbinder@my_host_b__ web_server_1_");
+    assert!(is_ours(&d, odd_host));
+
+    let long_host = "kitchen-media-center.home.example.internal";
+    let long_comm = "a-very-long-program-name-ü";
+    let d = description(long_host, long_comm);
+    assert!(d.len() <= 48, "{d:?} is {} bytes", d.len());
+    assert_eq!(d, "natbinder@kitchen-media-center.hom a-very-long-p");
+    assert!(is_ours(&d, long_host));
+
+    for (host, comm) in [(odd_host, "x"), (long_host, long_comm), ("ünïcødé", "ünï cødé"), ("", "")] {
+        let d = description(host, comm);
+        assert!(d.starts_with(TAG_PREFIX));
+        assert!(d.len() <= MAX_DESCRIPTION);
+        assert!(d.chars().all(|c| c.is_ascii_graphic() || c == ' '), "{d:?}");
+        assert_eq!(d.matches(' ').count(), 1, "{d:?}");
+        assert!(is_ours(&d, host), "{d:?} should be ours on {host:?}");
+    }
+
+    assert!(!is_ours(&description("otherbox", "nginx"), "testbox"));
+    assert!(!is_ours(&description("testbox2", "nginx"), "testbox"), "a longer name is another host");
+    assert!(!is_ours(&description("testbox", "nginx"), "testbox2"));
+    assert!(!is_ours(&description("test", "box nginx"), "testbox"));
+    assert!(!is_ours("Skype", "testbox"));
+    assert!(!is_ours("natbinder testbox nginx", "testbox"));
+    assert!(!is_ours("NATBINDER@testbox nginx", "testbox"));
+}
