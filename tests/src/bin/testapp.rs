@@ -4,7 +4,7 @@
 //! natbinder-testapp tcp-echo ADDR [--close-on-stdin] [--v6only] [--reuseport]
 //! natbinder-testapp udp-echo ADDR [--close-on-stdin]
 //! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds)
-//! natbinder-testapp bind-loop N             (benchmark: N x socket+bind(0.0.0.0:40000)+close, prints ns each)
+//! natbinder-testapp bind-loop N [ADDR]      (benchmark: N x socket+bind(ADDR)+close, prints ns each)
 //!
 //! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
 //! when a line arrives on stdin and then prints "closed".
@@ -208,12 +208,14 @@ fn main() {
         }
         Some("bind-loop") => {
             let n: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let addr: SocketAddr =
+                args.get(2).map_or("0.0.0.0:40000", String::as_str).parse().unwrap_or_else(|_| usage());
             let start = std::time::Instant::now();
             for _ in 0..n {
-                match UdpSocket::bind("0.0.0.0:40000") {
+                match UdpSocket::bind(addr) {
                     Ok(s) => drop(s),
                     Err(e) => {
-                        eprintln!("bind 0.0.0.0:40000: {e}");
+                        eprintln!("bind {addr}: {e}");
                         exit(1)
                     }
                 }
