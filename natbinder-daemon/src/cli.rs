@@ -42,6 +42,16 @@ pub struct DaemonArgs {
     /// How long one SSDP search for the gateway waits for answers.
     #[arg(long, value_name = "SECONDS", default_value_t = 3)]
     pub discovery_timeout: u64,
+
+    /// Size of the kernel's event ring buffer in KiB (a power of two, 4 or more). If a bind storm
+    /// overflows it, the daemon notices and resynchronises from sock_diag.
+    #[arg(long, value_name = "KIB", default_value_t = 256)]
+    pub event_buffer_kib: u32,
+
+    /// Directory for natbinder's state: the journal of the mappings it made, so that a restarted
+    /// daemon deletes those no socket needs any more.
+    #[arg(long, value_name = "DIR", default_value = "/var/lib/natbinder")]
+    pub state_dir: PathBuf,
 }
 
 impl DaemonArgs {
@@ -61,12 +71,17 @@ impl DaemonArgs {
         if !(1..=60).contains(&self.discovery_timeout) {
             bail!("--discovery-timeout {} is out of range: use 1 to 60 seconds", self.discovery_timeout);
         }
+        if self.event_buffer_kib < 4 || !self.event_buffer_kib.is_power_of_two() || self.event_buffer_kib > 1 << 20 {
+            bail!("--event-buffer-kib {} must be a power of two from 4 to 1048576", self.event_buffer_kib);
+        }
         Ok(DaemonConfig {
             cgroup: self.cgroup,
             min_port: self.min_port,
             lease: Duration::from_secs(self.lease),
             reconcile_interval: Duration::from_secs(self.reconcile_interval),
             discovery_timeout: Duration::from_secs(self.discovery_timeout),
+            event_buffer_bytes: self.event_buffer_kib * 1024,
+            state_dir: self.state_dir,
             ..DaemonConfig::default()
         })
     }

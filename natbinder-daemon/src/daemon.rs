@@ -1,17 +1,26 @@
 //! `natbinder daemon`: wiring and lifecycle. A thin layer over [`run`], which takes its configuration
 //! and a shutdown future so that tests can run the whole daemon in-process.
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    path::PathBuf,
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+/// How soon the sockets are listed again after kernel events were lost.
+const STORM_RECHECK: Duration = Duration::from_millis(500);
 
 use crate::{
     cgroup,
     gateway::igd::IgdGateway,
+    journal::Journal,
     kernel::{self, KernelEvent, KernelHooks},
     netinfo,
     reconcile::{Reconciler, ReconcilerConfig, Shared},
+    resync::{self, Resync, Scope},
     sockdiag, Family,
 };
 
@@ -25,6 +34,10 @@ pub struct DaemonConfig {
     pub reconcile_interval: Duration,
     pub discovery_timeout: Duration,
     pub shutdown_grace: Duration,
+    /// Size of the kernel-to-daemon event ring buffer in bytes (a power of two, at least 4096).
+    pub event_buffer_bytes: u32,
+    /// Where the journal of mappings lives.
+    pub state_dir: PathBuf,
 }
 
 impl Default for DaemonConfig {
@@ -36,6 +49,8 @@ impl Default for DaemonConfig {
             reconcile_interval: Duration::from_secs(60),
             discovery_timeout: Duration::from_secs(3),
             shutdown_grace: Duration::from_secs(5),
+            event_buffer_bytes: natbinder_common::EVENTS_BYTES,
+            state_dir: PathBuf::from("/var/lib/natbinder"),
         }
     }
 }
@@ -52,7 +67,7 @@ fn hostname() -> String {
 pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let cgroup = cgroup::resolve_cgroup(config.cgroup.as_deref())?;
     let netns_cookie = kernel::current_netns_cookie()?;
-    let mut hooks = KernelHooks::attach(&cgroup, netns_cookie, config.min_port)?;
+    let mut hooks = KernelHooks::attach_with_buffer(&cgroup, netns_cookie, config.min_port, config.event_buffer_bytes)?;
     info!(
         "watching binds of ports >= {} on 0.0.0.0 and [::] in cgroup {} (network namespace cookie {netns_cookie})",
         config.min_port,
@@ -60,18 +75,25 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
     );
 
     let shared = Arc::new(Shared::default());
+    let cgroup_root = cgroup::resolve_cgroup(None)?;
+    let scope = Scope::for_cgroup(&cgroup, cgroup == cgroup_root, config.min_port, sockdiag::ephemeral_port_range());
+    let mut resync = Resync::new();
+    // Sockets bound before this start (or while an earlier daemon was down) need forwarding too.
+    resync_sockets(&shared, &mut hooks, &mut resync, &scope);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let reconciler = Reconciler {
-        config: ReconcilerConfig {
+    let journal = Journal::open(&config.state_dir)?;
+    let reconciler = Reconciler::new(
+        ReconcilerConfig {
             lease: config.lease,
             interval: config.reconcile_interval,
             min_port: config.min_port,
             hostname: hostname(),
             shutdown_grace: config.shutdown_grace,
         },
-        shared: shared.clone(),
-        blocklist: hooks.held_elsewhere(),
-    };
+        shared.clone(),
+        hooks.held_elsewhere(),
+        journal,
+    );
     let discovery_timeout = config.discovery_timeout;
     let discover = move || async move {
         let lan = tokio::task::spawn_blocking(netinfo::lan_info)
@@ -85,24 +107,49 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
 
     let mut events = Vec::new();
     let mut lost_seen = 0;
+    let mut periodic = tokio::time::interval(config.reconcile_interval);
+    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    periodic.reset();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             read = hooks.read_events(&mut events) => read?,
+            _ = periodic.tick() => {
+                resync_sockets(&shared, &mut hooks, &mut resync, &scope);
+                if shared.adds_paused.load(Ordering::SeqCst) {
+                    let lost = hooks.lost_events();
+                    if lost == lost_seen {
+                        // Nothing lost since the previous listing: the table is exact again.
+                        info!("event storm over: the table matches the sockets again; resuming new mappings");
+                        shared.adds_paused.store(false, Ordering::SeqCst);
+                        shared.wake.notify_one();
+                        periodic.reset();
+                    } else {
+                        lost_seen = lost;
+                        periodic.reset_after(STORM_RECHECK);
+                    }
+                }
+                continue;
+            }
             _ = &mut shutdown => break,
         }
         for event in events.drain(..) {
             handle_event(&shared, event);
         }
-        shared.wake.notify_one();
         let lost = hooks.lost_events();
         if lost > lost_seen {
-            warn!(
-                "{} socket events were lost (ring buffer or socket map full); the table may be incomplete",
-                lost - lost_seen
-            );
+            if !shared.adds_paused.swap(true, Ordering::SeqCst) {
+                warn!(
+                    "socket events were lost (ring buffer or socket map full): pausing new mappings and \
+                     resynchronising from sock_diag until the storm settles"
+                );
+            }
+            debug!("{lost} events lost so far");
             lost_seen = lost;
+            // List the sockets shortly: a storm that overflowed the buffer may still be going on.
+            periodic.reset_after(STORM_RECHECK);
         }
+        shared.wake.notify_one();
     }
 
     info!("shutting down: no new binds are forwarded; removing this host's mappings");
@@ -114,6 +161,67 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
     hooks.detach();
     info!("detached from the kernel; bye");
     Ok(())
+}
+
+/// Adopts live wildcard sockets the table lacks and drops table sockets that no longer exist.
+fn resync_sockets(shared: &Shared, hooks: &mut KernelHooks, resync: &mut Resync, scope: &Scope) {
+    let live = match sockdiag::wildcard_sockets(scope.min_port) {
+        Ok(live) => live,
+        Err(e) => {
+            warn!("could not list sockets for resynchronisation: {e:#}");
+            return;
+        }
+    };
+    let known = shared.table.lock().unwrap().socket_cookies();
+    let plan = resync.plan(&known, &live, scope);
+    if plan.adopt.is_empty() && plan.gone.is_empty() {
+        return;
+    }
+    let owners = resync::socket_owners(&plan.adopt.iter().map(|s| s.inode).collect());
+    let now = std::time::Instant::now();
+    for socket in &plan.adopt {
+        if let Err(e) = hooks.track_release(socket.cookie, socket.family, socket.protocol, socket.port) {
+            warn!("{e:#}; not adopting it");
+            continue;
+        }
+        let (pid, comm) = owners.get(&socket.inode).cloned().unwrap_or((0, String::from("?")));
+        let forward_ipv4 = socket.family == Family::Ipv4 || !socket.ipv6_only;
+        info!(
+            "adopted {}/{} on {} held by pid {pid} ({comm}), bound while natbinder was not watching",
+            socket.protocol, socket.port, socket.family
+        );
+        let bound = kernel::BoundSocket {
+            cookie: socket.cookie,
+            pid,
+            uid: socket.uid,
+            gid: 0,
+            cgroup_id: socket.cgroup_id.unwrap_or(0),
+            comm,
+            family: socket.family,
+            protocol: socket.protocol,
+            port: socket.port,
+        };
+        shared.table.lock().unwrap().add_socket(bound, forward_ipv4, now);
+    }
+    if !plan.adopt.is_empty() {
+        // A socket closed between the listing and track_release would never report its release.
+        if let Ok(again) = sockdiag::wildcard_sockets(scope.min_port) {
+            let still: std::collections::HashSet<u64> = again.iter().map(|s| s.cookie).collect();
+            for socket in plan.adopt.iter().filter(|s| !still.contains(&s.cookie)) {
+                hooks.untrack_release(socket.cookie);
+                shared.table.lock().unwrap().remove_socket(socket.cookie);
+            }
+        }
+    }
+    for cookie in plan.gone {
+        let mut table = shared.table.lock().unwrap();
+        if let Some(record) = table.socket(cookie) {
+            info!("{}/{} is gone (its release was not seen)", record.socket.protocol, record.socket.port);
+        }
+        table.remove_socket(cookie);
+        hooks.untrack_release(cookie);
+    }
+    shared.wake.notify_one();
 }
 
 fn handle_event(shared: &Shared, event: KernelEvent) {

@@ -145,6 +145,7 @@ pub struct KernelHooks {
     events: AsyncFd<RingBuf<MapData>>,
     counters: PerCpuArray<MapData, u64>,
     held_elsewhere: HeldElsewhere,
+    bound: BpfHashMap<MapData, u64, natbinder_common::BoundSocket>,
     config_value: Config,
 }
 
@@ -173,11 +174,22 @@ impl KernelHooks {
     /// Loads the programs, configures them and attaches them to `cgroup`. Binds start being reported
     /// as soon as this returns.
     pub fn attach(cgroup: &Path, netns_cookie: u64, min_port: u16) -> Result<Self> {
+        Self::attach_with_buffer(cgroup, netns_cookie, min_port, natbinder_common::EVENTS_BYTES)
+    }
+
+    /// As [`KernelHooks::attach`], with a ring buffer of `event_buffer_bytes` (a power of two, at least
+    /// one page): small buffers let tests provoke and check the lost-event path.
+    pub fn attach_with_buffer(
+        cgroup: &Path,
+        netns_cookie: u64,
+        min_port: u16,
+        event_buffer_bytes: u32,
+    ) -> Result<Self> {
         if EBPF_OBJECT.is_empty() {
             bail!("this natbinder was built with NATBINDER_SKIP_EBPF=1 and has no kernel programs; rebuild it without that variable");
         }
         bump_memlock_rlimit();
-        let mut ebpf = Ebpf::load(EBPF_OBJECT).context(
+        let mut ebpf = aya::EbpfLoader::new().map_max_entries(names::EVENTS, event_buffer_bytes).load(EBPF_OBJECT).context(
             "loading natbinder's eBPF object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF and cgroup BPF)",
         )?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
@@ -193,6 +205,7 @@ impl KernelHooks {
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let held = BpfHashMap::try_from(take_map(&mut ebpf, names::HELD_ELSEWHERE)?)?;
         let held_elsewhere = HeldElsewhere { map: Arc::new(Mutex::new(held)) };
+        let bound = BpfHashMap::try_from(take_map(&mut ebpf, names::BOUND)?)?;
 
         let cgroup_file = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         // Release first, then post_bind, then bind: a socket is never recorded before its release can be seen.
@@ -210,7 +223,7 @@ impl KernelHooks {
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
         }
-        Ok(Self { ebpf, config, events, counters, held_elsewhere, config_value })
+        Ok(Self { ebpf, config, events, counters, held_elsewhere, bound, config_value })
     }
 
     pub fn held_elsewhere(&self) -> HeldElsewhere {
@@ -229,6 +242,22 @@ impl KernelHooks {
         }
         guard.clear_ready();
         Ok(())
+    }
+
+    /// Makes sock_release report this socket's release (for sockets adopted from sock_diag, which
+    /// were bound while no hook was watching).
+    pub fn track_release(&mut self, cookie: u64, family: Family, protocol: Protocol, port: u16) -> Result<()> {
+        let family = match family {
+            Family::Ipv4 => natbinder_common::AF_INET,
+            Family::Ipv6 => AF_INET6,
+        };
+        let value = natbinder_common::BoundSocket { family, protocol: protocol.ip_proto(), port, _pad: 0 };
+        self.bound.insert(cookie, value, 0).with_context(|| format!("tracking the release of {protocol}/{port}"))
+    }
+
+    /// Stops tracking a socket whose release was lost (it is gone already).
+    pub fn untrack_release(&mut self, cookie: u64) {
+        let _ = self.bound.remove(&cookie);
     }
 
     /// Total events lost to a full ring buffer, and forwardable sockets not tracked for a full map.

@@ -10,10 +10,12 @@ pub mod cgroup;
 pub mod cli;
 pub mod daemon;
 pub mod gateway;
+pub mod journal;
 pub mod kernel;
 pub mod netinfo;
 mod netlink_dump;
 pub mod reconcile;
+pub mod resync;
 pub mod sockdiag;
 pub mod table;
 

@@ -9,7 +9,7 @@
 use std::{
     collections::{HashMap, HashSet},
     future::Future,
-    net::Ipv4Addr,
+    net::{IpAddr, Ipv4Addr},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -18,6 +18,8 @@ use tokio::{
     sync::{watch, Notify},
     time::Instant,
 };
+
+use crate::journal::Journal;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -50,6 +52,12 @@ pub struct Shared {
     pub table: Mutex<Table>,
     /// Wakes the reconciler when the table changed.
     pub wake: Notify,
+    /// Set while kernel events are being lost: the table may hold sockets that are gone, so no new
+    /// mapping is made until a sock_diag listing has set it right (deletions go on).
+    pub adds_paused: std::sync::atomic::AtomicBool,
+    /// A sign that the gateway changed (it announced a restart, the default route moved): find it
+    /// again and re-map everything now rather than at the next periodic check.
+    pub gateway_changed: Notify,
 }
 
 /// Where the reconciler puts ports other hosts hold (the eBPF HELD_ELSEWHERE map in the daemon).
@@ -104,6 +112,40 @@ pub struct Reconciler<B: PortBlocklist> {
     pub config: ReconcilerConfig,
     pub shared: Arc<Shared>,
     pub blocklist: B,
+    pub journal: Mutex<Journal>,
+    /// Learned per gateway: it refuses leases (IGD 725, or 402 on a leased add).
+    pub permanent_only: std::sync::atomic::AtomicBool,
+    /// The gateway's external address as last read, to report changes and double NAT once each.
+    pub external_address: Mutex<Option<IpAddr>>,
+}
+
+impl<B: PortBlocklist> Reconciler<B> {
+    pub fn new(config: ReconcilerConfig, shared: Arc<Shared>, blocklist: B, journal: Journal) -> Self {
+        Self {
+            config,
+            shared,
+            blocklist,
+            journal: Mutex::new(journal),
+            permanent_only: Default::default(),
+            external_address: Mutex::new(None),
+        }
+    }
+}
+
+/// Whether `ip`, as a gateway's external address, means another NAT sits upstream (or none is known):
+/// unspecified, loopback, RFC 1918 private, RFC 6598 shared (100.64/10, carrier-grade NAT), link-local.
+pub fn is_behind_another_nat(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            v4.is_unspecified()
+                || v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || (o[0] == 100 && (o[1] & 0xc0) == 64)
+        }
+        IpAddr::V6(v6) => v6.is_unspecified() || v6.is_loopback(),
+    }
 }
 
 enum Outcome {
@@ -138,6 +180,7 @@ impl<B: PortBlocklist> Reconciler<B> {
                     }
                     tokio::select! {
                         _ = tokio::time::sleep(discovery_delay) => {}
+                        _ = self.shared.gateway_changed.notified() => {}
                         _ = stop.wait_for(|s| *s) => return,
                     }
                     discovery_delay = (discovery_delay * 2).min(Duration::from_secs(30));
@@ -146,10 +189,8 @@ impl<B: PortBlocklist> Reconciler<B> {
             };
             last_discovery_error.clear();
             info!("gateway: {}; this host is {} on its LAN", gateway.describe(), lan.local);
-            match gateway.external_address().await {
-                Ok(ip) => info!("gateway's external address: {ip}"),
-                Err(e) => warn!("could not read the gateway's external address: {e}"),
-            }
+            self.permanent_only.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.check_external_address(&gateway).await;
             // Whatever we believed about the gateway's table is stale after (re)discovery.
             self.shared.table.lock().unwrap().gateway_reset(Instant::now().into_std());
             let session = Instant::now();
@@ -169,6 +210,8 @@ impl<B: PortBlocklist> Reconciler<B> {
             }
             tokio::select! {
                 _ = tokio::time::sleep(discovery_delay) => {}
+                // The gateway announced itself (it is back): look now.
+                _ = self.shared.gateway_changed.notified() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
             discovery_delay = (discovery_delay * 2).min(Duration::from_secs(30));
@@ -189,7 +232,10 @@ impl<B: PortBlocklist> Reconciler<B> {
             if *stop.borrow() {
                 return Outcome::Stop;
             }
-            let work = self.shared.table.lock().unwrap().due_work(Instant::now().into_std());
+            let mut work = self.shared.table.lock().unwrap().due_work(Instant::now().into_std());
+            if self.shared.adds_paused.load(std::sync::atomic::Ordering::SeqCst) {
+                work.retain(|w| !matches!(w, Work::Add { .. }));
+            }
             for item in work {
                 if let Err(AddError::Unreachable(e)) = self.perform(gateway, lan, item).await {
                     debug!("gateway unreachable: {e}");
@@ -200,26 +246,106 @@ impl<B: PortBlocklist> Reconciler<B> {
                 if let Err(AddError::Unreachable(_)) = self.check_gateway_table(gateway, lan, false).await {
                     return Outcome::Rediscover;
                 }
+                self.check_external_address(gateway).await;
                 next_check = Instant::now() + self.config.interval;
                 continue;
             }
-            let next_due = self.shared.table.lock().unwrap().next_due().map(Instant::from_std);
+            let adds_allowed = !self.shared.adds_paused.load(std::sync::atomic::Ordering::SeqCst);
+            let next_due = self.shared.table.lock().unwrap().next_due(adds_allowed).map(Instant::from_std);
             let wake_at = next_due.map_or(next_check, |d| d.min(next_check));
             tokio::select! {
                 _ = self.shared.wake.notified() => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
+                _ = self.shared.gateway_changed.notified() => {
+                    info!("the gateway changed or restarted; finding it again and re-mapping");
+                    return Outcome::Rediscover;
+                }
                 _ = stop.wait_for(|s| *s) => return Outcome::Stop,
             }
         }
     }
 
-    fn request(&self, lan: &LanInfo, key: MappingKey, comm: &str) -> MappingRequest {
+    /// Reads the external address; reports a change, and a double NAT once per change.
+    async fn check_external_address<G: Gateway>(&self, gateway: &G) -> Option<IpAddr> {
+        let ip = match gateway.external_address().await {
+            Ok(ip) => ip,
+            Err(e) => {
+                warn!("could not read the gateway's external address: {e}");
+                return None;
+            }
+        };
+        let previous = self.external_address.lock().unwrap().replace(ip);
+        if previous != Some(ip) {
+            match previous {
+                None => info!("gateway's external address: {ip}"),
+                Some(old) => warn!("the gateway's external address changed from {old} to {ip}"),
+            }
+            if is_behind_another_nat(ip) {
+                warn!(
+                    "the gateway's external address {ip} is not a public one: there is another NAT upstream \
+                     (double NAT, or carrier-grade NAT). Mappings are still made on this gateway, but they \
+                     will not make this host reachable from the internet"
+                );
+            }
+        }
+        Some(ip)
+    }
+
+    /// The lease to ask for: the configured one, or none (permanent) on gateways that refuse leases.
+    fn lease(&self) -> Duration {
+        if self.permanent_only.load(std::sync::atomic::Ordering::SeqCst) {
+            Duration::ZERO
+        } else {
+            self.config.lease
+        }
+    }
+
+    fn request(&self, lan: &LanInfo, key: MappingKey, comm: &str, lease: Duration) -> MappingRequest {
         MappingRequest {
             protocol: key.protocol,
             port: key.port,
             internal_client: lan.local,
-            lease: self.config.lease,
+            lease,
             description: description(&self.config.hostname, comm),
+        }
+    }
+
+    fn journal_record(&self, key: MappingKey, lan: &LanInfo, lease: Duration) {
+        if let Err(e) = self.journal.lock().unwrap().record(key, lan.local, lan.gateway, lease) {
+            warn!("{e:#}");
+        }
+    }
+
+    fn journal_forget(&self, key: &MappingKey) {
+        if let Err(e) = self.journal.lock().unwrap().forget(key) {
+            warn!("{e:#}");
+        }
+    }
+
+    /// A gateway refused a leased mapping (725, or 402 on a lease). A permanent one is taken only once
+    /// the external address checked out: otherwise rules that never expire could pile up on a gateway
+    /// that is not even the way out. Returns whether natbinder may now map permanently.
+    async fn accept_permanent_leases<G: Gateway>(&self, gateway: &G, why: &str) -> Result<bool, AddError> {
+        match gateway.external_address().await {
+            Ok(ip) if !is_behind_another_nat(ip) => {
+                if !self.permanent_only.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    warn!(
+                        "{} accepts only permanent mappings ({why}); natbinder will map without a lease, journal \
+                         every mapping and delete each itself when its socket goes",
+                        gateway.describe()
+                    );
+                }
+                Ok(true)
+            }
+            Ok(ip) => {
+                warn!("the gateway accepts only permanent mappings ({why}) and its external address {ip} is not public: not mapping permanently");
+                Ok(false)
+            }
+            Err(AddError::Unreachable(e)) => Err(AddError::Unreachable(e)),
+            Err(e) => {
+                warn!("the gateway accepts only permanent mappings ({why}) and its external address could not be read ({e}): not mapping permanently");
+                Ok(false)
+            }
         }
     }
 
@@ -232,18 +358,32 @@ impl<B: PortBlocklist> Reconciler<B> {
                     return Ok(());
                 }
                 let started = Instant::now();
-                let result = gateway.add(&self.request(lan, key, &comm)).await;
+                let mut lease = self.lease();
+                let mut result = gateway.add(&self.request(lan, key, &comm, lease)).await;
+                if let Err(AddError::PermanentOnly(why)) = &result {
+                    if lease.is_zero() {
+                        result = Err(AddError::Refused(format!("{why}, even without a lease")));
+                    } else if self.accept_permanent_leases(gateway, why).await? {
+                        lease = Duration::ZERO;
+                        result = gateway.add(&self.request(lan, key, &comm, lease)).await;
+                    }
+                }
                 let now = Instant::now().into_std();
                 match result {
                     Ok(()) => {
+                        let lease_text = if lease.is_zero() {
+                            "permanent".to_string()
+                        } else {
+                            format!("lease {}s", lease.as_secs())
+                        };
                         info!(
-                            "mapped {key} -> {}:{} (lease {}s) in {:.1} ms",
+                            "mapped {key} -> {}:{} ({lease_text}) in {:.1} ms",
                             lan.local,
                             key.port,
-                            self.config.lease.as_secs(),
                             started.elapsed().as_secs_f64() * 1e3
                         );
-                        self.shared.table.lock().unwrap().record_mapped(key, self.config.lease, now);
+                        self.journal_record(key, lan, lease);
+                        self.shared.table.lock().unwrap().record_mapped(key, lease, now);
                         Ok(())
                     }
                     Err(AddError::Conflict) => {
@@ -261,9 +401,14 @@ impl<B: PortBlocklist> Reconciler<B> {
                         self.shared.table.lock().unwrap().record_failed(key, e.clone(), now);
                         Err(AddError::Unreachable(e))
                     }
-                    Err(AddError::Refused(e)) => {
+                    Err(
+                        e @ (AddError::Refused(_)
+                        | AddError::PermanentOnly(_)
+                        | AddError::NoResources(_)
+                        | AddError::NotAuthorized(_)),
+                    ) => {
                         warn!("could not map {key}: {e}; will retry");
-                        self.shared.table.lock().unwrap().record_failed(key, e, now);
+                        self.shared.table.lock().unwrap().record_failed(key, e.to_string(), now);
                         Ok(())
                     }
                 }
@@ -273,6 +418,7 @@ impl<B: PortBlocklist> Reconciler<B> {
                 match result {
                     Ok(()) => {
                         info!("removed mapping {key}");
+                        self.journal_forget(&key);
                         self.shared.table.lock().unwrap().record_deleted(key, Instant::now().into_std());
                         Ok(())
                     }
@@ -315,23 +461,61 @@ impl<B: PortBlocklist> Reconciler<B> {
         let mut held = Vec::new();
         let mut ours_listed = HashSet::new();
         let mut stale = Vec::new();
+        let mut listed_keys = HashSet::new();
         for entry in &entries {
             let key = MappingKey { protocol: entry.protocol, port: entry.external_port };
-            match entry.internal_ipv4() {
-                Some(ip) if ip == lan.local => {
-                    if is_ours(&entry.description, &self.config.hostname) {
-                        ours_listed.insert(key);
-                        if startup && !self.shared.table.lock().unwrap().adopt_existing(key, now) {
-                            stale.push(key);
-                        }
-                    }
+            listed_keys.insert(key);
+            let client = entry.internal_ipv4();
+            // Ours: tagged with this host's name and pointing here, or made by us according to the
+            // journal (also after this host's address changed, or on gateways that drop descriptions).
+            let journalled = self
+                .journal
+                .lock()
+                .unwrap()
+                .get(&key)
+                .is_some_and(|j| j.gateway == lan.gateway && Some(j.internal_client) == client);
+            let tagged_here = client == Some(lan.local) && is_ours(&entry.description, &self.config.hostname);
+            if !(journalled || tagged_here) {
+                if client != Some(lan.local) && entry.enabled {
+                    held.push((entry.protocol, entry.external_port, client.unwrap_or(Ipv4Addr::UNSPECIFIED)));
                 }
-                other => {
-                    if entry.enabled {
-                        held.push((entry.protocol, entry.external_port, other.unwrap_or(Ipv4Addr::UNSPECIFIED)));
-                    }
+                continue;
+            }
+            let points_here = client == Some(lan.local) && entry.internal_port == entry.external_port;
+            if points_here {
+                ours_listed.insert(key);
+            }
+            let wanted = self.shared.table.lock().unwrap().mapping(&key).is_some_and(|m| !m.sockets.is_empty());
+            if !points_here {
+                // Drifted (another internal client or port): delete, and add again if a socket wants it.
+                info!(
+                    "{key} on the gateway points to {}:{}, not here: repairing",
+                    entry.internal_client, entry.internal_port
+                );
+                stale.push(key);
+            } else if startup && !self.shared.table.lock().unwrap().adopt_existing(key, now) {
+                stale.push(key);
+            } else if !wanted && !startup {
+                // Ours, pointing here, but no socket wants it and the table no longer tracks it (a delete
+                // that failed earlier): delete it now.
+                let tracked = self.shared.table.lock().unwrap().mapping(&key).is_some();
+                if !tracked {
+                    stale.push(key);
                 }
             }
+        }
+        // Journal entries for this gateway that it no longer lists are gone: nothing left to delete.
+        let gone: Vec<MappingKey> = self
+            .journal
+            .lock()
+            .unwrap()
+            .entries()
+            .filter(|j| j.gateway == lan.gateway)
+            .filter_map(|j| j.key())
+            .filter(|k| !listed_keys.contains(k))
+            .collect();
+        for key in gone {
+            self.journal_forget(&key);
         }
         self.blocklist.replace_all(&held);
         let held_keys: HashMap<MappingKey, Ipv4Addr> =
@@ -353,15 +537,23 @@ impl<B: PortBlocklist> Reconciler<B> {
                 info!("{key} is no longer held by another host; mapping it");
                 table.record_deleted(key, now);
             }
+            let active = table.mappings().filter(|(_, m)| matches!(m.state, MappingState::Active { .. })).count();
+            if dropped.len() > 1 && dropped.len() == active {
+                warn!("the gateway lost all {} of our mappings (did it restart?); adding them again", dropped.len());
+            }
             for key in dropped {
-                warn!("the gateway dropped mapping {key}; adding it again");
+                if active <= 1 {
+                    warn!("the gateway dropped mapping {key}; adding it again");
+                }
                 table.record_deleted(key, now);
             }
         }
         for key in stale {
             match gateway.delete(key.protocol, key.port).await {
                 Ok(()) => {
-                    info!("removed {key}, left on the gateway by an earlier natbinder run with no socket needing it")
+                    info!("removed {key}, left on the gateway by an earlier natbinder run with no socket needing it");
+                    self.journal_forget(&key);
+                    self.shared.table.lock().unwrap().record_deleted(key, now);
                 }
                 Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
                 Err(e) => warn!("could not remove stale mapping {key}: {e}"),
@@ -379,6 +571,7 @@ impl<B: PortBlocklist> Reconciler<B> {
             match tokio::time::timeout_at(deadline, gateway.delete(key.protocol, key.port)).await {
                 Ok(Ok(())) => {
                     info!("removed mapping {key}");
+                    self.journal_forget(&key);
                     self.shared.table.lock().unwrap().record_deleted(key, Instant::now().into_std());
                 }
                 Ok(Err(e)) => warn!("could not remove mapping {key} at shutdown: {e}; its lease will end it"),

@@ -1,11 +1,15 @@
-//! Socket facts the bind hooks cannot see, read over NETLINK_SOCK_DIAG.
+//! Socket facts the bind hooks cannot see, read over NETLINK_SOCK_DIAG (which answers for the caller's
+//! network namespace only: the daemon's, exactly the one it forwards for).
 //!
-//! The hooks report an AF_INET6 wildcard bind, but whether that socket also takes IPv4 (IPV6_V6ONLY off,
-//! the default) is not in `bpf_sock`. sock_diag reports it (INET_DIAG_SKV6ONLY), and the flag cannot
-//! change once a socket is bound, so one query after the event is exact.
+//! * The hooks report an AF_INET6 wildcard bind, but whether that socket also takes IPv4 (IPV6_V6ONLY
+//!   off, the default) is not in `bpf_sock`. sock_diag reports it (INET_DIAG_SKV6ONLY), and the flag
+//!   cannot change once a socket is bound, so one query after the event is exact.
+//! * Sockets bound while no daemon ran (before it started, or while it was down after a crash), and
+//!   releases lost to a full ring buffer, are found by listing the wildcard sockets that exist now.
 use anyhow::{Context, Result};
+use netlink_packet_core::Nla as _;
 use netlink_packet_sock_diag::{
-    constants::{AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
+    constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
     inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
     SockDiagMessage,
 };
@@ -44,6 +48,103 @@ pub fn ipv6_only(protocol: Protocol, port: u16, cookie: u64) -> Result<Option<bo
     Ok(None)
 }
 
+/// INET_DIAG_CGROUP_ID: the cgroup v2 id of the socket (Linux 5.7+), not decoded by the crate.
+const INET_DIAG_CGROUP_ID: u16 = 21;
+const TCP_LISTEN: u32 = 10;
+
+/// A socket bound to a wildcard address, as sock_diag lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WildcardSocket {
+    pub cookie: u64,
+    pub protocol: Protocol,
+    pub family: crate::Family,
+    pub port: u16,
+    pub uid: u32,
+    /// Socket inode, to find the owning process in /proc.
+    pub inode: u32,
+    /// cgroup v2 id the socket was created in; None on kernels that do not report it.
+    pub cgroup_id: Option<u64>,
+    /// For AF_INET6: IPV6_V6ONLY.
+    pub ipv6_only: bool,
+    /// A server's socket: TCP listening (or bound, not yet listening), UDP not connected. Only these
+    /// are adopted; the others still count as existing.
+    pub serving: bool,
+}
+
+/// Every TCP and UDP socket bound to 0.0.0.0 or [::] with a port of at least `min_port`, in this network
+/// namespace; `serving` tells the listening and unconnected ones.
+pub fn wildcard_sockets(min_port: u16) -> Result<Vec<WildcardSocket>> {
+    let mut found = Vec::new();
+    for (family, family_code) in [(crate::Family::Ipv4, AF_INET), (crate::Family::Ipv6, AF_INET6)] {
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            // All states, plus TCP sockets bound but not yet listening (listed since Linux 6.7).
+            let states = StateFlags::all().bits() | (1 << TCP_BOUND_INACTIVE);
+            let request = InetRequest {
+                family: family_code,
+                protocol: match protocol {
+                    Protocol::Tcp => IPPROTO_TCP,
+                    Protocol::Udp => IPPROTO_UDP,
+                },
+                extensions: ExtensionFlags::empty(),
+                states: StateFlags::from_bits_retain(states),
+                socket_id: if family == crate::Family::Ipv4 { SocketId::new_v4() } else { SocketId::new_v6() },
+            };
+            let replies = dump(NETLINK_SOCK_DIAG, SockDiagMessage::InetRequest(request))
+                .with_context(|| format!("listing {protocol} sockets over sock_diag"))?;
+            for reply in replies {
+                let SockDiagMessage::InetResponse(response) = reply else { continue };
+                let id = &response.header.socket_id;
+                if !id.source_address.is_unspecified() || id.source_port < min_port || id.source_port == 0 {
+                    continue;
+                }
+                let state = u32::from(response.header.state);
+                let serving = match protocol {
+                    Protocol::Tcp => state == TCP_LISTEN || state == TCP_BOUND_INACTIVE,
+                    // A connected UDP socket is a client's, even on a wildcard address.
+                    Protocol::Udp => id.destination_port == 0,
+                };
+                let mut cgroup_id = None;
+                let mut ipv6_only = false;
+                for nla in response.nlas.iter() {
+                    match nla {
+                        Nla::SkV6Only(v) => ipv6_only = *v,
+                        Nla::Other(attr) if attr.kind() == INET_DIAG_CGROUP_ID && attr.value_len() == 8 => {
+                            let mut value = [0u8; 8];
+                            attr.emit_value(&mut value);
+                            cgroup_id = Some(u64::from_ne_bytes(value));
+                        }
+                        _ => {}
+                    }
+                }
+                found.push(WildcardSocket {
+                    cookie: u64::from_ne_bytes(id.cookie),
+                    protocol,
+                    family,
+                    port: id.source_port,
+                    uid: response.header.uid,
+                    inode: response.header.inode,
+                    cgroup_id,
+                    ipv6_only,
+                    serving,
+                });
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The local port range (net.ipv4.ip_local_port_range): ports the kernel hands out to bind(port 0)
+/// and to clients. A socket found on one of them was most likely not asked for explicitly.
+pub fn ephemeral_port_range() -> std::ops::RangeInclusive<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut it = text.split_whitespace().filter_map(|w| w.parse::<u16>().ok());
+            Some(it.next()?..=it.next()?)
+        })
+        .unwrap_or(32768..=60999)
+}
+
 /// net.ipv6.bindv6only: whether AF_INET6 sockets are IPv6-only unless they say otherwise (default no).
 pub fn system_default_is_ipv6_only() -> bool {
     std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").is_ok_and(|v| v.trim() == "1")
@@ -74,6 +175,25 @@ mod tests {
         let expected = std::fs::read_to_string("/proc/sys/net/ipv6/bindv6only").unwrap().trim() == "1";
         assert_eq!(ipv6_only(Protocol::Udp, port, cookie).unwrap(), Some(expected));
         assert_eq!(ipv6_only(Protocol::Udp, port, cookie.wrapping_add(1)).unwrap(), None);
+    }
+
+    #[test]
+    fn lists_wildcard_listeners_with_their_cgroup() {
+        let listener = std::net::TcpListener::bind("0.0.0.0:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cookie = cookie_of(listener.as_raw_fd());
+        let udp = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let udp_port = udp.local_addr().unwrap().port();
+        let loopback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let loopback_port = loopback.local_addr().unwrap().port();
+        let all = wildcard_sockets(1024).unwrap();
+        let tcp = all.iter().find(|s| s.cookie == cookie).expect("the listener is listed");
+        assert_eq!((tcp.protocol, tcp.family, tcp.port), (Protocol::Tcp, crate::Family::Ipv4, port));
+        assert!(tcp.cgroup_id.is_some_and(|id| id != 0), "cgroup id reported: {tcp:?}");
+        assert!(all
+            .iter()
+            .any(|s| s.protocol == Protocol::Udp && s.family == crate::Family::Ipv6 && s.port == udp_port));
+        assert!(!all.iter().any(|s| s.port == loopback_port), "a loopback listener is not a wildcard one");
     }
 
     #[test]

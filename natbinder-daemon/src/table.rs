@@ -62,6 +62,9 @@ pub enum Work {
     Delete { key: MappingKey },
 }
 
+/// Stands for "never" in the schedule of a permanent mapping.
+const PERMANENT: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// Retry pacing for mappings the gateway refused for a passing reason.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
 const MAX_RETRY: Duration = Duration::from_secs(300);
@@ -81,7 +84,11 @@ impl Table {
     /// when this socket made a mapping wanted that was not wanted before.
     pub fn add_socket(&mut self, socket: BoundSocket, forward_ipv4: bool, now: Instant) -> Option<MappingKey> {
         let cookie = socket.cookie;
-        if self.sockets.contains_key(&cookie) {
+        if let Some(known) = self.sockets.get_mut(&cookie) {
+            // Adopted from sock_diag first and reported by the hook since: keep the richer record.
+            if known.socket.pid == 0 {
+                known.socket = socket;
+            }
             return None;
         }
         let key = forward_ipv4.then_some(MappingKey { protocol: socket.protocol, port: socket.port });
@@ -138,6 +145,10 @@ impl Table {
         self.sockets.values()
     }
 
+    pub fn socket_cookies(&self) -> std::collections::HashSet<u64> {
+        self.sockets.keys().copied().collect()
+    }
+
     /// Everything due at `now`, in port order.
     pub fn due_work(&self, now: Instant) -> Vec<Work> {
         let mut work = Vec::new();
@@ -162,21 +173,24 @@ impl Table {
         work
     }
 
-    /// When the next piece of work falls due, if any is scheduled.
-    pub fn next_due(&self) -> Option<Instant> {
+    /// When the next piece of work falls due, if any is scheduled; adds of pending mappings count only
+    /// if `adds_allowed`.
+    pub fn next_due(&self, adds_allowed: bool) -> Option<Instant> {
         self.mappings
             .values()
             .filter(|m| !m.sockets.is_empty())
             .filter_map(|m| match m.state {
                 MappingState::Active { renew_at, .. } => Some(renew_at),
-                MappingState::Pending { retry_at, .. } => Some(retry_at),
-                MappingState::Conflict { .. } => None,
+                MappingState::Pending { retry_at, .. } if adds_allowed => Some(retry_at),
+                MappingState::Pending { .. } | MappingState::Conflict { .. } => None,
             })
             .min()
     }
 
     /// The gateway accepted an add or renewal with `lease`.
+    /// A zero `lease` is a permanent mapping: never renewed (the periodic check still verifies it).
     pub fn record_mapped(&mut self, key: MappingKey, lease: Duration, now: Instant) {
+        let lease = if lease.is_zero() { PERMANENT } else { lease };
         let state = MappingState::Active { renew_at: now + lease / 2, expires_at: now + lease };
         // An empty socket set stays Active so that the next pass deletes it. If the last socket went
         // while the add was in flight, remove_socket dropped the pending mapping: track it again.
@@ -365,7 +379,7 @@ mod tests {
         t.add_socket(sock(1, Protocol::Tcp, 8080), true, now);
         t.record_mapped(TCP8080, Duration::from_secs(100), now);
         assert!(t.due_work(now + Duration::from_secs(49)).is_empty());
-        assert_eq!(t.next_due(), Some(now + Duration::from_secs(50)));
+        assert_eq!(t.next_due(true), Some(now + Duration::from_secs(50)));
         assert_eq!(
             t.due_work(now + Duration::from_secs(50)),
             vec![Work::Renew { key: TCP8080, comm: "server".into() }]
@@ -388,7 +402,7 @@ mod tests {
         for _ in 0..40 {
             t.record_failed(TCP8080, "x".into(), now);
         }
-        assert_eq!(t.next_due(), Some(now + MAX_RETRY));
+        assert_eq!(t.next_due(true), Some(now + MAX_RETRY));
     }
 
     #[test]

@@ -154,6 +154,8 @@ impl Harness {
         cmd.arg("daemon")
             .arg("--cgroup")
             .arg(&self.lab.cgroup.path)
+            .arg("--state-dir")
+            .arg(self.lab.dir.join("state"))
             .args(extra)
             .env("NATBINDER_LOG", "natbinder=debug,info")
             .stdout(log.try_clone()?)

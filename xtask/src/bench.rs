@@ -54,6 +54,8 @@ pub fn run(samples: usize) -> Result<()> {
     let log = std::fs::File::create(lab.dir.join("bench-daemon.log"))?;
     cmd.args(["daemon", "--cgroup"])
         .arg(&lab.cgroup.path)
+        .arg("--state-dir")
+        .arg(lab.dir.join("state"))
         .env("NATBINDER_LOG", std::env::var("BENCH_LOG").unwrap_or("warn".into()))
         .stdout(log.try_clone()?)
         .stderr(log);

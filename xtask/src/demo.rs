@@ -109,7 +109,11 @@ pub fn run() -> Result<()> {
 
     step("Starting the natbinder daemon on lan1, watching the lab's cgroup");
     let mut cmd = lab.command(&lab.lan1, false, &natbinder)?;
-    cmd.args(["daemon", "--cgroup"]).arg(&lab.cgroup.path).env("NO_COLOR", "1");
+    cmd.args(["daemon", "--cgroup"])
+        .arg(&lab.cgroup.path)
+        .arg("--state-dir")
+        .arg(lab.dir.join("state"))
+        .env("NO_COLOR", "1");
     let mut daemon = Narrated::spawn(cmd, "natbinder")?;
     daemon.wait_for_output("ready:", Duration::from_secs(30))?;
 

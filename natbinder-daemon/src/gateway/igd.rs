@@ -65,12 +65,27 @@ impl Gateway for IgdGateway {
 
     async fn add(&self, request: &MappingRequest) -> Result<(), AddError> {
         let local = SocketAddr::new(IpAddr::V4(request.internal_client), request.port);
+        // IGDv2 caps leases at a week; 0 asks for a permanent mapping.
         let lease = request.lease.as_secs().clamp(1, 604_800) as u32;
+        let lease = if request.lease.is_zero() { 0 } else { lease };
         self.inner
             .add_port(igd_protocol(request.protocol), request.port, local, lease, &request.description)
             .await
             .map_err(|e| match e {
                 AddPortError::PortInUse => AddError::Conflict,
+                AddPortError::OnlyPermanentLeasesSupported => AddError::PermanentOnly("UPnP error 725".into()),
+                AddPortError::ActionNotAuthorized => AddError::NotAuthorized("UPnP error 606".into()),
+                AddPortError::SamePortValuesRequired => {
+                    AddError::Refused("UPnP error 724 SamePortValuesRequired".into())
+                }
+                AddPortError::DescriptionTooLong => AddError::Refused("UPnP error 605 description too long".into()),
+                // Some IGDv1 routers answer 402 Invalid Args to any lease but 0.
+                AddPortError::RequestError(RequestError::ErrorCode(402, text)) if lease != 0 => {
+                    AddError::PermanentOnly(format!("UPnP error 402 {text} to a leased mapping"))
+                }
+                AddPortError::RequestError(RequestError::ErrorCode(728, text)) => {
+                    AddError::NoResources(format!("UPnP error 728 {text}"))
+                }
                 AddPortError::RequestError(e) => request_error(e),
                 other => AddError::Refused(other.to_string()),
             })

@@ -45,7 +45,17 @@ pub enum AddError {
     /// The gateway cannot be reached any more (connection refused, timeout): rediscover it.
     #[error("the gateway did not answer: {0}")]
     Unreachable(String),
-    /// The gateway answered with a refusal; retried with backoff.
+    /// The gateway refuses leases (IGD 725 OnlyPermanentLeasesSupported, or 402 Invalid Args on a
+    /// leased add): a permanent mapping may be asked for instead, with care.
+    #[error("the gateway accepts only permanent mappings: {0}")]
+    PermanentOnly(String),
+    /// The gateway's table is full (IGD 728 NoPortMapsAvailable); retried with backoff.
+    #[error("the gateway has no room for more mappings: {0}")]
+    NoResources(String),
+    /// The gateway does not let this host map (IGD 606, e.g. miniupnpd's secure mode or allow rules).
+    #[error("the gateway does not allow this mapping: {0}")]
+    NotAuthorized(String),
+    /// The gateway answered with another refusal; retried with backoff.
     #[error("the gateway refused the mapping: {0}")]
     Refused(String),
 }

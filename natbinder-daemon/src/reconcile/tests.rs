@@ -340,7 +340,7 @@ impl Harness {
         let blocklist = FakeBlocklist::default();
         let discoveries = Arc::new(AtomicUsize::new(0));
         let (stop, stop_rx) = watch::channel(false);
-        let reconciler = Reconciler { config, shared: shared.clone(), blocklist: blocklist.clone() };
+        let reconciler = Reconciler::new(config, shared.clone(), blocklist.clone(), Journal::in_memory());
         let (found, count) = (gateway.clone(), discoveries.clone());
         let discover = move || {
             count.fetch_add(1, Ordering::SeqCst);

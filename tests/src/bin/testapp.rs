@@ -4,6 +4,8 @@
 //! natbinder-testapp tcp-echo ADDR [--close-on-stdin] [--v6only] [--reuseport]
 //! natbinder-testapp udp-echo ADDR [--close-on-stdin]
 //! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds)
+//! natbinder-testapp burst N FROM KEEP        (N UDP sockets on 0.0.0.0:FROM.., then closes all but the
+//!                                            first KEEP; prints "bound FROM" then "kept KEEP")
 //! natbinder-testapp bind-loop N [ADDR]      (benchmark: N x socket+bind(ADDR)+close, prints ns each)
 //!
 //! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
@@ -205,6 +207,27 @@ fn main() {
             }
             eprintln!("no free port in {from}-{to}: {}", last.map_or("empty range".into(), |e| e.to_string()));
             exit(1)
+        }
+        Some("burst") => {
+            let n: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let from: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let keep: usize = args.get(3).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let mut sockets = Vec::new();
+            for port in from..from + n {
+                match UdpSocket::bind(("0.0.0.0", port)) {
+                    Ok(s) => sockets.push(s),
+                    Err(e) => {
+                        eprintln!("bind 0.0.0.0:{port}: {e}");
+                        exit(1)
+                    }
+                }
+            }
+            announce(format!("bound {from}"));
+            sockets.truncate(keep);
+            announce(format!("kept {keep}"));
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
         }
         Some("bind-loop") => {
             let n: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());

@@ -1,0 +1,222 @@
+//! The journal: every mapping natbinder made, kept in its state directory until the mapping is gone.
+//!
+//! The description tag finds our mappings on gateways that list descriptions, but only while this host
+//! keeps its address. The journal also covers a changed address (DHCP), gateways that do not report
+//! descriptions, and routers that only take permanent leases, whose mappings would otherwise outlive
+//! every socket for good. It is rewritten atomically (write, fsync, rename) on every change, so a crash
+//! at any point leaves the previous or the next version, never a torn one.
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::Write,
+    net::Ipv4Addr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::{table::MappingKey, Protocol};
+
+const FILE_NAME: &str = "mappings.json";
+const FORMAT_VERSION: u32 = 1;
+/// Permanent mappings on a gateway we no longer see are forgotten after this long.
+const FORGET_PERMANENT_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub protocol: String,
+    pub port: u16,
+    pub internal_client: Ipv4Addr,
+    /// The gateway (next hop of the default route) that holds it.
+    pub gateway: Ipv4Addr,
+    /// Leased mappings end on their own at `expires_unix`; permanent ones (lease 0) never do.
+    pub permanent: bool,
+    pub expires_unix: u64,
+}
+
+impl JournalEntry {
+    pub fn key(&self) -> Option<MappingKey> {
+        let protocol = match self.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            "udp" => Protocol::Udp,
+            _ => return None,
+        };
+        Some(MappingKey { protocol, port: self.port })
+    }
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JournalFile {
+    version: u32,
+    entries: Vec<JournalEntry>,
+}
+
+pub struct Journal {
+    path: Option<PathBuf>,
+    entries: BTreeMap<MappingKey, JournalEntry>,
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Journal {
+    /// A journal that keeps nothing on disk (tests, or no state directory).
+    pub fn in_memory() -> Self {
+        Self { path: None, entries: BTreeMap::new() }
+    }
+
+    /// Opens (creating the directory if needed) the journal in `state_dir`. A journal that cannot be
+    /// read is an error that names the file: silently starting afresh would forget mappings to delete.
+    pub fn open(state_dir: &Path) -> Result<Self> {
+        fs::create_dir_all(state_dir)
+            .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+        let path = state_dir.join(FILE_NAME);
+        let mut entries = BTreeMap::new();
+        match fs::read(&path) {
+            Ok(bytes) => {
+                let file: JournalFile = serde_json::from_slice(&bytes).with_context(|| {
+                    format!("{} is not a valid natbinder journal; move it aside to start afresh", path.display())
+                })?;
+                if file.version != FORMAT_VERSION {
+                    bail!(
+                        "{} has format version {}, this natbinder reads {FORMAT_VERSION}",
+                        path.display(),
+                        file.version
+                    );
+                }
+                let now = unix_now();
+                for entry in file.entries {
+                    let expired = if entry.permanent {
+                        entry.expires_unix + FORGET_PERMANENT_AFTER.as_secs() < now
+                    } else {
+                        entry.expires_unix < now
+                    };
+                    if let (Some(key), false) = (entry.key(), expired) {
+                        entries.insert(key, entry);
+                    }
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        Ok(Self { path: Some(path), entries })
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &JournalEntry> {
+        self.entries.values()
+    }
+
+    pub fn get(&self, key: &MappingKey) -> Option<&JournalEntry> {
+        self.entries.get(key)
+    }
+
+    /// Records a mapping the gateway accepted.
+    pub fn record(
+        &mut self,
+        key: MappingKey,
+        internal_client: Ipv4Addr,
+        gateway: Ipv4Addr,
+        lease: Duration,
+    ) -> Result<()> {
+        let permanent = lease.is_zero();
+        let entry = JournalEntry {
+            protocol: key.protocol.to_string(),
+            port: key.port,
+            internal_client,
+            gateway,
+            permanent,
+            expires_unix: unix_now() + lease.as_secs(),
+        };
+        if self.entries.get(&key) == Some(&entry) {
+            return Ok(());
+        }
+        self.entries.insert(key, entry);
+        self.save()
+    }
+
+    /// Forgets a mapping that is gone from the gateway.
+    pub fn forget(&mut self, key: &MappingKey) -> Result<()> {
+        if self.entries.remove(key).is_some() {
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let file = JournalFile { version: FORMAT_VERSION, entries: self.entries.values().cloned().collect() };
+        let bytes = serde_json::to_vec_pretty(&file).context("encoding the journal")?;
+        let tmp = path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&bytes)?;
+            f.sync_all()?;
+            fs::rename(&tmp, path)
+        };
+        write().with_context(|| format!("writing the journal {}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+    const ME: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 10);
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("natbinder-journal-test-{}-{name}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        d
+    }
+
+    #[test]
+    fn survives_a_restart_and_forgets_what_was_deleted() {
+        let d = dir("restart");
+        let tcp = MappingKey { protocol: Protocol::Tcp, port: 8080 };
+        let udp = MappingKey { protocol: Protocol::Udp, port: 27015 };
+        {
+            let mut j = Journal::open(&d).unwrap();
+            j.record(tcp, ME, GW, Duration::from_secs(3600)).unwrap();
+            j.record(udp, ME, GW, Duration::ZERO).unwrap();
+            j.forget(&tcp).unwrap();
+            j.record(tcp, ME, GW, Duration::from_secs(60)).unwrap();
+        }
+        let j = Journal::open(&d).unwrap();
+        let entries: Vec<_> = j.entries().cloned().collect();
+        assert_eq!(entries.len(), 2);
+        assert!(j.get(&udp).unwrap().permanent);
+        assert!(!j.get(&tcp).unwrap().permanent);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn expired_leases_are_dropped_on_open() {
+        let d = dir("expired");
+        fs::create_dir_all(&d).unwrap();
+        let file = r#"{"version":1,"entries":[
+            {"protocol":"tcp","port":1,"internal_client":"192.168.1.10","gateway":"192.168.1.1","permanent":false,"expires_unix":5},
+            {"protocol":"udp","port":2,"internal_client":"192.168.1.10","gateway":"192.168.1.1","permanent":true,"expires_unix":5},
+            {"protocol":"tcp","port":3,"internal_client":"192.168.1.10","gateway":"192.168.1.1","permanent":false,"expires_unix":99999999999}
+        ]}"#;
+        fs::write(d.join(FILE_NAME), file).unwrap();
+        let j = Journal::open(&d).unwrap();
+        let ports: Vec<u16> = j.entries().map(|e| e.port).collect();
+        assert_eq!(ports, vec![3]);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn a_corrupt_journal_is_an_error_that_names_the_file() {
+        let d = dir("corrupt");
+        fs::create_dir_all(&d).unwrap();
+        fs::write(d.join(FILE_NAME), b"{not json").unwrap();
+        let err = format!("{:#}", Journal::open(&d).err().unwrap());
+        assert!(err.contains("mappings.json") && err.contains("move it aside"), "{err}");
+        fs::remove_dir_all(&d).unwrap();
+    }
+}

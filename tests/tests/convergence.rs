@@ -1,0 +1,97 @@
+//! The gateway converges on the ideal state when the world misbehaves: sockets bound while no daemon
+//! watched, a daemon killed while programs die, event storms that overflow the ring buffer, gateway
+//! restarts and mappings removed behind natbinder's back. All against the real miniupnpd in the lab.
+use std::time::{Duration, Instant};
+
+use natbinder_tests::*;
+
+const LIMIT: Duration = Duration::from_secs(15);
+
+fn reachable_tcp(h: &Harness, port: u16) -> Option<String> {
+    wait_for(LIMIT, || match tcp_from_wan(&h.lab, port, "ping") {
+        Reach::Answered(s) => Some(s),
+        _ => None,
+    })
+}
+
+fn ours(h: &Harness) -> Vec<(String, u16)> {
+    let mut v: Vec<(String, u16)> = h
+        .lab
+        .gateway_mappings()
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.internal_client == LAN1_IP)
+        .map(|m| (m.protocol, m.external_port))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_program_bound_before_the_daemon_started_is_forwarded_and_followed() {
+    let mut h = Harness::lab_only(LabConfig::default()).unwrap();
+    let (early, _o) = h.app("early", &["tcp-echo", "0.0.0.0:8800"]).unwrap();
+    h.start_daemon(&[]).unwrap();
+    assert_eq!(reachable_tcp(&h, 8800).as_deref(), Some("early:ping"));
+    assert!(h.daemon().log_text().contains("adopted tcp/8800"), "the daemon says it adopted the socket");
+    // Its release is followed like any other.
+    drop(early);
+    assert!(wait_for(LIMIT, || ours(&h).is_empty().then_some(())).is_some(), "mapping left: {:?}", ours(&h));
+}
+
+#[test]
+fn after_a_daemon_sigkill_the_next_one_keeps_live_programs_and_cleans_up_dead_ones() {
+    let mut h = Harness::start().unwrap();
+    let (dies, _o1) = h.app("dies", &["tcp-echo", "0.0.0.0:8810"]).unwrap();
+    let (lives, _o2) = h.app("lives", &["udp-echo", "0.0.0.0:8811"]).unwrap();
+    assert!(reachable_tcp(&h, 8810).is_some());
+    assert!(wait_for(LIMIT, || h.mapping("UDP", 8811)).is_some());
+
+    h.daemon().stop(libc::SIGKILL, LIMIT).unwrap();
+    drop(dies); // dies while no daemon watches
+    let restarted = Instant::now();
+    h.start_daemon(&[]).unwrap();
+    let cleaned = wait_for(LIMIT, || (ours(&h) == vec![("UDP".to_string(), 8811)]).then(|| restarted.elapsed()));
+    assert!(cleaned.is_some(), "after restart the gateway holds {:?}", ours(&h));
+    eprintln!("restart to converged gateway table: {:?}", cleaned.unwrap());
+    assert!(matches!(udp_from_wan(&h.lab, 8811, "ping"), Reach::Answered(a) if a == "lives:ping"));
+    assert_eq!(tcp_from_wan(&h.lab, 8810, "ping"), Reach::Refused);
+
+    // The adopted socket's release is seen: its mapping goes with it.
+    drop(lives);
+    assert!(wait_for(LIMIT, || ours(&h).is_empty().then_some(())).is_some(), "mapping left: {:?}", ours(&h));
+}
+
+#[test]
+fn a_burst_of_a_thousand_listeners_that_overflows_the_event_buffer_leaves_the_table_exact() {
+    // A 4 KiB ring buffer holds about 60 events: the burst overflows it for certain.
+    let mut h =
+        Harness::start_with(LabConfig::default(), &["--event-buffer-kib", "4", "--reconcile-interval", "2"]).unwrap();
+    let (_burst, _o) = h.app("burst", &["burst", "1000", "30000", "5"]).unwrap();
+    let want: Vec<(String, u16)> = (30000..30005).map(|p| ("UDP".to_string(), p)).collect();
+    let settled = wait_for(Duration::from_secs(60), || {
+        if ours(&h) != want {
+            return None;
+        }
+        // Exact and stable: still exact after a further full check.
+        std::thread::sleep(Duration::from_secs(3));
+        (ours(&h) == want).then_some(())
+    });
+    assert!(settled.is_some(), "gateway holds {} of ours, want the 5 kept sockets: {:?}", ours(&h).len(), ours(&h));
+    assert!(h.daemon().log_text().contains("events were lost"), "the overflow was not noticed");
+    for port in 30000..30005 {
+        assert!(matches!(udp_from_wan(&h.lab, port, "ping"), Reach::TimedOut | Reach::Answered(_)));
+    }
+}
+
+#[test]
+fn mappings_deleted_behind_natbinders_back_come_back_at_the_next_check() {
+    let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", "2"]).unwrap();
+    let (_a, _o) = h.app("victim", &["tcp-echo", "0.0.0.0:8820"]).unwrap();
+    assert!(reachable_tcp(&h, 8820).is_some());
+    h.lab.upnpc(&h.lab.lan1, &["-d", "8820", "TCP"]).unwrap();
+    assert_eq!(tcp_from_wan(&h.lab, 8820, "ping"), Reach::Refused, "precondition: the mapping is gone");
+    let deleted = Instant::now();
+    assert_eq!(reachable_tcp(&h, 8820).as_deref(), Some("victim:ping"));
+    eprintln!("mapping deleted behind our back: reachable again after {:?}", deleted.elapsed());
+}
