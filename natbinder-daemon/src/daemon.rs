@@ -18,7 +18,7 @@ use crate::{
     gateway::igd::IgdGateway,
     journal::Journal,
     kernel::{self, KernelEvent, KernelHooks},
-    netinfo,
+    netinfo, netwatch,
     reconcile::{Reconciler, ReconcilerConfig, Shared},
     resync::{self, Resync, Scope},
     sockdiag, Family,
@@ -103,6 +103,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
         let gateway = IgdGateway::discover(&lan, discovery_timeout).await?;
         Ok((gateway, lan))
     };
+    let watcher_task = tokio::spawn(netwatch::watch(shared.clone(), stop_rx.clone()));
     let reconciler_task = tokio::spawn(reconciler.run(discover, stop_rx));
 
     let mut events = Vec::new();
@@ -158,6 +159,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
     }
     let _ = stop_tx.send(true);
     reconciler_task.await.context("the reconciler task failed")?;
+    let _ = watcher_task.await;
     hooks.detach();
     info!("detached from the kernel; bye");
     Ok(())

@@ -14,6 +14,7 @@ pub mod journal;
 pub mod kernel;
 pub mod netinfo;
 mod netlink_dump;
+pub mod netwatch;
 pub mod reconcile;
 pub mod resync;
 pub mod sockdiag;

@@ -169,6 +169,8 @@ impl<B: PortBlocklist> Reconciler<B> {
         loop {
             let found = tokio::select! {
                 found = discover() => found,
+                // The gateway announced itself while we searched (it just came back): search again now.
+                _ = self.shared.gateway_changed.notified() => continue,
                 _ = stop.wait_for(|s| *s) => return,
             };
             let (gateway, lan) = match found {

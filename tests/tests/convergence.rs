@@ -95,3 +95,42 @@ fn mappings_deleted_behind_natbinders_back_come_back_at_the_next_check() {
     assert_eq!(reachable_tcp(&h, 8820).as_deref(), Some("victim:ping"));
     eprintln!("mapping deleted behind our back: reachable again after {:?}", deleted.elapsed());
 }
+
+#[test]
+fn a_gateway_restart_on_a_new_port_with_an_empty_table_is_repaired_within_five_seconds() {
+    // The periodic check is an hour away: only the restart's own signs can bring the mappings back.
+    let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", "3600"]).unwrap();
+    let (_tcp, _o1) = h.app("web", &["tcp-echo", "0.0.0.0:8900"]).unwrap();
+    let (_udp, _o2) = h.app("game", &["udp-echo", "0.0.0.0:8901"]).unwrap();
+    assert!(reachable_tcp(&h, 8900).is_some());
+
+    // Power cycle: rules and leases gone, and it comes back on another HTTP port.
+    h.lab.stop_miniupnpd();
+    assert_eq!(tcp_from_wan(&h.lab, 8900, "ping"), Reach::Refused, "precondition: the restart lost the mapping");
+    h.lab.config.http_port = 5556;
+    h.lab.start_miniupnpd().unwrap();
+    let answering = Instant::now();
+    assert_eq!(reachable_tcp(&h, 8900).as_deref(), Some("web:ping"));
+    let recovered = answering.elapsed();
+    assert!(wait_for(LIMIT, || h.mapping("UDP", 8901)).is_some(), "the UDP mapping did not come back");
+    eprintln!("gateway restart on a new port: TCP reachable again {recovered:?} after the gateway answered");
+    assert!(recovered < Duration::from_secs(5), "recovery took {recovered:?}");
+}
+
+#[test]
+fn a_change_of_default_route_is_noticed_and_the_mappings_are_kept() {
+    let mut h = Harness::start().unwrap();
+    let (_tcp, _o1) = h.app("web", &["tcp-echo", "0.0.0.0:8910"]).unwrap();
+    assert!(reachable_tcp(&h, 8910).is_some());
+    let lan1 = h.lab.lan1.name.clone();
+    let ip = |args: &[&str]| {
+        let status = std::process::Command::new("ip").args(["-n", &lan1]).args(args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    };
+    ip(&["route", "del", "default"]);
+    h.daemon().wait_log("no IPv4 default route", LIMIT).unwrap();
+    ip(&["route", "add", "default", "via", &GW_LAN_IP.to_string()]);
+    h.daemon().wait_log("network changed: gateway 192.168.77.1", LIMIT).unwrap();
+    assert_eq!(reachable_tcp(&h, 8910).as_deref(), Some("web:ping"));
+    assert_eq!(ours(&h), vec![("TCP".to_string(), 8910)]);
+}
