@@ -1,11 +1,17 @@
 //! The `natbinder` command line. Each subcommand validates its input into a typed configuration and
 //! says, on bad input, what was wrong and what to do.
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
-use crate::daemon::DaemonConfig;
+use crate::{
+    config::{self, ConfigFile},
+    daemon::DaemonConfig,
+};
 
 #[derive(Debug, Parser)]
 #[command(name = "natbinder", version, about = "Makes NAT transparent to programs that listen", long_about = None)]
@@ -20,69 +26,86 @@ pub enum Command {
     Daemon(DaemonArgs),
 }
 
+/// Options of `natbinder daemon`. Each can also be set in the configuration file; the command line wins.
 #[derive(Debug, Args)]
 pub struct DaemonArgs {
+    /// Configuration file (TOML). Default: /etc/natbinder/natbinder.toml if it exists.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
     /// cgroup (v2) whose programs get forwarding: a path, absolute or relative to the cgroup2 mount.
     /// Default: the cgroup2 root, i.e. every program on this machine.
     #[arg(long, value_name = "DIR")]
     pub cgroup: Option<PathBuf>,
 
-    /// Lowest port that is forwarded; lower ports are never mapped.
-    #[arg(long, value_name = "PORT", default_value_t = 1024)]
-    pub min_port: u16,
+    /// Lowest port that is forwarded; lower ports are never mapped. [default: 1024]
+    #[arg(long, value_name = "PORT")]
+    pub min_port: Option<u16>,
 
-    /// Lease asked for each mapping, renewed at half-life (60..=604800).
-    #[arg(long, value_name = "SECONDS", default_value_t = 3600)]
-    pub lease: u64,
+    /// Lease asked for each mapping, renewed at half-life (60..=604800). [default: 3600]
+    #[arg(long, value_name = "SECONDS")]
+    pub lease: Option<u64>,
 
-    /// Period of the full check of the gateway's table.
-    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
-    pub reconcile_interval: u64,
+    /// Period of the full check of the gateway's table and of the sockets. [default: 60]
+    #[arg(long, value_name = "SECONDS")]
+    pub reconcile_interval: Option<u64>,
 
-    /// How long one SSDP search for the gateway waits for answers.
-    #[arg(long, value_name = "SECONDS", default_value_t = 3)]
-    pub discovery_timeout: u64,
+    /// How long one SSDP search for the gateway waits for answers. [default: 3]
+    #[arg(long, value_name = "SECONDS")]
+    pub discovery_timeout: Option<u64>,
 
     /// Size of the kernel's event ring buffer in KiB (a power of two, 4 or more). If a bind storm
-    /// overflows it, the daemon notices and resynchronises from sock_diag.
-    #[arg(long, value_name = "KIB", default_value_t = 256)]
-    pub event_buffer_kib: u32,
+    /// overflows it, the daemon notices and resynchronises from sock_diag. [default: 256]
+    #[arg(long, value_name = "KIB")]
+    pub event_buffer_kib: Option<u32>,
 
     /// Directory for natbinder's state: the journal of the mappings it made, so that a restarted
-    /// daemon deletes those no socket needs any more.
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/natbinder")]
-    pub state_dir: PathBuf,
+    /// daemon deletes those no socket needs any more. [default: /var/lib/natbinder]
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
 }
 
 impl DaemonArgs {
+    /// Reads the configuration file, lets the command line override it, and validates the result.
     pub fn into_config(self) -> Result<DaemonConfig> {
-        if self.min_port < 1024 {
-            bail!(
-                "--min-port {} is a privileged port: natbinder never maps ports below 1024; use 1024 or more",
-                self.min_port
-            );
+        let file = match &self.config {
+            Some(path) => ConfigFile::load(path, true)?,
+            None => ConfigFile::load(Path::new(config::DEFAULT_PATH), false)?,
+        };
+        let defaults = DaemonConfig::default();
+        let min_port = self.min_port.or(file.min_port).unwrap_or(defaults.min_port);
+        let lease = self.lease.or(file.lease_seconds).unwrap_or(defaults.lease.as_secs());
+        let interval = self
+            .reconcile_interval
+            .or(file.reconcile_interval_seconds)
+            .unwrap_or(defaults.reconcile_interval.as_secs());
+        let discovery =
+            self.discovery_timeout.or(file.discovery_timeout_seconds).unwrap_or(defaults.discovery_timeout.as_secs());
+        let buffer_kib = self.event_buffer_kib.or(file.event_buffer_kib).unwrap_or(defaults.event_buffer_bytes / 1024);
+        if min_port < 1024 {
+            bail!("min-port {min_port} is a privileged port: natbinder never maps ports below 1024; use 1024 or more");
         }
-        if !(60..=604_800).contains(&self.lease) {
-            bail!("--lease {} is out of range: use 60 to 604800 seconds (IGDv2's cap is one week)", self.lease);
+        if !(60..=604_800).contains(&lease) {
+            bail!("lease {lease} is out of range: use 60 to 604800 seconds (IGDv2's cap is one week)");
         }
-        if !(1..=86_400).contains(&self.reconcile_interval) {
-            bail!("--reconcile-interval {} is out of range: use 1 to 86400 seconds", self.reconcile_interval);
+        if !(1..=86_400).contains(&interval) {
+            bail!("reconcile-interval {interval} is out of range: use 1 to 86400 seconds");
         }
-        if !(1..=60).contains(&self.discovery_timeout) {
-            bail!("--discovery-timeout {} is out of range: use 1 to 60 seconds", self.discovery_timeout);
+        if !(1..=60).contains(&discovery) {
+            bail!("discovery-timeout {discovery} is out of range: use 1 to 60 seconds");
         }
-        if self.event_buffer_kib < 4 || !self.event_buffer_kib.is_power_of_two() || self.event_buffer_kib > 1 << 20 {
-            bail!("--event-buffer-kib {} must be a power of two from 4 to 1048576", self.event_buffer_kib);
+        if buffer_kib < 4 || !buffer_kib.is_power_of_two() || buffer_kib > 1 << 20 {
+            bail!("event-buffer-kib {buffer_kib} must be a power of two from 4 to 1048576");
         }
         Ok(DaemonConfig {
-            cgroup: self.cgroup,
-            min_port: self.min_port,
-            lease: Duration::from_secs(self.lease),
-            reconcile_interval: Duration::from_secs(self.reconcile_interval),
-            discovery_timeout: Duration::from_secs(self.discovery_timeout),
-            event_buffer_bytes: self.event_buffer_kib * 1024,
-            state_dir: self.state_dir,
-            ..DaemonConfig::default()
+            cgroup: self.cgroup.or(file.cgroup),
+            min_port,
+            lease: Duration::from_secs(lease),
+            reconcile_interval: Duration::from_secs(interval),
+            discovery_timeout: Duration::from_secs(discovery),
+            event_buffer_bytes: buffer_kib * 1024,
+            state_dir: self.state_dir.or(file.state_dir).unwrap_or(defaults.state_dir),
+            ..defaults
         })
     }
 }
@@ -98,6 +121,20 @@ mod tests {
     }
 
     #[test]
+    fn the_command_line_overrides_the_file() {
+        let dir = std::env::temp_dir().join(format!("natbinder-cli-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("natbinder.toml");
+        std::fs::write(&file, "reconcile-interval-seconds = 30\nmin-port = 2000\n").unwrap();
+        let f = file.to_str().unwrap();
+        let c = parse(&["natbinder", "daemon", "--config", f, "--min-port", "3000"]).unwrap();
+        assert_eq!((c.reconcile_interval.as_secs(), c.min_port), (30, 3000));
+        std::fs::write(&file, "min-port = 80\n").unwrap();
+        assert!(parse(&["natbinder", "daemon", "--config", f]).unwrap_err().to_string().contains("min-port 80"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn defaults() {
         let c = parse(&["natbinder", "daemon"]).unwrap();
         assert_eq!((c.min_port, c.lease.as_secs(), c.reconcile_interval.as_secs()), (1024, 3600, 60));
@@ -107,9 +144,9 @@ mod tests {
     #[test]
     fn bad_values_name_the_problem() {
         let e = parse(&["natbinder", "daemon", "--min-port", "80"]).unwrap_err().to_string();
-        assert!(e.contains("--min-port 80") && e.contains("1024"), "{e}");
+        assert!(e.contains("min-port 80") && e.contains("1024"), "{e}");
         let e = parse(&["natbinder", "daemon", "--lease", "10"]).unwrap_err().to_string();
-        assert!(e.contains("--lease 10"), "{e}");
+        assert!(e.contains("lease 10"), "{e}");
         assert!(parse(&["natbinder", "daemon", "--min-port", "70000"]).is_err());
     }
 }

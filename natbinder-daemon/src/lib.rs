@@ -8,6 +8,7 @@
 //! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`]: the command line.
 pub mod cgroup;
 pub mod cli;
+pub mod config;
 pub mod daemon;
 pub mod gateway;
 pub mod journal;

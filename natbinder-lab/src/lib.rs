@@ -25,6 +25,8 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
+pub mod fake_igd;
+
 pub const GW_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const LAN1_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
 pub const LAN2_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 20);
@@ -46,11 +48,14 @@ pub struct LabConfig {
     pub natpmp: bool,
     /// miniupnpd's HTTP port; clients find it over SSDP, so tests may change it across restarts.
     pub http_port: u16,
+    /// Whether [`Lab::start`] starts miniupnpd. Off for tests that put a [`fake_igd::FakeIgd`] on the
+    /// gateway instead; the network and nftables are the same either way.
+    pub miniupnpd: bool,
 }
 
 impl Default for LabConfig {
     fn default() -> Self {
-        Self { upnp: true, natpmp: false, http_port: 5555 }
+        Self { upnp: true, natpmp: false, http_port: 5555, miniupnpd: true }
     }
 }
 
@@ -331,7 +336,9 @@ impl Lab {
             children: Vec::new(),
         };
         lab.build_network()?;
-        lab.start_miniupnpd()?;
+        if lab.config.miniupnpd {
+            lab.start_miniupnpd()?;
+        }
         Ok(lab)
     }
 
@@ -412,7 +419,8 @@ impl Lab {
         )
     }
 
-    /// Starts miniupnpd in the gateway and waits until its HTTP server answers.
+    /// Starts miniupnpd in the gateway and waits until its HTTP server answers. Also works in a lab
+    /// started with `miniupnpd: false`: an explicit call means the test wants it now.
     pub fn start_miniupnpd(&mut self) -> Result<()> {
         let conf = self.dir.join("miniupnpd.conf");
         fs::write(&conf, self.miniupnpd_config())?;
@@ -454,7 +462,8 @@ impl Lab {
         fs::read_to_string(self.dir.join("miniupnpd.log")).unwrap_or_default()
     }
 
-    /// Stops miniupnpd and forgets its state, like a gateway that lost power.
+    /// Stops miniupnpd and forgets its state, like a gateway that lost power. Without a running
+    /// miniupnpd it only empties the chains, which is harmless.
     pub fn stop_miniupnpd(&mut self) {
         if let Some(mut child) = self.miniupnpd.take() {
             // miniupnpd removes its rules on SIGTERM; a reboot-like stop flushes anyway below.

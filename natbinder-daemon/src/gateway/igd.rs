@@ -21,23 +21,37 @@ pub struct IgdGateway {
 }
 
 impl IgdGateway {
-    /// Finds the IGD over SSDP, sending from this host's LAN address. Only a device at the default
-    /// gateway's address is accepted: a LAN host answering SSDP cannot redirect our mappings.
+    /// Finds the IGD over SSDP, sending from this host's LAN address. The search goes first to the
+    /// default gateway alone (unicast M-SEARCH, UPnP 1.1), so no other LAN device is even asked; gateways
+    /// that answer only multicast searches get one next. Only a device at the default gateway's address
+    /// is accepted either way: a LAN host answering SSDP cannot redirect our mappings.
     pub async fn discover(lan: &LanInfo, timeout: Duration) -> Result<Self, String> {
-        let mut options = SearchOptions::default();
-        options.bind_addr = SocketAddr::new(IpAddr::V4(lan.local), 0);
-        options.timeout = Some(timeout);
-        options.single_search_timeout = Some(timeout.min(Duration::from_secs(3)));
-        let inner = igd_next::aio::tokio::search_gateway(options)
-            .await
-            .map_err(|e| format!("no UPnP IGD answered SSDP from {} within {timeout:?}: {e}", lan.local))?;
-        if inner.addr.ip() != IpAddr::V4(lan.gateway) {
+        let search = |target: SocketAddr, wait: Duration| {
+            let mut options = SearchOptions::default();
+            options.bind_addr = SocketAddr::new(IpAddr::V4(lan.local), 0);
+            options.broadcast_address = target;
+            options.timeout = Some(wait);
+            options.single_search_timeout = Some(wait);
+            igd_next::aio::tokio::search_gateway(options)
+        };
+        let unicast_wait = (timeout / 3).max(Duration::from_millis(300));
+        let found = match search(SocketAddr::new(IpAddr::V4(lan.gateway), 1900), unicast_wait).await {
+            Ok(found) => found,
+            Err(_) => search("239.255.255.250:1900".parse().unwrap(), timeout)
+                .await
+                .map_err(|e| format!("no UPnP IGD answered SSDP from {} within {timeout:?}: {e}", lan.local))?,
+        };
+        if found.addr.ip() != IpAddr::V4(lan.gateway) {
             return Err(format!(
                 "ignoring the UPnP IGD at {}: it is not the default gateway {}",
-                inner.addr, lan.gateway
+                found.addr, lan.gateway
             ));
         }
-        Ok(Self { inner })
+        Ok(Self { inner: found })
+    }
+
+    pub fn control_url(&self) -> String {
+        format!("http://{}{}", self.inner.addr, self.inner.control_url)
     }
 }
 

@@ -2,6 +2,7 @@
 //! module (UPnP IGD in [`igd`]; NAT-PMP and PCP later) so that the table and reconciler never see wire
 //! details.
 pub mod igd;
+pub mod igd_soap;
 pub mod ssdp_notify;
 
 use std::{future::Future, net::Ipv4Addr, time::Duration};
