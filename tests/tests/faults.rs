@@ -1,0 +1,176 @@
+//! Gateway faults that a real miniupnpd cannot be made to show, against the lab's scripted fake IGD
+//! (natbinder_lab::fake_igd): 725 and 402 (permanent leases only), 501, 606, 728, silence, garbage, and
+//! an external address that betrays a double NAT. Each test states what the user sees: bind() never
+//! waits, the daemon survives, what can be mapped is, and nothing is left behind.
+use std::time::{Duration, Instant};
+
+use natbinder_tests::{fake_igd::*, *};
+
+const LIMIT: Duration = Duration::from_secs(30);
+
+struct FaultLab {
+    // Drop order: the fake goes before the harness (and its lab).
+    fake: FakeIgd,
+    h: Harness,
+}
+
+fn start(script: FakeScript, daemon_args: &[&str]) -> FaultLab {
+    let mut h = Harness::lab_only(LabConfig { miniupnpd: false, ..Default::default() }).unwrap();
+    let fake = FakeIgd::start(&h.lab, script).unwrap();
+    h.start_daemon(daemon_args).unwrap();
+    FaultLab { fake, h }
+}
+
+impl FaultLab {
+    fn mapped(&self, protocol: &str, port: u16) -> Option<FakeMapping> {
+        self.fake.mappings().into_iter().find(|m| m.protocol == protocol && m.external_port == port)
+    }
+
+    fn wait_mapped(&self, protocol: &str, port: u16) -> Option<FakeMapping> {
+        wait_for(LIMIT, || self.mapped(protocol, port))
+    }
+
+    fn wait_unmapped(&self, protocol: &str, port: u16) -> bool {
+        wait_for(LIMIT, || self.mapped(protocol, port).is_none().then_some(())).is_some()
+    }
+
+    /// Starts a TCP server and returns it with how long its start and bind() took.
+    fn timed_app(&mut self, name: &str, port: u16) -> (App, Duration) {
+        let started = Instant::now();
+        let (app, _out) = self.h.app(name, &["tcp-echo", &format!("0.0.0.0:{port}")]).unwrap();
+        (app, started.elapsed())
+    }
+
+    fn journal(&self) -> String {
+        std::fs::read_to_string(self.h.lab.dir.join("state/mappings.json")).unwrap_or_default()
+    }
+}
+
+#[test]
+fn a_gateway_that_only_takes_permanent_leases_725_gets_journalled_permanent_mappings_that_are_always_deleted() {
+    let mut f = start(FakeScript::new().permanent_only_725(), &[]);
+    let (app, _) = f.timed_app("perm", 9100);
+    let m = f.wait_mapped("TCP", 9100).expect("no permanent mapping was made after 725");
+    assert_eq!(m.lease, 0, "the retry asks for a permanent mapping");
+    assert!(f.journal().contains("\"permanent\": true"), "the permanent mapping is journalled: {}", f.journal());
+    assert!(f.h.daemon().log_text().contains("accepts only permanent mappings"));
+    drop(app);
+    assert!(f.wait_unmapped("TCP", 9100), "a permanent mapping outlived its socket");
+    assert!(!f.journal().contains("9100"), "the journal still holds a deleted mapping");
+}
+
+#[test]
+fn a_permanent_mapping_left_by_a_killed_daemon_is_deleted_by_the_next_from_its_journal() {
+    let mut f = start(FakeScript::new().invalid_args_402_on_lease(), &[]);
+    let (app, _) = f.timed_app("perm", 9110);
+    assert_eq!(f.wait_mapped("TCP", 9110).map(|m| m.lease), Some(0), "402 on a lease leads to a permanent mapping");
+    f.h.daemon().stop(libc::SIGKILL, LIMIT).unwrap();
+    drop(app);
+    assert!(f.mapped("TCP", 9110).is_some(), "precondition: nobody deleted it yet");
+    f.h.start_daemon(&[]).unwrap();
+    assert!(f.wait_unmapped("TCP", 9110), "the journalled permanent mapping survived the restart");
+}
+
+#[test]
+fn permanent_mappings_are_refused_when_the_external_address_is_not_public() {
+    let mut f = start(FakeScript::new().permanent_only_725().external_ip(std::net::Ipv4Addr::new(10, 0, 0, 1)), &[]);
+    let (_app, took) = f.timed_app("perm", 9120);
+    assert!(took < Duration::from_secs(1));
+    f.h.daemon().wait_log("not mapping permanently", LIMIT).unwrap();
+    assert!(f.mapped("TCP", 9120).is_none(), "a permanent mapping was made behind a double NAT");
+}
+
+#[test]
+fn action_failed_501_is_retried_until_it_succeeds() {
+    let mut f = start(FakeScript::new().fail_adds_501(2), &[]);
+    let (_app, took) = f.timed_app("retry", 9130);
+    assert!(took < Duration::from_secs(1), "bind waited {took:?}");
+    let started = Instant::now();
+    let m = f.wait_mapped("TCP", 9130).expect("never mapped after two 501s");
+    assert_eq!(m.lease, 3600);
+    eprintln!("mapped after two 501 answers in {:?}", started.elapsed());
+    let adds = f.fake.requests().iter().filter(|r| r.action == "AddPortMapping").count();
+    assert_eq!(adds, 3, "two refused attempts and one that worked");
+}
+
+#[test]
+fn not_authorized_606_leaves_the_socket_bound_and_says_why() {
+    let mut f = start(FakeScript::new().not_authorized_606(), &[]);
+    let (_app, took) = f.timed_app("denied", 9140);
+    assert!(took < Duration::from_secs(1), "bind waited {took:?}");
+    f.h.daemon().wait_log("does not allow this mapping", LIMIT).unwrap();
+    assert!(f.mapped("TCP", 9140).is_none());
+    let status = f.h.daemon().stop(libc::SIGTERM, LIMIT).unwrap();
+    assert!(status.success(), "the daemon did not shut down cleanly: {status}");
+}
+
+#[test]
+fn a_full_table_728_keeps_the_mapping_pending_until_room_is_made() {
+    let mut f = start(FakeScript::new().table_full_728(1), &[]);
+    let (first, _) = f.timed_app("first", 9150);
+    assert!(f.wait_mapped("TCP", 9150).is_some());
+    let (_second, _) = f.timed_app("second", 9151);
+    f.h.daemon().wait_log("no room for more mappings", LIMIT).unwrap();
+    assert!(f.mapped("TCP", 9151).is_none());
+    drop(first);
+    assert!(f.wait_mapped("TCP", 9151).is_some(), "the pending mapping was not made once room was free");
+}
+
+#[test]
+fn a_silent_gateway_never_delays_bind_and_is_used_again_once_it_answers() {
+    let mut f = start(FakeScript::new(), &[]);
+    // It falls silent once the daemon is up: requests are accepted and never answered.
+    f.fake.set_script(FakeScript::new().silent_control());
+    let mut slowest = Duration::ZERO;
+    let mut apps = Vec::new();
+    for port in 9160..9165 {
+        let (app, took) = f.timed_app("quiet", port);
+        slowest = slowest.max(took);
+        apps.push(app);
+    }
+    eprintln!("slowest start+bind with a silent gateway: {slowest:?}");
+    assert!(slowest < Duration::from_secs(1), "bind waited for a silent gateway: {slowest:?}");
+    f.fake.set_script(FakeScript::new());
+    for port in 9160..9165 {
+        assert!(f.wait_mapped("TCP", port).is_some(), "{port} not mapped once the gateway answered");
+    }
+}
+
+#[test]
+fn garbage_from_the_gateway_never_crashes_the_daemon() {
+    let mut f = start(FakeScript::new(), &[]);
+    for (i, kind) in
+        [GarbageKind::NotHttp, GarbageKind::TruncatedHttp, GarbageKind::MalformedXml, GarbageKind::HugeBody]
+            .into_iter()
+            .enumerate()
+    {
+        f.fake.set_script(FakeScript::new().garbage_control(kind));
+        let port = 9170 + i as u16;
+        let (_app, took) = f.timed_app("garbage", port);
+        assert!(took < Duration::from_secs(1));
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            f.h.daemon().child.try_wait().unwrap().is_none(),
+            "the daemon died on {kind:?}:\n{}",
+            f.h.daemon().log_text()
+        );
+        f.fake.set_script(FakeScript::new());
+        assert!(
+            f.wait_mapped("TCP", port).is_some(),
+            "nothing mapped after {kind:?} stopped:\n{}",
+            f.h.daemon().log_text()
+        );
+    }
+}
+
+#[test]
+fn a_double_nat_is_reported_plainly_once() {
+    let mut f =
+        start(FakeScript::new().external_ip(std::net::Ipv4Addr::new(100, 64, 0, 1)), &["--reconcile-interval", "1"]);
+    let (_app, _) = f.timed_app("cgnat", 9180);
+    assert!(f.wait_mapped("TCP", 9180).is_some(), "mappings are still made on the first gateway");
+    std::thread::sleep(Duration::from_secs(3)); // a few periodic checks
+    let log = f.h.daemon().log_text();
+    assert_eq!(log.matches("double NAT").count(), 1, "reported once per change:\n{log}");
+    assert!(log.contains("100.64.0.1"));
+}
