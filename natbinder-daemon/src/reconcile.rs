@@ -476,14 +476,17 @@ impl<B: PortBlocklist> Reconciler<B> {
                 .unwrap()
                 .get(&key)
                 .is_some_and(|j| j.gateway == lan.gateway && Some(j.internal_client) == client);
-            let tagged_here = client == Some(lan.local) && is_ours(&entry.description, &self.config.hostname);
+            // Some routers report the internal client by host name rather than address: with our tag,
+            // such an entry is taken as ours (never as another host's, which would block our own port).
+            let client_is_here = client == Some(lan.local) || client.is_none();
+            let tagged_here = client_is_here && is_ours(&entry.description, &self.config.hostname);
             if !(journalled || tagged_here) {
                 if client != Some(lan.local) && entry.enabled {
                     held.push((entry.protocol, entry.external_port, client.unwrap_or(Ipv4Addr::UNSPECIFIED)));
                 }
                 continue;
             }
-            let points_here = client == Some(lan.local) && entry.internal_port == entry.external_port;
+            let points_here = client_is_here && entry.internal_port == entry.external_port;
             if points_here {
                 ours_listed.insert(key);
             }

@@ -10,8 +10,14 @@ use igd_next::{
     AddPortError, GetGenericPortMappingEntryError, PortMappingProtocol, RemovePortError, RequestError, SearchOptions,
 };
 
-use super::{AddError, Gateway, GatewayEntry, MappingRequest};
+use super::{
+    igd_soap::{self, PortListingQuery, SoapError},
+    AddError, Gateway, GatewayEntry, MappingRequest,
+};
 use crate::{netinfo::LanInfo, Protocol};
+
+/// Time allowed for one SOAP call natbinder makes itself (igd-next's own calls allow 10 s).
+const SOAP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Upper bound on the entries read from a gateway's table, so a broken gateway cannot keep us listing.
 const MAX_LISTED_ENTRIES: u32 = 4096;
@@ -48,10 +54,6 @@ impl IgdGateway {
             ));
         }
         Ok(Self { inner: found })
-    }
-
-    pub fn control_url(&self) -> String {
-        format!("http://{}{}", self.inner.addr, self.inner.control_url)
     }
 }
 
@@ -114,6 +116,49 @@ impl Gateway for IgdGateway {
     }
 
     async fn list(&self) -> Result<Vec<GatewayEntry>, AddError> {
+        // IGDv2 lists the whole table in one call per protocol; IGDv1 (and v2 gateways that fail the
+        // call) are read entry by entry.
+        if self.inner.service_type.ends_with(":2") {
+            match self.list_in_one_call().await {
+                Ok(entries) => return Ok(entries),
+                Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
+                Err(e) => tracing::debug!("GetListOfPortMappings failed ({e}); reading entries one by one"),
+            }
+        }
+        self.list_entry_by_entry().await
+    }
+
+    async fn external_address(&self) -> Result<IpAddr, AddError> {
+        self.inner.get_external_ip().await.map_err(|e| match e {
+            igd_next::GetExternalIpError::RequestError(e) => request_error(e),
+            other => AddError::Refused(other.to_string()),
+        })
+    }
+}
+
+impl IgdGateway {
+    async fn list_in_one_call(&self) -> Result<Vec<GatewayEntry>, AddError> {
+        let mut entries = Vec::new();
+        for protocol in [Protocol::Tcp, Protocol::Udp] {
+            let query = PortListingQuery {
+                protocol,
+                start_port: 1,
+                end_port: u16::MAX,
+                max_entries: igd_soap::MAX_LISTED_ENTRIES as u16,
+            };
+            match igd_soap::get_list_of_port_mappings(&self.inner, &query, SOAP_TIMEOUT).await {
+                Ok(mut listed) => entries.append(&mut listed),
+                // 714 NoSuchEntryInArray / 730 PortMappingNotFound: nothing of this protocol.
+                Err(SoapError::Upnp { code, .. })
+                    if code == igd_soap::UPNP_NO_SUCH_ENTRY_IN_ARRAY
+                        || code == igd_soap::UPNP_PORT_MAPPING_NOT_FOUND => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Ok(entries)
+    }
+
+    async fn list_entry_by_entry(&self) -> Result<Vec<GatewayEntry>, AddError> {
         let mut entries = Vec::new();
         for index in 0..MAX_LISTED_ENTRIES {
             match self.inner.get_generic_port_mapping_entry(index).await {
@@ -137,12 +182,5 @@ impl Gateway for IgdGateway {
             }
         }
         Ok(entries)
-    }
-
-    async fn external_address(&self) -> Result<IpAddr, AddError> {
-        self.inner.get_external_ip().await.map_err(|e| match e {
-            igd_next::GetExternalIpError::RequestError(e) => request_error(e),
-            other => AddError::Refused(other.to_string()),
-        })
     }
 }
