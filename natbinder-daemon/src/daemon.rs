@@ -111,10 +111,18 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
     let mut periodic = tokio::time::interval(config.reconcile_interval);
     periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     periodic.reset();
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             read = hooks.read_events(&mut events) => read?,
+            _ = hangup.recv() => {
+                info!("SIGHUP: checking the sockets and the gateway's table now");
+                resync_sockets(&shared, &mut hooks, &mut resync, &scope);
+                shared.check_now.notify_one();
+                continue;
+            }
             _ = periodic.tick() => {
                 resync_sockets(&shared, &mut hooks, &mut resync, &scope);
                 if shared.adds_paused.load(Ordering::SeqCst) {

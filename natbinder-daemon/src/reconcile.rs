@@ -58,6 +58,8 @@ pub struct Shared {
     /// A sign that the gateway changed (it announced a restart, the default route moved): find it
     /// again and re-map everything now rather than at the next periodic check.
     pub gateway_changed: Notify,
+    /// Asks for a full check of the gateway's table now (SIGHUP).
+    pub check_now: Notify,
 }
 
 /// Where the reconciler puts ports other hosts hold (the eBPF HELD_ELSEWHERE map in the daemon).
@@ -262,6 +264,7 @@ impl<B: PortBlocklist> Reconciler<B> {
                     info!("the gateway changed or restarted; finding it again and re-mapping");
                     return Outcome::Rediscover;
                 }
+                _ = self.shared.check_now.notified() => next_check = Instant::now(),
                 _ = stop.wait_for(|s| *s) => return Outcome::Stop,
             }
         }

@@ -50,7 +50,9 @@ impl FaultLab {
 fn a_gateway_that_only_takes_permanent_leases_725_gets_journalled_permanent_mappings_that_are_always_deleted() {
     let mut f = start(FakeScript::new().permanent_only_725(), &[]);
     let (app, _) = f.timed_app("perm", 9100);
+    let bound = Instant::now();
     let m = f.wait_mapped("TCP", 9100).expect("no permanent mapping was made after 725");
+    eprintln!("recovery: 725 -> permanent mapping {:?} after bind", bound.elapsed());
     assert_eq!(m.lease, 0, "the retry asks for a permanent mapping");
     assert!(f.journal().contains("\"permanent\": true"), "the permanent mapping is journalled: {}", f.journal());
     assert!(f.h.daemon().log_text().contains("accepts only permanent mappings"));
@@ -67,8 +69,10 @@ fn a_permanent_mapping_left_by_a_killed_daemon_is_deleted_by_the_next_from_its_j
     f.h.daemon().stop(libc::SIGKILL, LIMIT).unwrap();
     drop(app);
     assert!(f.mapped("TCP", 9110).is_some(), "precondition: nobody deleted it yet");
+    let restarted = Instant::now();
     f.h.start_daemon(&[]).unwrap();
     assert!(f.wait_unmapped("TCP", 9110), "the journalled permanent mapping survived the restart");
+    eprintln!("recovery: orphaned permanent mapping deleted {:?} after the daemon restarted", restarted.elapsed());
 }
 
 #[test]
@@ -88,7 +92,7 @@ fn action_failed_501_is_retried_until_it_succeeds() {
     let started = Instant::now();
     let m = f.wait_mapped("TCP", 9130).expect("never mapped after two 501s");
     assert_eq!(m.lease, 3600);
-    eprintln!("mapped after two 501 answers in {:?}", started.elapsed());
+    eprintln!("recovery: 501 twice -> mapped {:?} after bind", started.elapsed());
     let adds = f.fake.requests().iter().filter(|r| r.action == "AddPortMapping").count();
     assert_eq!(adds, 3, "two refused attempts and one that worked");
 }
@@ -113,7 +117,9 @@ fn a_full_table_728_keeps_the_mapping_pending_until_room_is_made() {
     f.h.daemon().wait_log("no room for more mappings", LIMIT).unwrap();
     assert!(f.mapped("TCP", 9151).is_none());
     drop(first);
+    let freed = Instant::now();
     assert!(f.wait_mapped("TCP", 9151).is_some(), "the pending mapping was not made once room was free");
+    eprintln!("recovery: 728 table full -> mapped {:?} after room was made", freed.elapsed());
 }
 
 #[test]
@@ -131,9 +137,11 @@ fn a_silent_gateway_never_delays_bind_and_is_used_again_once_it_answers() {
     eprintln!("slowest start+bind with a silent gateway: {slowest:?}");
     assert!(slowest < Duration::from_secs(1), "bind waited for a silent gateway: {slowest:?}");
     f.fake.set_script(FakeScript::new());
+    let answering = Instant::now();
     for port in 9160..9165 {
         assert!(f.wait_mapped("TCP", port).is_some(), "{port} not mapped once the gateway answered");
     }
+    eprintln!("recovery: silent gateway -> all 5 mapped {:?} after it answered again", answering.elapsed());
 }
 
 #[test]
@@ -155,11 +163,13 @@ fn garbage_from_the_gateway_never_crashes_the_daemon() {
             f.h.daemon().log_text()
         );
         f.fake.set_script(FakeScript::new());
+        let sane = Instant::now();
         assert!(
             f.wait_mapped("TCP", port).is_some(),
             "nothing mapped after {kind:?} stopped:\n{}",
             f.h.daemon().log_text()
         );
+        eprintln!("recovery: garbage {kind:?} -> mapped {:?} after the gateway answered sanely", sane.elapsed());
     }
 }
 
