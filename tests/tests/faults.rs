@@ -54,11 +54,14 @@ fn a_gateway_that_only_takes_permanent_leases_725_gets_journalled_permanent_mapp
     let m = f.wait_mapped("TCP", 9100).expect("no permanent mapping was made after 725");
     eprintln!("recovery: 725 -> permanent mapping {:?} after bind", bound.elapsed());
     assert_eq!(m.lease, 0, "the retry asks for a permanent mapping");
-    assert!(f.journal().contains("\"permanent\": true"), "the permanent mapping is journalled: {}", f.journal());
-    assert!(f.h.daemon().log_text().contains("accepts only permanent mappings"));
+    // The gateway holds it a moment before the daemon has its answer and writes the journal.
+    let journalled = wait_for(LIMIT, || f.journal().contains("\"permanent\": true").then_some(()));
+    assert!(journalled.is_some(), "the permanent mapping is not journalled: {}", f.journal());
+    f.h.daemon().wait_log("accepts only permanent mappings", LIMIT).unwrap();
     drop(app);
     assert!(f.wait_unmapped("TCP", 9100), "a permanent mapping outlived its socket");
-    assert!(!f.journal().contains("9100"), "the journal still holds a deleted mapping");
+    let forgotten = wait_for(LIMIT, || (!f.journal().contains("9100")).then_some(()));
+    assert!(forgotten.is_some(), "the journal still holds a deleted mapping: {}", f.journal());
 }
 
 #[test]

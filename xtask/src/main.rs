@@ -45,6 +45,9 @@ enum Task {
     },
 }
 
+/// Fuzzing time per target in `cargo xtask test` (six targets).
+const FUZZ_SECONDS_PER_TARGET: u32 = 20;
+
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
@@ -88,6 +91,9 @@ fn test() -> Result<()> {
     run(cargo().args(["fmt", "--all", "--check"]))?;
     run(cargo().args(["fmt", "--check", "--manifest-path", "natbinder-ebpf/Cargo.toml"]))?;
     run(cargo().args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+    // Every parser that reads the network, fuzzed for a bounded time (before the tests, so that the
+    // test summary stays the last line).
+    run(Command::new("bash").arg(workspace_root().join("scripts/fuzz.sh")).arg(FUZZ_SECONDS_PER_TARGET.to_string()))?;
     // The lab tests start target/debug/natbinder and natbinder-testapp: build them first.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
     let mut test = cargo();
