@@ -47,6 +47,14 @@ else
     say "rust-src present on $TOOLCHAIN"
 fi
 
+# --- 2b. A nightly toolchain for the fuzz targets (cargo-fuzz builds with sanitizers).
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    say "installing the nightly toolchain for fuzzing"
+    rustup toolchain install nightly --profile minimal || fail "rustup toolchain install nightly failed"
+else
+    say "nightly toolchain present ($(rustup run nightly rustc --version))"
+fi
+
 # --- 3. bpf-linker, built against the toolchain's own shared LLVM so that no system LLVM is needed.
 SYSROOT="$(rustc +"$TOOLCHAIN" --print sysroot)"
 LLVM_SO="$(ls "$SYSROOT"/lib/libLLVM.so.* 2>/dev/null | head -n1 || true)"
@@ -68,5 +76,5 @@ else
     bpf-linker --version >/dev/null || fail "bpf-linker was built but does not run: check that $PREFIX/lib holds $(basename "$LLVM_SO")"
 fi
 
-# --- 4. cargo-nextest is not needed: the test suite runs under plain cargo test.
+# cargo-fuzz itself is installed on first use by scripts/fuzz.sh.
 say "ready"

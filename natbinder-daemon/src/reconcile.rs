@@ -458,8 +458,8 @@ impl<B: PortBlocklist> Reconciler<B> {
             Ok(entries) => entries,
             Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
             Err(e) => {
-                warn!("could not read the gateway's port mapping table: {e}");
-                return Ok(());
+                debug!("could not list the gateway's port mapping table ({e}); checking our mappings one by one");
+                return self.check_our_mappings_one_by_one(gateway, lan).await;
             }
         };
         let now = Instant::now().into_std();
@@ -565,6 +565,38 @@ impl<B: PortBlocklist> Reconciler<B> {
                 }
                 Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
                 Err(e) => warn!("could not remove stale mapping {key}: {e}"),
+            }
+        }
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// For gateways that cannot list their table: GetSpecificPortMappingEntry for each mapping we hold;
+    /// one that is gone or points elsewhere is added again.
+    async fn check_our_mappings_one_by_one<G: Gateway>(&self, gateway: &G, lan: &LanInfo) -> Result<(), AddError> {
+        let active: Vec<MappingKey> = {
+            let table = self.shared.table.lock().unwrap();
+            table
+                .mappings()
+                .filter(|(_, m)| matches!(m.state, MappingState::Active { .. }) && !m.sockets.is_empty())
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        for key in active {
+            let entry = match gateway.lookup(key.protocol, key.port).await {
+                Ok(entry) => entry,
+                Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
+                Err(e) => {
+                    warn!("could not check mapping {key} on the gateway: {e}");
+                    continue;
+                }
+            };
+            let here = entry
+                .as_ref()
+                .is_some_and(|e| e.internal_ipv4().is_none_or(|ip| ip == lan.local) && e.internal_port == key.port);
+            if !here {
+                warn!("the gateway dropped mapping {key}; adding it again");
+                self.shared.table.lock().unwrap().record_deleted(key, Instant::now().into_std());
             }
         }
         self.shared.wake.notify_one();

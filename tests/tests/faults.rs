@@ -186,4 +186,10 @@ fn a_double_nat_is_reported_plainly_once() {
     let log = f.h.daemon().log_text();
     assert_eq!(log.matches("double NAT").count(), 1, "reported once per change:\n{log}");
     assert!(log.contains("100.64.0.1"));
+    // The upstream NAT goes away: the new, public address is noticed and logged.
+    f.fake.set_script(FakeScript::new());
+    let changed = Instant::now();
+    f.h.daemon().wait_log(&format!("changed from 100.64.0.1 to {EXTERNAL_IP_PLACEHOLDER}"), LIMIT).unwrap();
+    eprintln!("recovery: external address change -> logged {:?} after (check interval 1 s)", changed.elapsed());
+    assert_eq!(f.h.daemon().log_text().matches("double NAT").count(), 1, "a public address is no double NAT");
 }

@@ -128,6 +128,10 @@ impl Gateway for IgdGateway {
         self.list_entry_by_entry().await
     }
 
+    async fn lookup(&self, protocol: Protocol, port: u16) -> Result<Option<GatewayEntry>, AddError> {
+        Ok(igd_soap::get_specific_port_mapping_entry(&self.inner, protocol, port, SOAP_TIMEOUT).await?)
+    }
+
     async fn external_address(&self) -> Result<IpAddr, AddError> {
         self.inner.get_external_ip().await.map_err(|e| match e {
             igd_next::GetExternalIpError::RequestError(e) => request_error(e),

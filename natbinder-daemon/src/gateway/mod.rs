@@ -71,5 +71,11 @@ pub trait Gateway: Send + Sync + 'static {
     fn delete(&self, protocol: Protocol, port: u16) -> impl Future<Output = Result<(), AddError>> + Send;
     /// The whole table, as far as the gateway lets this host see it.
     fn list(&self) -> impl Future<Output = Result<Vec<GatewayEntry>, AddError>> + Send;
+    /// The entry for one external port, for gateways whose table cannot be listed. None: not mapped.
+    fn lookup(
+        &self,
+        protocol: Protocol,
+        port: u16,
+    ) -> impl Future<Output = Result<Option<GatewayEntry>, AddError>> + Send;
     fn external_address(&self) -> impl Future<Output = Result<std::net::IpAddr, AddError>> + Send;
 }

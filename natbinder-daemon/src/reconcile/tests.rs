@@ -34,6 +34,7 @@ enum CallKind {
     Add(MappingRequest),
     Delete(Protocol, u16),
     List,
+    Lookup(Protocol, u16),
     ExternalAddress,
 }
 
@@ -56,6 +57,8 @@ struct GatewayState {
     dead: bool,
     /// Remaining discovery attempts that fail (no IGD answered SSDP).
     undiscoverable: u32,
+    /// Lists nothing (IGD 401 on GetGenericPortMappingEntry): only lookups of single entries work.
+    list_unsupported: bool,
     /// How long each answer takes (the call takes effect at once, the reply comes later).
     latency: Duration,
 }
@@ -116,6 +119,9 @@ impl FakeGateway {
     }
     fn undiscoverable(&self, times: u32) {
         self.state.lock().unwrap().undiscoverable = times;
+    }
+    fn cannot_list(&self) {
+        self.state.lock().unwrap().list_unsupported = true;
     }
     fn slow(&self, latency: Duration) {
         self.state.lock().unwrap().latency = latency;
@@ -217,7 +223,19 @@ impl Gateway for FakeGateway {
     }
 
     async fn list(&self) -> Result<Vec<GatewayEntry>, AddError> {
-        let result = self.enter(CallKind::List).map(|s| s.entries.values().cloned().collect());
+        let result = self.enter(CallKind::List).and_then(|s| {
+            if s.list_unsupported {
+                Err(AddError::Refused("UPnP error 401 Invalid Action".into()))
+            } else {
+                Ok(s.entries.values().cloned().collect())
+            }
+        });
+        self.reply().await;
+        result
+    }
+
+    async fn lookup(&self, protocol: Protocol, port: u16) -> Result<Option<GatewayEntry>, AddError> {
+        let result = self.enter(CallKind::Lookup(protocol, port)).map(|s| s.entries.get(&(protocol, port)).cloned());
         self.reply().await;
         result
     }
@@ -704,6 +722,22 @@ async fn periodic_check_readds_a_mapping_the_gateway_dropped() {
     assert!(adds[1].0 - first < LEASE / 2, "by the check, not by the renewal");
     assert_ours(&gw.entry(TCP, 8080).unwrap(), 8080);
     assert_eq!(gw.adds(TCP, 8081).len(), 1, "mappings still there are left alone");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_that_cannot_list_is_checked_entry_by_entry() {
+    let gw = FakeGateway::new();
+    gw.cannot_list();
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    h.bind(2, TCP, 8081);
+    settle().await;
+    gw.forget(TCP, 8080);
+    sleep(INTERVAL.as_secs() + 10).await;
+    assert_eq!(gw.adds(TCP, 8080).len(), 2, "the dropped mapping was looked up and re-added");
+    assert_eq!(gw.adds(TCP, 8081).len(), 1, "the one still there was left alone");
+    assert_ours(&gw.entry(TCP, 8080).unwrap(), 8080);
     h.stop().await;
 }
 
