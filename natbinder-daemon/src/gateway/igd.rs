@@ -16,8 +16,16 @@ use super::{
 };
 use crate::{netinfo::LanInfo, Protocol};
 
-/// Time allowed for one SOAP call natbinder makes itself (igd-next's own calls allow 10 s).
-const SOAP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time allowed for one SOAP call. A gateway on the LAN answers in milliseconds; igd-next's own limit
+/// is 10 s, which would hold every other mapping back that long behind a gateway that went silent.
+const SOAP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Bounds a gateway call in time; running out means the gateway is not answering.
+async fn bounded<T>(call: impl std::future::Future<Output = Result<T, AddError>>) -> Result<T, AddError> {
+    tokio::time::timeout(SOAP_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| Err(AddError::Unreachable(format!("no answer within {SOAP_TIMEOUT:?}"))))
+}
 
 /// Upper bound on the entries read from a gateway's table, so a broken gateway cannot keep us listing.
 const MAX_LISTED_ENTRIES: u32 = 4096;
@@ -84,10 +92,9 @@ impl Gateway for IgdGateway {
         // IGDv2 caps leases at a week; 0 asks for a permanent mapping.
         let lease = request.lease.as_secs().clamp(1, 604_800) as u32;
         let lease = if request.lease.is_zero() { 0 } else { lease };
-        self.inner
-            .add_port(igd_protocol(request.protocol), request.port, local, lease, &request.description)
-            .await
-            .map_err(|e| match e {
+        let add = self.inner.add_port(igd_protocol(request.protocol), request.port, local, lease, &request.description);
+        bounded(async {
+            add.await.map_err(|e| match e {
                 AddPortError::PortInUse => AddError::Conflict,
                 AddPortError::OnlyPermanentLeasesSupported => AddError::PermanentOnly("UPnP error 725".into()),
                 AddPortError::ActionNotAuthorized => AddError::NotAuthorized("UPnP error 606".into()),
@@ -105,14 +112,19 @@ impl Gateway for IgdGateway {
                 AddPortError::RequestError(e) => request_error(e),
                 other => AddError::Refused(other.to_string()),
             })
+        })
+        .await
     }
 
     async fn delete(&self, protocol: Protocol, port: u16) -> Result<(), AddError> {
-        match self.inner.remove_port(igd_protocol(protocol), port).await {
-            Ok(()) | Err(RemovePortError::NoSuchPortMapping) => Ok(()),
-            Err(RemovePortError::RequestError(e)) => Err(request_error(e)),
-            Err(other) => Err(AddError::Refused(other.to_string())),
-        }
+        bounded(async {
+            match self.inner.remove_port(igd_protocol(protocol), port).await {
+                Ok(()) | Err(RemovePortError::NoSuchPortMapping) => Ok(()),
+                Err(RemovePortError::RequestError(e)) => Err(request_error(e)),
+                Err(other) => Err(AddError::Refused(other.to_string())),
+            }
+        })
+        .await
     }
 
     async fn list(&self) -> Result<Vec<GatewayEntry>, AddError> {
@@ -133,10 +145,13 @@ impl Gateway for IgdGateway {
     }
 
     async fn external_address(&self) -> Result<IpAddr, AddError> {
-        self.inner.get_external_ip().await.map_err(|e| match e {
-            igd_next::GetExternalIpError::RequestError(e) => request_error(e),
-            other => AddError::Refused(other.to_string()),
+        bounded(async {
+            self.inner.get_external_ip().await.map_err(|e| match e {
+                igd_next::GetExternalIpError::RequestError(e) => request_error(e),
+                other => AddError::Refused(other.to_string()),
+            })
         })
+        .await
     }
 }
 
@@ -165,7 +180,11 @@ impl IgdGateway {
     async fn list_entry_by_entry(&self) -> Result<Vec<GatewayEntry>, AddError> {
         let mut entries = Vec::new();
         for index in 0..MAX_LISTED_ENTRIES {
-            match self.inner.get_generic_port_mapping_entry(index).await {
+            let Ok(answer) = tokio::time::timeout(SOAP_TIMEOUT, self.inner.get_generic_port_mapping_entry(index)).await
+            else {
+                return Err(AddError::Unreachable(format!("no answer within {SOAP_TIMEOUT:?}")));
+            };
+            match answer {
                 Ok(e) => entries.push(GatewayEntry {
                     protocol: match e.protocol {
                         PortMappingProtocol::TCP => Protocol::Tcp,
