@@ -33,9 +33,17 @@ fn unescape_mount_path(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The watched cgroup, as a canonical path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchedCgroup {
+    pub path: PathBuf,
+    /// The root of the cgroup2 hierarchy, i.e. the whole machine.
+    pub is_root: bool,
+}
+
 /// The cgroup to watch: `requested` if given (absolute, or relative to the cgroup2 root), else the root.
 /// It must exist and lie inside the cgroup2 hierarchy.
-pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf> {
+pub fn resolve_cgroup(requested: Option<&Path>) -> Result<WatchedCgroup> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
     let Some(root) = find_cgroup2_mount(&mounts) else {
         bail!(
@@ -58,7 +66,7 @@ pub fn resolve_cgroup(requested: Option<&Path>) -> Result<PathBuf> {
     if !canonical.join("cgroup.procs").exists() {
         bail!("{} is not a cgroup directory (it has no cgroup.procs)", canonical.display());
     }
-    Ok(canonical)
+    Ok(WatchedCgroup { is_root: canonical == root, path: canonical })
 }
 
 #[cfg(test)]

@@ -67,16 +67,16 @@ fn hostname() -> String {
 pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
     let cgroup = cgroup::resolve_cgroup(config.cgroup.as_deref())?;
     let netns_cookie = kernel::current_netns_cookie()?;
-    let mut hooks = KernelHooks::attach_with_buffer(&cgroup, netns_cookie, config.min_port, config.event_buffer_bytes)?;
+    let mut hooks =
+        KernelHooks::attach_with_buffer(&cgroup.path, netns_cookie, config.min_port, config.event_buffer_bytes)?;
     info!(
         "watching binds of ports >= {} on 0.0.0.0 and [::] in cgroup {} (network namespace cookie {netns_cookie})",
         config.min_port,
-        cgroup.display()
+        cgroup.path.display()
     );
 
     let shared = Arc::new(Shared::default());
-    let cgroup_root = cgroup::resolve_cgroup(None)?;
-    let scope = Scope::for_cgroup(&cgroup, cgroup == cgroup_root, config.min_port, sockdiag::ephemeral_port_range());
+    let scope = Scope::for_cgroup(&cgroup.path, cgroup.is_root, config.min_port, sockdiag::ephemeral_port_range());
     let mut resync = Resync::new();
     // Sockets bound before this start (or while an earlier daemon was down) need forwarding too.
     resync_sockets(&shared, &mut hooks, &mut resync, &scope);

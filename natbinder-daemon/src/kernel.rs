@@ -54,6 +54,24 @@ pub struct BoundSocket {
     pub port: u16,
 }
 
+#[cfg(test)]
+impl BoundSocket {
+    /// A plain IPv4 server socket, for unit tests of what consumes kernel events.
+    pub(crate) fn for_test(cookie: u64, protocol: Protocol, port: u16) -> Self {
+        Self {
+            cookie,
+            pid: 4242,
+            uid: 1000,
+            gid: 1000,
+            cgroup_id: 1,
+            comm: "server".into(),
+            family: Family::Ipv4,
+            protocol,
+            port,
+        }
+    }
+}
+
 impl KernelEvent {
     /// Decodes one record; a malformed record (which would mean a kernel/daemon mismatch) is an error.
     pub fn decode(bytes: &[u8]) -> Result<Self> {

@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use netlink_packet_core::Nla as _;
 use netlink_packet_sock_diag::{
     constants::{AF_INET, AF_INET6, IPPROTO_TCP, IPPROTO_UDP},
-    inet::{nlas::Nla, ExtensionFlags, InetRequest, SocketId, StateFlags},
+    inet::{nlas::Nla, ExtensionFlags, InetRequest, InetResponse, SocketId, StateFlags},
     SockDiagMessage,
 };
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
@@ -20,32 +20,43 @@ use crate::{netlink_dump::dump, Protocol};
 /// TCP sockets that are bound but neither listening nor connected (Linux 6.7+ lists them).
 const TCP_BOUND_INACTIVE: u32 = 13;
 
-/// Whether the AF_INET6 socket with this cookie, bound to `port`, is IPv6-only. `None` when no such
-/// socket exists any more (it was closed before the query).
-pub fn ipv6_only(protocol: Protocol, port: u16, cookie: u64) -> Result<Option<bool>> {
-    let states = StateFlags::all().bits() | (1 << TCP_BOUND_INACTIVE);
+/// Every socket of one family and protocol in this network namespace, in all states (TCP sockets bound
+/// but not yet listening are listed since Linux 6.7).
+fn dump_sockets(family: crate::Family, protocol: Protocol) -> Result<Vec<InetResponse>> {
     let request = InetRequest {
-        family: AF_INET6,
+        family: match family {
+            crate::Family::Ipv4 => AF_INET,
+            crate::Family::Ipv6 => AF_INET6,
+        },
         protocol: match protocol {
             Protocol::Tcp => IPPROTO_TCP,
             Protocol::Udp => IPPROTO_UDP,
         },
         extensions: ExtensionFlags::empty(),
-        states: StateFlags::from_bits_retain(states),
-        socket_id: SocketId::new_v6(),
+        states: StateFlags::from_bits_retain(StateFlags::all().bits() | (1 << TCP_BOUND_INACTIVE)),
+        socket_id: match family {
+            crate::Family::Ipv4 => SocketId::new_v4(),
+            crate::Family::Ipv6 => SocketId::new_v6(),
+        },
     };
     let replies = dump(NETLINK_SOCK_DIAG, SockDiagMessage::InetRequest(request))
-        .context("listing IPv6 sockets over sock_diag")?;
-    for reply in replies {
-        let SockDiagMessage::InetResponse(response) = reply else { continue };
-        let id = &response.header.socket_id;
-        if id.source_port != port || u64::from_ne_bytes(id.cookie) != cookie {
-            continue;
-        }
-        let v6only = response.nlas.iter().any(|nla| matches!(nla, Nla::SkV6Only(true)));
-        return Ok(Some(v6only));
-    }
-    Ok(None)
+        .with_context(|| format!("listing {protocol} sockets over sock_diag"))?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|reply| match reply {
+            SockDiagMessage::InetResponse(response) => Some(*response),
+            _ => None,
+        })
+        .collect())
+}
+
+/// Whether the AF_INET6 socket with this cookie, bound to `port`, is IPv6-only. `None` when no such
+/// socket exists any more (it was closed before the query).
+pub fn ipv6_only(protocol: Protocol, port: u16, cookie: u64) -> Result<Option<bool>> {
+    Ok(dump_sockets(crate::Family::Ipv6, protocol)?
+        .iter()
+        .find(|r| r.header.socket_id.source_port == port && u64::from_ne_bytes(r.header.socket_id.cookie) == cookie)
+        .map(|r| r.nlas.iter().any(|nla| matches!(nla, Nla::SkV6Only(true)))))
 }
 
 /// INET_DIAG_CGROUP_ID: the cgroup v2 id of the socket (Linux 5.7+), not decoded by the crate.
@@ -75,24 +86,9 @@ pub struct WildcardSocket {
 /// namespace; `serving` tells the listening and unconnected ones.
 pub fn wildcard_sockets(min_port: u16) -> Result<Vec<WildcardSocket>> {
     let mut found = Vec::new();
-    for (family, family_code) in [(crate::Family::Ipv4, AF_INET), (crate::Family::Ipv6, AF_INET6)] {
+    for family in [crate::Family::Ipv4, crate::Family::Ipv6] {
         for protocol in [Protocol::Tcp, Protocol::Udp] {
-            // All states, plus TCP sockets bound but not yet listening (listed since Linux 6.7).
-            let states = StateFlags::all().bits() | (1 << TCP_BOUND_INACTIVE);
-            let request = InetRequest {
-                family: family_code,
-                protocol: match protocol {
-                    Protocol::Tcp => IPPROTO_TCP,
-                    Protocol::Udp => IPPROTO_UDP,
-                },
-                extensions: ExtensionFlags::empty(),
-                states: StateFlags::from_bits_retain(states),
-                socket_id: if family == crate::Family::Ipv4 { SocketId::new_v4() } else { SocketId::new_v6() },
-            };
-            let replies = dump(NETLINK_SOCK_DIAG, SockDiagMessage::InetRequest(request))
-                .with_context(|| format!("listing {protocol} sockets over sock_diag"))?;
-            for reply in replies {
-                let SockDiagMessage::InetResponse(response) = reply else { continue };
+            for response in dump_sockets(family, protocol)? {
                 let id = &response.header.socket_id;
                 if !id.source_address.is_unspecified() || id.source_port < min_port || id.source_port == 0 {
                     continue;

@@ -282,20 +282,9 @@ impl Table {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Family;
 
     fn sock(cookie: u64, protocol: Protocol, port: u16) -> BoundSocket {
-        BoundSocket {
-            cookie,
-            pid: 100,
-            uid: 1000,
-            gid: 1000,
-            cgroup_id: 1,
-            comm: "server".into(),
-            family: Family::Ipv4,
-            protocol,
-            port,
-        }
+        BoundSocket::for_test(cookie, protocol, port)
     }
 
     const TCP8080: MappingKey = MappingKey { protocol: Protocol::Tcp, port: 8080 };

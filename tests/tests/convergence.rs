@@ -14,6 +14,17 @@ fn reachable_tcp(h: &Harness, port: u16) -> Option<String> {
     })
 }
 
+/// A daemon with `interval`, a server on `port` reachable from the WAN, and then its mapping deleted
+/// on the gateway behind natbinder's back (by miniupnpc from lan1).
+fn mapping_deleted_behind_our_back(interval: &str, port: u16) -> (Harness, App) {
+    let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", interval]).unwrap();
+    let (app, _o) = h.app("victim", &["tcp-echo", &format!("0.0.0.0:{port}")]).unwrap();
+    assert!(reachable_tcp(&h, port).is_some());
+    h.lab.upnpc(&h.lab.lan1, &["-d", &port.to_string(), "TCP"]).unwrap();
+    assert_eq!(tcp_from_wan(&h.lab, port, "ping"), Reach::Refused, "precondition: the mapping is gone");
+    (h, app)
+}
+
 fn ours(h: &Harness) -> Vec<(String, u16)> {
     let mut v: Vec<(String, u16)> = h
         .lab
@@ -92,11 +103,7 @@ fn a_burst_of_a_thousand_listeners_that_overflows_the_event_buffer_leaves_the_ta
 
 #[test]
 fn mappings_deleted_behind_natbinders_back_come_back_at_the_next_check() {
-    let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", "2"]).unwrap();
-    let (_a, _o) = h.app("victim", &["tcp-echo", "0.0.0.0:8820"]).unwrap();
-    assert!(reachable_tcp(&h, 8820).is_some());
-    h.lab.upnpc(&h.lab.lan1, &["-d", "8820", "TCP"]).unwrap();
-    assert_eq!(tcp_from_wan(&h.lab, 8820, "ping"), Reach::Refused, "precondition: the mapping is gone");
+    let (h, _app) = mapping_deleted_behind_our_back("2", 8820);
     let deleted = Instant::now();
     assert_eq!(reachable_tcp(&h, 8820).as_deref(), Some("victim:ping"));
     eprintln!(
@@ -148,11 +155,7 @@ fn a_change_of_default_route_is_noticed_and_the_mappings_are_kept() {
 
 #[test]
 fn sighup_makes_the_daemon_check_the_gateway_now() {
-    let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", "3600"]).unwrap();
-    let (_a, _o) = h.app("victim", &["tcp-echo", "0.0.0.0:8830"]).unwrap();
-    assert!(reachable_tcp(&h, 8830).is_some());
-    h.lab.upnpc(&h.lab.lan1, &["-d", "8830", "TCP"]).unwrap();
-    assert_eq!(tcp_from_wan(&h.lab, 8830, "ping"), Reach::Refused, "precondition: the mapping is gone");
+    let (mut h, _app) = mapping_deleted_behind_our_back("3600", 8830);
     let pid = h.daemon().pid() as i32;
     let hup = Instant::now();
     unsafe { libc::kill(pid, libc::SIGHUP) };

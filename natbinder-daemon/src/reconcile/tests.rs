@@ -298,17 +298,7 @@ fn lan() -> LanInfo {
 }
 
 fn sock(cookie: u64, protocol: Protocol, port: u16) -> BoundSocket {
-    BoundSocket {
-        cookie,
-        pid: 4242,
-        uid: 1000,
-        gid: 1000,
-        cgroup_id: 1,
-        comm: "server".into(),
-        family: Family::Ipv4,
-        protocol,
-        port,
-    }
+    BoundSocket::for_test(cookie, protocol, port)
 }
 
 fn entry(protocol: Protocol, port: u16, client: Ipv4Addr, description: &str) -> GatewayEntry {
