@@ -6,7 +6,7 @@
 //!   lan2 (192.168.77.20) ─┘   192.168.77.1   172.31.77.1
 //! ```
 //! The gateway forwards, masquerades LAN->WAN with nftables and runs the distribution's miniupnpd
-//! (UPnP IGD, optionally NAT-PMP/PCP) on br0. The WAN peer has no route to the LAN: it reaches a LAN
+//! (UPnP IGD and/or NAT-PMP/PCP) on br0, or a scripted fake gateway ([`fake_igd`], [`fake_pmp`]). The WAN peer has no route to the LAN: it reaches a LAN
 //! program only through a port mapping on the gateway's WAN address, exactly as the internet would.
 //!
 //! Everything the lab creates (namespaces, a cgroup, processes, files) is removed when the [`Lab`] is
@@ -15,8 +15,11 @@
 use std::{
     fs::{self, File, OpenOptions},
     io::{Read, Write},
-    net::{Ipv4Addr, SocketAddr, TcpStream},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream, UdpSocket},
+    os::{
+        fd::{AsRawFd, FromRawFd},
+        unix::process::CommandExt,
+    },
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::atomic::{AtomicU32, Ordering},
@@ -26,6 +29,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 
 pub mod fake_igd;
+pub mod fake_pmp;
 
 pub const GW_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const LAN1_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
@@ -36,11 +40,19 @@ pub const WAN_PEER_IP: Ipv4Addr = Ipv4Addr::new(172, 31, 77, 100);
 /// address instead. Its DNAT rules match the WAN interface, so peers use GW_WAN_IP. Nothing is ever sent
 /// to the placeholder.
 pub const EXTERNAL_IP_PLACEHOLDER: Ipv4Addr = Ipv4Addr::new(11, 77, 77, 77);
+/// Where NAT-PMP and PCP servers listen (RFC 6886, RFC 6887).
+pub const NATPMP_PORT: u16 = 5351;
+/// Where NAT-PMP and PCP clients listen for a gateway's multicast announcements, on [`ALL_HOSTS_GROUP`].
+pub const ANNOUNCE_PORT: u16 = 5350;
+pub const ALL_HOSTS_GROUP: Ipv4Addr = Ipv4Addr::new(224, 0, 0, 1);
 
 const NETNS_PREFIX: &str = "nbl-";
 const CGROUP_PREFIX: &str = "natbinder-lab-";
 
 static LAB_SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// What lan2 asks for in [`Lab::lan2_maps`] over NAT-PMP: longer than any test.
+const LAN2_NATPMP_LIFETIME: &str = "3600";
 
 #[derive(Clone, Debug)]
 pub struct LabConfig {
@@ -48,14 +60,21 @@ pub struct LabConfig {
     pub natpmp: bool,
     /// miniupnpd's HTTP port; clients find it over SSDP, so tests may change it across restarts.
     pub http_port: u16,
-    /// Whether [`Lab::start`] starts miniupnpd. Off for tests that put a [`fake_igd::FakeIgd`] on the
-    /// gateway instead; the network and nftables are the same either way.
+    /// Whether [`Lab::start`] starts miniupnpd. Off for tests that put a [`fake_igd::FakeIgd`] or a
+    /// [`fake_pmp::FakePmp`] on the gateway instead; the network and nftables are the same either way.
     pub miniupnpd: bool,
+    /// miniupnpd's `min_lifetime` (default 120 s): PCP lifetimes asked below it are raised to it.
+    /// It must stay below `max_lifetime`, or miniupnpd refuses to start.
+    pub min_lifetime: Option<u32>,
+    /// miniupnpd's `max_lifetime` (default 86400 s): PCP lifetimes asked above it are cut to it, so
+    /// `Some(4)` with `min_lifetime: Some(1)` makes the gateway grant 4 s when a client asks 3600.
+    /// NAT-PMP grants are not affected (miniupnpd 2.3.1 grants NAT-PMP lifetimes as asked).
+    pub max_lifetime: Option<u32>,
 }
 
 impl Default for LabConfig {
     fn default() -> Self {
-        Self { upnp: true, natpmp: false, http_port: 5555, miniupnpd: true }
+        Self { upnp: true, natpmp: false, http_port: 5555, miniupnpd: true, min_lifetime: None, max_lifetime: None }
     }
 }
 
@@ -276,7 +295,7 @@ fn kill_netns_processes(name: &str) {
     }
 }
 
-/// A gateway mapping as an independent client (miniupnpc's `upnpc -l`) reports it.
+/// A port mapping the gateway holds, as its forwarding rules show it (or `upnpc -l` lists it).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GatewayMapping {
     pub protocol: String,
@@ -370,6 +389,9 @@ impl Lab {
             run_ip_batch(Some(ns), &cmds)?;
         }
         self.gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
+        // LAN hosts talk to each other through br0 unfiltered, as on a home router's switch. Where the
+        // br_netfilter module is loaded (bridge-nf-call-iptables=1), bridged frames pass the forward
+        // chain below, hence its br0 -> br0 rule.
         let rules = self.dir.join("gateway.nft");
         fs::write(
             &rules,
@@ -378,6 +400,7 @@ impl Lab {
         type filter hook forward priority 0; policy drop;
         ct state established,related accept
         iifname "br0" oifname "wan0" accept
+        iifname "br0" oifname "br0" accept
         jump miniupnpd
     }
     chain miniupnpd {
@@ -406,21 +429,29 @@ impl Lab {
     /// pinholes on each request, which made each SOAP call several milliseconds slower per mapping held.
     fn miniupnpd_config(&self) -> String {
         let yn = |b: bool| if b { "yes" } else { "no" };
-        format!(
+        let mut conf = format!(
             "ext_ifname=wan0\next_ip={EXTERNAL_IP_PLACEHOLDER}\nlistening_ip=br0\nhttp_port={}\n\
              enable_upnp={}\nenable_natpmp={}\nsecure_mode=yes\nsystem_uptime=no\n\
              lease_file={}\nuuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\nnotify_interval=60\n\
-             clean_ruleset_interval=600\nipv6_disable=yes\n\
-             allow 1024-65535 192.168.77.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n",
+             clean_ruleset_interval=600\nipv6_disable=yes\n",
             self.config.http_port,
             yn(self.config.upnp),
             yn(self.config.natpmp),
             self.dir.join("miniupnpd.leases").display()
-        )
+        );
+        if let Some(seconds) = self.config.min_lifetime {
+            conf.push_str(&format!("min_lifetime={seconds}\n"));
+        }
+        if let Some(seconds) = self.config.max_lifetime {
+            conf.push_str(&format!("max_lifetime={seconds}\n"));
+        }
+        conf.push_str("allow 1024-65535 192.168.77.0/24 1024-65535\ndeny 0-65535 0.0.0.0/0 0-65535\n");
+        conf
     }
 
-    /// Starts miniupnpd in the gateway and waits until its HTTP server answers. Also works in a lab
-    /// started with `miniupnpd: false`: an explicit call means the test wants it now.
+    /// Starts miniupnpd in the gateway and waits until it answers: its HTTP port when UPnP is on, a NAT-PMP
+    /// external address request when NAT-PMP is on. Also works in a lab started with `miniupnpd: false`:
+    /// an explicit call means the test wants it now.
     pub fn start_miniupnpd(&mut self) -> Result<()> {
         let conf = self.dir.join("miniupnpd.conf");
         fs::write(&conf, self.miniupnpd_config())?;
@@ -435,38 +466,73 @@ impl Lab {
             .spawn()
             .context("starting miniupnpd")?;
         self.miniupnpd = Some(child);
-        if !self.config.upnp {
-            std::thread::sleep(Duration::from_millis(300));
-            return Ok(());
-        }
-        let port = self.config.http_port;
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let up = self.gw.run(move || {
-                TcpStream::connect_timeout(&SocketAddr::from((GW_LAN_IP, port)), Duration::from_millis(200)).is_ok()
-            });
-            if up {
+            if self.miniupnpd_answers() {
                 return Ok(());
             }
             if let Some(status) = self.miniupnpd.as_mut().unwrap().try_wait()? {
                 bail!("miniupnpd exited ({status}): {}", self.miniupnpd_log());
             }
             if Instant::now() > deadline {
-                bail!("miniupnpd did not open its HTTP port within 10 s: {}", self.miniupnpd_log());
+                bail!("miniupnpd did not answer on its HTTP or NAT-PMP port within 10 s: {}", self.miniupnpd_log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Whether every service the configuration turns on answers: UPnP's HTTP port accepts a connection
+    /// and NAT-PMP answers an external address request (both from the gateway itself, whose address is
+    /// on the LAN, so miniupnpd serves it).
+    fn miniupnpd_answers(&self) -> bool {
+        let (upnp, natpmp, port) = (self.config.upnp, self.config.natpmp, self.config.http_port);
+        self.gw.run(move || {
+            let wait = Duration::from_millis(200);
+            (!upnp || TcpStream::connect_timeout(&SocketAddr::from((GW_LAN_IP, port)), wait).is_ok())
+                && (!natpmp || natpmp_external_address(wait).is_some())
+        })
     }
 
     pub fn miniupnpd_log(&self) -> String {
         fs::read_to_string(self.dir.join("miniupnpd.log")).unwrap_or_default()
     }
 
-    /// Stops miniupnpd and forgets its state, like a gateway that lost power. Without a running
-    /// miniupnpd it only empties the chains, which is harmless.
+    /// Stops miniupnpd and forgets its state, like a gateway that lost power: its chains are flushed
+    /// and its lease file deleted, so the next [`Lab::start_miniupnpd`] starts with an empty table and a
+    /// new epoch. Without a running miniupnpd it only empties the chains, which is harmless.
     pub fn stop_miniupnpd(&mut self) {
+        self.terminate_miniupnpd();
+        for chain in ["miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"] {
+            let _ = self.gw.exec("nft", &["flush", "chain", "inet", "filter", chain]);
+        }
+        let _ = fs::remove_file(self.dir.join("miniupnpd.leases"));
+    }
+
+    /// Restarts miniupnpd keeping its state, like a gateway whose daemon was restarted: its rules stay
+    /// in nftables and it reloads them from its lease file. The epoch starts again near 0 and, with
+    /// NAT-PMP on, it multicasts one PCP ANNOUNCE; UPnP comes back on `config.http_port`.
+    pub fn restart_miniupnpd(&mut self) -> Result<()> {
+        self.terminate_miniupnpd();
+        self.start_miniupnpd()
+    }
+
+    /// Sends miniupnpd SIGUSR1, its "external address changed" signal: it multicasts one NAT-PMP
+    /// external address announcement (to 224.0.0.1 ports 5350 and 5351, still carrying the old epoch)
+    /// and one PCP ANNOUNCE (epoch 0), and restarts its epoch at 0 while keeping every mapping. Changing
+    /// the WAN interface's addresses does nothing here: the lab fixes the external address with `ext_ip`.
+    pub fn announce_address_change(&self) -> Result<()> {
+        let child = self.miniupnpd.as_ref().ok_or_else(|| anyhow!("miniupnpd is not running"))?;
+        // SAFETY: plain kill(2) on our child (`ip netns exec` runs miniupnpd in its own process).
+        if unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) } != 0 {
+            bail!("signalling miniupnpd: {}", std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Ends miniupnpd with SIGTERM (SIGKILL after 5 s). miniupnpd 2.3.1 leaves its nftables rules and
+    /// its lease file behind when it exits.
+    fn terminate_miniupnpd(&mut self) {
         if let Some(mut child) = self.miniupnpd.take() {
-            // miniupnpd removes its rules on SIGTERM; a reboot-like stop flushes anyway below.
             let _ = Command::new("kill").arg(child.id().to_string()).status();
             let pidfile = self.dir.join("miniupnpd.pid");
             if let Ok(pid) = fs::read_to_string(&pidfile) {
@@ -478,11 +544,8 @@ impl Lab {
             }
             let _ = child.kill();
             let _ = child.wait();
+            let _ = fs::remove_file(pidfile);
         }
-        for chain in ["miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"] {
-            let _ = self.gw.exec("nft", &["flush", "chain", "inet", "filter", chain]);
-        }
-        let _ = fs::remove_file(self.dir.join("miniupnpd.leases"));
     }
 
     pub fn rootdesc_url(&self) -> String {
@@ -497,20 +560,72 @@ impl Lab {
         from.exec("upnpc", &all)
     }
 
-    /// The gateway's port mappings, read by miniupnpc from the second LAN host: an independent view.
+    /// The gateway's port mappings as it really forwards them, whatever protocol made them: the DNAT
+    /// rules in its `prerouting_miniupnpd` chain (read with `nft -j`), in rule order. miniupnpd keeps a
+    /// mapping's description as raw rule userdata, which `nft` does not show as a comment, so the
+    /// description comes from its lease file ("natbinder@...", "NAT-PMP 8080 tcp", "PCP MAP <nonce>"),
+    /// or is empty. Without miniupnpd (a fake gateway) the chain is empty and so is the list.
     pub fn gateway_mappings(&self) -> Result<Vec<GatewayMapping>> {
-        let out = self.upnpc(&self.lan2, &["-l"])?;
-        Ok(parse_upnpc_list(&out))
+        let rules = self
+            .gw
+            .exec("nft", &["-j", "list", "chain", "inet", "filter", "prerouting_miniupnpd"])
+            .context("listing the gateway's forwarding rules")?;
+        let leases = fs::read_to_string(self.dir.join("miniupnpd.leases")).unwrap_or_default();
+        parse_nft_mappings(&rules, &leases)
     }
 
-    /// Another LAN host (lan2) maps a port to itself, as a BitTorrent client there would.
+    /// Another LAN host (lan2) maps a port to itself, as a BitTorrent client there would: with upnpc
+    /// (permanent) when the lab's gateway speaks UPnP, otherwise with natpmpc (NAT-PMP, 3600 s). Fails
+    /// unless the gateway granted exactly that external port (a NAT-PMP gateway that gave another one
+    /// is asked to delete it again).
     pub fn lan2_maps(&self, protocol: &str, port: u16) -> Result<()> {
         let p = port.to_string();
-        let out = self.upnpc(&self.lan2, &["-e", "other-host", "-a", &LAN2_IP.to_string(), &p, &p, protocol, "0"])?;
-        if !out.contains("is redirected to internal") {
-            bail!("upnpc could not map {protocol}/{port} for lan2: {out}");
+        if self.config.upnp {
+            let out =
+                self.upnpc(&self.lan2, &["-e", "other-host", "-a", &LAN2_IP.to_string(), &p, &p, protocol, "0"])?;
+            if !out.contains("is redirected to internal") {
+                bail!("upnpc could not map {protocol}/{port} for lan2: {out}");
+            }
+            return Ok(());
         }
-        Ok(())
+        let protocol = protocol.to_ascii_lowercase();
+        let gateway = GW_LAN_IP.to_string();
+        let output = Command::new("ip")
+            .args(["netns", "exec", &self.lan2.name, "timeout", "30", "natpmpc", "-g", &gateway, "-a", &p, &p])
+            .args([protocol.as_str(), LAN2_NATPMP_LIFETIME])
+            .output()
+            .context("running natpmpc on lan2")?;
+        let out = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        // "Mapped public port 6881 protocol UDP to local port 6881 liftime 3600" (sic)
+        let granted =
+            out.lines().find_map(|l| l.strip_prefix("Mapped public port ")?.split(' ').next()?.parse::<u16>().ok());
+        match granted {
+            Some(granted) if granted == port => Ok(()),
+            Some(granted) => {
+                // Not what the test asked for: give it back so that it does not linger in the table.
+                let _ = Command::new("ip")
+                    .args(["netns", "exec", &self.lan2.name, "timeout", "30", "natpmpc", "-g", &gateway, "-a"])
+                    .args([&granted.to_string(), p.as_str(), protocol.as_str(), "0"])
+                    .output();
+                bail!("the gateway gave lan2 external port {granted} instead of {protocol}/{port}: {out}")
+            }
+            None => bail!("natpmpc could not map {protocol}/{port} for lan2: {out}"),
+        }
+    }
+
+    /// Sends one UDP datagram from a program on `from` (its own address; `source_port` 0 for any) to
+    /// `to`, which may be 224.0.0.1: a hostile LAN host forging NAT-PMP/PCP replies or announcements.
+    /// The socket uses SO_REUSEADDR/SO_REUSEPORT, so it can send from a port a listener there holds.
+    pub fn send_from(&self, from: &Netns, source_port: u16, to: SocketAddrV4, payload: &[u8]) -> Result<()> {
+        let payload = payload.to_vec();
+        from.run(move || {
+            let socket = reusable_udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, source_port))?;
+            let sent = socket.send_to(&payload, to).with_context(|| format!("sending to {to}"))?;
+            if sent != payload.len() {
+                bail!("sent {sent} of {} bytes to {to}", payload.len());
+            }
+            Ok(())
+        })
     }
 
     /// A command that runs in `ns` and, if `in_cgroup`, in the lab's cgroup (watched by natbinder).
@@ -561,6 +676,101 @@ impl Drop for Lab {
     }
 }
 
+/// Reads the mappings out of `nft -j list chain inet filter prerouting_miniupnpd`: each rule that
+/// matches a protocol and a destination port and DNATs to an address (and port) is one mapping, as
+/// miniupnpd writes them (`iif "wan0" @nh,72,8 0x6 th dport 8080 dnat ip to 192.168.77.10:8080`).
+/// Descriptions come from miniupnpd's lease file (see [`parse_lease_file`]).
+pub fn parse_nft_mappings(nft_json: &str, lease_file: &str) -> Result<Vec<GatewayMapping>> {
+    let document: serde_json::Value = serde_json::from_str(nft_json).context("`nft -j` did not print JSON")?;
+    let items = document["nftables"].as_array().ok_or_else(|| anyhow!("`nft -j` printed no \"nftables\" list"))?;
+    let leases = parse_lease_file(lease_file);
+    let mut mappings = Vec::new();
+    for rule in items.iter().filter_map(|item| item.get("rule")) {
+        let Some(expressions) = rule["expr"].as_array() else { continue };
+        let (mut protocol, mut external_port, mut target) = (None, None, None);
+        for expression in expressions {
+            if let Some(dnat) = expression.get("dnat") {
+                let address = dnat["addr"].as_str().and_then(|a| a.parse::<Ipv4Addr>().ok());
+                let port = dnat["port"].as_u64().and_then(|p| u16::try_from(p).ok());
+                target = address.map(|a| (a, port));
+            }
+            let Some(matched) = expression.get("match") else { continue };
+            if matched["op"] != "==" {
+                continue;
+            }
+            let (left, right) = (&matched["left"], &matched["right"]);
+            if let Some(payload) = left.get("payload") {
+                let ipv4_protocol_byte = payload["base"] == "nh" && payload["offset"] == 72 && payload["len"] == 8;
+                if ipv4_protocol_byte || (payload["protocol"] == "ip" && payload["field"] == "protocol") {
+                    protocol = protocol_name(right);
+                } else if payload["field"] == "dport" {
+                    external_port = right.as_u64().and_then(|p| u16::try_from(p).ok());
+                    protocol = protocol.or_else(|| protocol_name(&payload["protocol"]));
+                }
+            } else if left["meta"]["key"] == "l4proto" {
+                protocol = protocol_name(right);
+            }
+        }
+        let (Some(protocol), Some(external_port), Some((internal_client, internal_port))) =
+            (protocol, external_port, target)
+        else {
+            continue;
+        };
+        let internal_port = internal_port.unwrap_or(external_port);
+        let description = leases
+            .iter()
+            .find(|l| {
+                (l.protocol.as_str(), l.external_port, l.internal_client, l.internal_port)
+                    == (protocol, external_port, internal_client, internal_port)
+            })
+            .map(|l| l.description.clone())
+            .unwrap_or_default();
+        mappings.push(GatewayMapping {
+            protocol: protocol.to_string(),
+            external_port,
+            internal_client,
+            internal_port,
+            description,
+        });
+    }
+    Ok(mappings)
+}
+
+/// "TCP"/"UDP" from an nft JSON value: an IP protocol number (6, 17) or a name ("tcp", "udp").
+fn protocol_name(value: &serde_json::Value) -> Option<&'static str> {
+    match (value.as_u64(), value.as_str()) {
+        (Some(6), _) | (_, Some("tcp")) => Some("TCP"),
+        (Some(17), _) | (_, Some("udp")) => Some("UDP"),
+        _ => None,
+    }
+}
+
+/// Parses miniupnpd's lease file: `PROTO:EXTPORT:CLIENT:INTPORT:EXPIRY:DESCRIPTION` lines (EXPIRY in
+/// seconds since 1970; older versions wrote none). The description is the rest of the line and may
+/// itself hold colons. Lines that do not parse are skipped.
+pub fn parse_lease_file(text: &str) -> Vec<GatewayMapping> {
+    text.lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.splitn(6, ':').collect();
+            let description = match fields.get(4..) {
+                Some([expiry, description]) if expiry.parse::<u64>().is_ok() => description.to_string(),
+                _ => line.splitn(5, ':').nth(4)?.to_string(),
+            };
+            let protocol = match fields[0] {
+                "TCP" | "UDP" => fields[0].to_string(),
+                _ => return None,
+            };
+            Some(GatewayMapping {
+                protocol,
+                external_port: fields.get(1)?.parse().ok()?,
+                internal_client: fields.get(2)?.parse().ok()?,
+                internal_port: fields.get(3)?.parse().ok()?,
+                description,
+            })
+        })
+        .collect()
+}
+
 /// Parses `upnpc -l` lines such as ` 0 TCP 10001->192.168.77.20:10001 'other-host' '' 0`.
 pub fn parse_upnpc_list(out: &str) -> Vec<GatewayMapping> {
     out.lines()
@@ -583,6 +793,106 @@ pub fn parse_upnpc_list(out: &str) -> Vec<GatewayMapping> {
             })
         })
         .collect()
+}
+
+/// A UDP socket bound to `address` in the calling thread's namespace, with SO_REUSEADDR and SO_REUSEPORT
+/// set before bind (std cannot), so that several sockets may share a port such as 5350.
+fn reusable_udp_socket(address: SocketAddrV4) -> Result<UdpSocket> {
+    // SAFETY: socket(2) returns a new descriptor that nothing else owns; UdpSocket takes it over (and
+    // closes it on every error path below).
+    let socket = unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            bail!("creating a UDP socket: {}", std::io::Error::last_os_error());
+        }
+        UdpSocket::from_raw_fd(fd)
+    };
+    for option in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+        set_int_option(&socket, libc::SOL_SOCKET, option, 1).context("setting SO_REUSEADDR/SO_REUSEPORT")?;
+    }
+    let sockaddr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: address.port().to_be(),
+        sin_addr: libc::in_addr { s_addr: u32::from(*address.ip()).to_be() },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: bind reads exactly size_of::<sockaddr_in>() bytes of a value that lives across the call.
+    let rc = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            (&sockaddr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        bail!("binding a UDP socket to {address}: {}", std::io::Error::last_os_error());
+    }
+    Ok(socket)
+}
+
+fn set_int_option(socket: &UdpSocket, level: i32, option: i32, value: i32) -> std::io::Result<()> {
+    // SAFETY: setsockopt reads exactly size_of::<i32>() bytes from a value that lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            option,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// IP_MULTICAST_IF, which std does not offer: multicast leaves through the interface with this address
+/// (the lab's gateway has no default route, so without it a send to 224.0.0.1 fails).
+pub(crate) fn set_multicast_interface(socket: &UdpSocket, interface_address: Ipv4Addr) -> std::io::Result<()> {
+    let value = libc::in_addr { s_addr: u32::from(interface_address).to_be() };
+    // SAFETY: setsockopt reads exactly size_of::<in_addr>() bytes from a value that lives across the call.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_MULTICAST_IF,
+            (&value as *const libc::in_addr).cast(),
+            std::mem::size_of::<libc::in_addr>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// A socket in `ns` that hears what a NAT-PMP/PCP client there hears on port 5350: the gateway's
+/// multicast announcements to 224.0.0.1:5350 (joined on the interface with `interface_address`, e.g.
+/// [`LAN1_IP`]) and unicast datagrams to port 5350. SO_REUSEADDR/SO_REUSEPORT let a daemon there listen
+/// too. Blocking; set a read timeout before reading.
+pub fn announcement_listener(ns: &Netns, interface_address: Ipv4Addr) -> Result<UdpSocket> {
+    ns.run(move || {
+        let socket = reusable_udp_socket(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, ANNOUNCE_PORT))?;
+        socket
+            .join_multicast_v4(&ALL_HOSTS_GROUP, &interface_address)
+            .with_context(|| format!("joining {ALL_HOSTS_GROUP} on {interface_address}"))?;
+        Ok(socket)
+    })
+}
+
+/// Asks the gateway for its external address over NAT-PMP (opcode 0) from the calling thread's
+/// namespace; None without a well-formed successful answer within `wait`.
+fn natpmp_external_address(wait: Duration) -> Option<Ipv4Addr> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    socket.connect((GW_LAN_IP, NATPMP_PORT)).ok()?;
+    socket.set_read_timeout(Some(wait)).ok()?;
+    socket.send(&[0, 0]).ok()?;
+    let mut answer = [0u8; 16];
+    let n = socket.recv(&mut answer).ok()?;
+    (n == 12 && answer[..4] == [0, 128, 0, 0]).then(|| Ipv4Addr::new(answer[8], answer[9], answer[10], answer[11]))
 }
 
 /// Result of a connection attempt from the WAN peer.
@@ -667,5 +977,67 @@ mod tests {
         assert_eq!(m[0].internal_client, LAN2_IP);
         assert_eq!(m[1].protocol, "UDP");
         assert_eq!(m[1].description, "natbinder@host python3");
+    }
+
+    /// `nft -j list chain inet filter prerouting_miniupnpd` as nftables 1.0.6 printed it for miniupnpd
+    /// 2.3.1's rules (trimmed to two rules), plus a rule of another shape that must be skipped.
+    const NFT_JSON: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "json_schema_version": 1}},
+        {"chain": {"family": "inet", "table": "filter", "name": "prerouting_miniupnpd", "handle": 4}},
+        {"rule": {"family": "inet", "table": "filter", "chain": "prerouting_miniupnpd", "handle": 13, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "wan0"}},
+            {"match": {"op": "==", "left": {"payload": {"base": "nh", "offset": 72, "len": 8}}, "right": 6}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 7001}},
+            {"dnat": {"family": "ip", "addr": "192.168.77.10", "port": 7001}}]}},
+        {"rule": {"family": "inet", "table": "filter", "chain": "prerouting_miniupnpd", "handle": 17, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "wan0"}},
+            {"match": {"op": "==", "left": {"payload": {"base": "nh", "offset": 72, "len": 8}}, "right": 17}},
+            {"match": {"op": "==", "left": {"payload": {"protocol": "th", "field": "dport"}}, "right": 7201}},
+            {"dnat": {"family": "ip", "addr": "192.168.77.20", "port": 7200}}]}},
+        {"rule": {"family": "inet", "table": "filter", "chain": "prerouting_miniupnpd", "handle": 20, "expr": [
+            {"match": {"op": "==", "left": {"meta": {"key": "iif"}}, "right": "wan0"}}, {"accept": null}]}}]}"#;
+
+    #[test]
+    fn reads_mappings_from_nft_json_with_descriptions_from_the_lease_file() {
+        let leases = "TCP:7001:192.168.77.10:7001:1795512774:PCP MAP 04030201080706050c0b0a09\n\
+                      UDP:7201:192.168.77.20:7200:0:natbinder@lab: a description: with colons\n\
+                      UDP:9999:192.168.77.20:9999:0:a lease without a rule\n";
+        let m = parse_nft_mappings(NFT_JSON, leases).unwrap();
+        assert_eq!(
+            m,
+            [
+                GatewayMapping {
+                    protocol: "TCP".into(),
+                    external_port: 7001,
+                    internal_client: LAN1_IP,
+                    internal_port: 7001,
+                    description: "PCP MAP 04030201080706050c0b0a09".into(),
+                },
+                GatewayMapping {
+                    protocol: "UDP".into(),
+                    external_port: 7201,
+                    internal_client: LAN2_IP,
+                    internal_port: 7200,
+                    description: "natbinder@lab: a description: with colons".into(),
+                },
+            ]
+        );
+        // No lease file (or no line for a rule): the mapping is still there, without a description.
+        let m = parse_nft_mappings(NFT_JSON, "").unwrap();
+        assert_eq!(m.len(), 2);
+        assert!(m.iter().all(|m| m.description.is_empty()));
+        assert!(parse_nft_mappings("not json", "").is_err());
+    }
+
+    #[test]
+    fn parses_lease_lines_with_and_without_expiry() {
+        let m = parse_lease_file(
+            "TCP:8080:192.168.77.10:8081:1795512774:NAT-PMP 8080 tcp\nUDP:53:192.168.77.20:53:old\nbogus\n",
+        );
+        assert_eq!(m.len(), 2);
+        assert_eq!(
+            (m[0].external_port, m[0].internal_port, m[0].description.as_str()),
+            (8080, 8081, "NAT-PMP 8080 tcp")
+        );
+        assert_eq!((m[1].protocol.as_str(), m[1].description.as_str()), ("UDP", "old"));
     }
 }

@@ -199,7 +199,7 @@ impl Harness {
         self.app_in(&ns, name, args)
     }
 
-    /// The gateway's entry for `protocol`/`port`, as miniupnpc on lan2 sees it.
+    /// The gateway's entry for `protocol`/`port`, as its nftables rules show it (whatever protocol made it).
     pub fn mapping(&self, protocol: &str, port: u16) -> Option<GatewayMapping> {
         self.lab
             .gateway_mappings()

@@ -86,7 +86,7 @@ fn http_get_from_wan(lab: &Lab) -> Option<String> {
 fn show_gateway_table(lab: &Lab) -> Result<()> {
     let mappings = lab.gateway_mappings()?;
     if mappings.is_empty() {
-        say("gateway's port mappings (upnpc -l from lan2): none");
+        say("gateway's port mappings (its nftables rules): none");
     }
     for m in mappings {
         say(&format!(
