@@ -9,8 +9,9 @@ use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
-    config::{self, ConfigFile},
+    config::{self, BackendChoice, ConfigFile},
     daemon::DaemonConfig,
+    gateway::select::{self, Backend},
 };
 
 #[derive(Debug, Parser)]
@@ -50,7 +51,8 @@ pub struct DaemonArgs {
     #[arg(long, value_name = "SECONDS")]
     pub reconcile_interval: Option<u64>,
 
-    /// How long one SSDP search for the gateway waits for answers. [default: 3]
+    /// How long the search for the gateway waits for answers (the SSDP search, and the NAT-PMP/PCP
+    /// probes). [default: 3]
     #[arg(long, value_name = "SECONDS")]
     pub discovery_timeout: Option<u64>,
 
@@ -63,6 +65,15 @@ pub struct DaemonArgs {
     /// daemon deletes those no socket needs any more. [default: /var/lib/natbinder]
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+
+    /// Protocol to map ports with: `auto` probes UPnP IGD, PCP and NAT-PMP side by side and uses the
+    /// first in --backend-order that answers; the others use that protocol only. [default: auto]
+    #[arg(long, value_name = "PROTOCOL")]
+    pub backend: Option<BackendChoice>,
+
+    /// Preference order for `--backend auto`, comma-separated. [default: upnp,pcp,natpmp]
+    #[arg(long, value_name = "LIST")]
+    pub backend_order: Option<String>,
 }
 
 impl DaemonArgs {
@@ -82,6 +93,23 @@ impl DaemonArgs {
         let discovery =
             self.discovery_timeout.or(file.discovery_timeout_seconds).unwrap_or(defaults.discovery_timeout.as_secs());
         let buffer_kib = self.event_buffer_kib.or(file.event_buffer_kib).unwrap_or(defaults.event_buffer_bytes / 1024);
+        let file_order = match &file.backend_order {
+            Some(names) => Some(
+                select::parse_order(&names.join(","))
+                    .map_err(|e| anyhow::anyhow!("backend-order in the configuration file: {e}"))?,
+            ),
+            None => None,
+        };
+        let cli_order = match &self.backend_order {
+            Some(text) => Some(select::parse_order(text).map_err(|e| anyhow::anyhow!("--backend-order: {e}"))?),
+            None => None,
+        };
+        let backends = match self.backend.or(file.backend).unwrap_or(BackendChoice::Auto) {
+            BackendChoice::Auto => cli_order.or(file_order).unwrap_or(defaults.backends.clone()),
+            BackendChoice::Upnp => vec![Backend::Upnp],
+            BackendChoice::Pcp => vec![Backend::Pcp],
+            BackendChoice::Natpmp => vec![Backend::NatPmp],
+        };
         if min_port < 1024 {
             bail!("min-port {min_port} is a privileged port: natbinder never maps ports below 1024; use 1024 or more");
         }
@@ -105,6 +133,7 @@ impl DaemonArgs {
             discovery_timeout: Duration::from_secs(discovery),
             event_buffer_bytes: buffer_kib * 1024,
             state_dir: self.state_dir.or(file.state_dir).unwrap_or(defaults.state_dir),
+            backends,
             ..defaults
         })
     }
@@ -139,6 +168,33 @@ mod tests {
         let c = parse(&["natbinder", "daemon"]).unwrap();
         assert_eq!((c.min_port, c.lease.as_secs(), c.reconcile_interval.as_secs()), (1024, 3600, 60));
         assert!(c.cgroup.is_none());
+    }
+
+    #[test]
+    fn backends_are_chosen_on_the_command_line_or_in_the_file() {
+        use Backend::*;
+        assert_eq!(parse(&["natbinder", "daemon"]).unwrap().backends, vec![Upnp, Pcp, NatPmp]);
+        assert_eq!(parse(&["natbinder", "daemon", "--backend", "natpmp"]).unwrap().backends, vec![NatPmp]);
+        let c = parse(&["natbinder", "daemon", "--backend-order", "pcp,upnp"]).unwrap();
+        assert_eq!(c.backends, vec![Pcp, Upnp]);
+        let e = parse(&["natbinder", "daemon", "--backend", "igd"]).unwrap_err().to_string();
+        assert!(e.contains("igd") && e.contains("natpmp"), "{e}");
+        let e = parse(&["natbinder", "daemon", "--backend-order", "pcp,pcp"]).unwrap_err().to_string();
+        assert!(e.contains("twice"), "{e}");
+
+        let dir = std::env::temp_dir().join(format!("natbinder-cli-backend-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("natbinder.toml");
+        let f = file.to_str().unwrap();
+        std::fs::write(&file, "backend-order = [\"natpmp\", \"pcp\"]\n").unwrap();
+        assert_eq!(parse(&["natbinder", "daemon", "--config", f]).unwrap().backends, vec![NatPmp, Pcp]);
+        assert_eq!(parse(&["natbinder", "daemon", "--config", f, "--backend", "upnp"]).unwrap().backends, vec![Upnp]);
+        std::fs::write(&file, "backend = \"pcp\"\n").unwrap();
+        assert_eq!(parse(&["natbinder", "daemon", "--config", f]).unwrap().backends, vec![Pcp]);
+        std::fs::write(&file, "backend-order = [\"upnp\", \"nat-pmp\"]\n").unwrap();
+        let e = format!("{:#}", parse(&["natbinder", "daemon", "--config", f]).unwrap_err());
+        assert!(e.contains("backend-order") && e.contains("nat-pmp"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -19,6 +19,20 @@ pub struct ConfigFile {
     pub discovery_timeout_seconds: Option<u64>,
     pub event_buffer_kib: Option<u32>,
     pub state_dir: Option<PathBuf>,
+    pub backend: Option<BackendChoice>,
+    /// Names, checked when the configuration is validated: "upnp", "pcp", "natpmp".
+    pub backend_order: Option<Vec<String>>,
+}
+
+/// `backend`: which protocol maps ports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendChoice {
+    /// Probe them all and use the first in the backend order that answers.
+    Auto,
+    Upnp,
+    Pcp,
+    Natpmp,
 }
 
 impl ConfigFile {
@@ -51,6 +65,8 @@ mod tests {
             discovery-timeout-seconds = 5
             event-buffer-kib = 512
             state-dir = "/var/lib/natbinder"
+            backend = "auto"
+            backend-order = ["pcp", "natpmp", "upnp"]
         "#;
         let c = ConfigFile::parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(c.min_port, Some(2000));

@@ -15,7 +15,10 @@ const STORM_RECHECK: Duration = Duration::from_millis(500);
 
 use crate::{
     cgroup,
-    gateway::igd::IgdGateway,
+    gateway::{
+        pcp::NonceKey,
+        select::{self, Backend},
+    },
     journal::Journal,
     kernel::{self, KernelEvent, KernelHooks},
     netinfo, netwatch,
@@ -38,6 +41,8 @@ pub struct DaemonConfig {
     pub event_buffer_bytes: u32,
     /// Where the journal of mappings lives.
     pub state_dir: PathBuf,
+    /// The gateway protocols to use, best first (one: that one only).
+    pub backends: Vec<Backend>,
 }
 
 impl Default for DaemonConfig {
@@ -51,6 +56,7 @@ impl Default for DaemonConfig {
             shutdown_grace: Duration::from_secs(5),
             event_buffer_bytes: natbinder_common::EVENTS_BYTES,
             state_dir: PathBuf::from("/var/lib/natbinder"),
+            backends: select::DEFAULT_ORDER.to_vec(),
         }
     }
 }
@@ -82,6 +88,7 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
     resync_sockets(&shared, &mut hooks, &mut resync, &scope);
     let (stop_tx, stop_rx) = watch::channel(false);
     let journal = Journal::open(&config.state_dir)?;
+    let nonces = NonceKey::load_or_create(&config.state_dir)?;
     let reconciler = Reconciler::new(
         ReconcilerConfig {
             lease: config.lease,
@@ -95,13 +102,19 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
         journal,
     );
     let discovery_timeout = config.discovery_timeout;
-    let discover = move || async move {
-        let lan = tokio::task::spawn_blocking(netinfo::lan_info)
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("{e:#}"))?;
-        let gateway = IgdGateway::discover(&lan, discovery_timeout).await?;
-        Ok((gateway, lan))
+    let backends = config.backends.clone();
+    let names: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+    info!("gateway protocols, best first: {}", names.join(", "));
+    let discover = move || {
+        let (backends, nonces) = (backends.clone(), nonces.clone());
+        async move {
+            let lan = tokio::task::spawn_blocking(netinfo::lan_info)
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("{e:#}"))?;
+            let gateway = select::discover(&lan, &backends, discovery_timeout, &nonces).await?;
+            Ok((gateway, lan))
+        }
     };
     let watcher_task = tokio::spawn(netwatch::watch(shared.clone(), stop_rx.clone()));
     let reconciler_task = tokio::spawn(reconciler.run(discover, stop_rx));

@@ -23,11 +23,16 @@ use crate::journal::Journal;
 use tracing::{debug, info, warn};
 
 use crate::{
-    gateway::{AddError, Gateway, GatewayEntry, MappingRequest},
+    gateway::{AddError, Gateway, GatewayEntry, GatewayNews, MappingRequest},
     netinfo::LanInfo,
     table::{MappingKey, MappingState, Table, Work},
     Protocol,
 };
+
+/// How long a port another host holds is remembered on gateways that cannot list their table (NAT-PMP,
+/// PCP): binds of it fail with EADDRINUSE meanwhile. It is learned again, at the cost of one bind that
+/// cannot be reached, when a socket next wants it.
+const HELD_ELSEWHERE_MEMORY: Duration = Duration::from_secs(600);
 
 /// Prefix of every description natbinder writes; followed by this host's name.
 pub const TAG_PREFIX: &str = "natbinder@";
@@ -119,6 +124,10 @@ pub struct Reconciler<B: PortBlocklist> {
     pub permanent_only: std::sync::atomic::AtomicBool,
     /// The gateway's external address as last read, to report changes and double NAT once each.
     pub external_address: Mutex<Option<IpAddr>>,
+    /// Ports other hosts hold, learned from refused adds on gateways that cannot list their table.
+    held_elsewhere: Mutex<HashMap<MappingKey, (Ipv4Addr, Instant)>>,
+    /// Whether "another NAT sits in between" (PCP ADDRESS_MISMATCH) was reported for this gateway.
+    reported_nat_in_between: std::sync::atomic::AtomicBool,
 }
 
 impl<B: PortBlocklist> Reconciler<B> {
@@ -130,6 +139,8 @@ impl<B: PortBlocklist> Reconciler<B> {
             journal: Mutex::new(journal),
             permanent_only: Default::default(),
             external_address: Mutex::new(None),
+            held_elsewhere: Mutex::default(),
+            reported_nat_in_between: Default::default(),
         }
     }
 }
@@ -151,9 +162,21 @@ pub fn is_behind_another_nat(ip: IpAddr) -> bool {
 }
 
 enum Outcome {
-    /// The gateway stopped answering: find it again.
+    /// The gateway stopped answering, or the network changed: find it again.
     Rediscover,
-    Stop,
+    /// Shut down. `interrupted`: an add or renewal that was cut short, which the gateway may hold.
+    Stop { interrupted: Option<MappingKey> },
+}
+
+/// Resolves once `stop` turns true (the guard wait_for returns must not live across an await).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn work_key(work: &Work) -> MappingKey {
+    match work {
+        Work::Add { key, .. } | Work::Renew { key, .. } | Work::Delete { key } => *key,
+    }
 }
 
 impl<B: PortBlocklist> Reconciler<B> {
@@ -192,15 +215,16 @@ impl<B: PortBlocklist> Reconciler<B> {
                 }
             };
             last_discovery_error.clear();
-            info!("gateway: {}; this host is {} on its LAN", gateway.describe(), lan.local);
+            info!("gateway: {} ({}); this host is {} on its LAN", gateway.describe(), gateway.backend(), lan.local);
             self.permanent_only.store(false, std::sync::atomic::Ordering::SeqCst);
+            self.reported_nat_in_between.store(false, std::sync::atomic::Ordering::SeqCst);
             self.check_external_address(&gateway).await;
             // Whatever we believed about the gateway's table is stale after (re)discovery.
             self.shared.table.lock().unwrap().gateway_reset(Instant::now().into_std());
             let session = Instant::now();
             match self.serve(&gateway, &lan, &mut stop).await {
-                Outcome::Stop => {
-                    self.remove_all(&gateway, &lan).await;
+                Outcome::Stop { interrupted } => {
+                    self.remove_all(&gateway, interrupted).await;
                     return;
                 }
                 Outcome::Rediscover => {
@@ -234,23 +258,42 @@ impl<B: PortBlocklist> Reconciler<B> {
         let mut next_check = Instant::now() + self.config.interval;
         loop {
             if *stop.borrow() {
-                return Outcome::Stop;
+                return Outcome::Stop { interrupted: None };
             }
             let mut work = self.shared.table.lock().unwrap().due_work(Instant::now().into_std());
             if self.shared.adds_paused.load(std::sync::atomic::Ordering::SeqCst) {
                 work.retain(|w| !matches!(w, Work::Add { .. }));
             }
             for item in work {
-                if let Err(AddError::Unreachable(e)) = self.perform(gateway, lan, item).await {
+                let key = work_key(&item);
+                let adding = !matches!(item, Work::Delete { .. });
+                // NAT-PMP and PCP retransmit for up to two minutes to a silent gateway: a network change
+                // or a shutdown must not wait for that.
+                let result = tokio::select! {
+                    result = self.perform(gateway, lan, item) => result,
+                    _ = self.shared.gateway_changed.notified() => {
+                        info!("the gateway changed or restarted; finding it again and re-mapping");
+                        return Outcome::Rediscover;
+                    }
+                    _ = stopped(stop) => return Outcome::Stop { interrupted: adding.then_some(key) },
+                };
+                if let Err(AddError::Unreachable(e)) = result {
                     debug!("gateway unreachable: {e}");
                     return Outcome::Rediscover;
                 }
             }
             if Instant::now() >= next_check {
-                if let Err(AddError::Unreachable(_)) = self.check_gateway_table(gateway, lan, false).await {
+                let check = tokio::select! {
+                    check = self.check_gateway_table(gateway, lan, false) => check,
+                    _ = self.shared.gateway_changed.notified() => return Outcome::Rediscover,
+                    _ = stopped(stop) => return Outcome::Stop { interrupted: None },
+                };
+                if let Err(AddError::Unreachable(_)) = check {
                     return Outcome::Rediscover;
                 }
-                self.check_external_address(gateway).await;
+                if gateway.can_read_table() {
+                    self.check_external_address(gateway).await;
+                }
                 next_check = Instant::now() + self.config.interval;
                 continue;
             }
@@ -265,18 +308,40 @@ impl<B: PortBlocklist> Reconciler<B> {
                     return Outcome::Rediscover;
                 }
                 _ = self.shared.check_now.notified() => next_check = Instant::now(),
-                _ = stop.wait_for(|s| *s) => return Outcome::Stop,
+                news = gateway.news() => match news {
+                    GatewayNews::LostMappings(why) => {
+                        info!("{} lost its mappings ({why}); making them all again", gateway.describe());
+                        self.shared.table.lock().unwrap().gateway_reset(Instant::now().into_std());
+                    }
+                    GatewayNews::Changed => {
+                        self.check_external_address(gateway).await;
+                    }
+                },
+                _ = stopped(stop) => return Outcome::Stop { interrupted: None },
             }
         }
     }
 
     /// Reads the external address; reports a change, and a double NAT once per change.
     async fn check_external_address<G: Gateway>(&self, gateway: &G) -> Option<IpAddr> {
+        self.read_external_address(gateway).await.ok().flatten()
+    }
+
+    /// As [`Self::check_external_address`], but a gateway that does not answer is an error.
+    async fn read_external_address<G: Gateway>(&self, gateway: &G) -> Result<Option<IpAddr>, AddError> {
         let ip = match gateway.external_address().await {
             Ok(ip) => ip,
+            Err(AddError::Unreachable(e)) => {
+                warn!("could not read the gateway's external address: {e}");
+                return Err(AddError::Unreachable(e));
+            }
+            Err(AddError::Unsupported(why)) => {
+                debug!("the gateway's external address is not known yet: {why}");
+                return Ok(None);
+            }
             Err(e) => {
                 warn!("could not read the gateway's external address: {e}");
-                return None;
+                return Ok(None);
             }
         };
         let previous = self.external_address.lock().unwrap().replace(ip);
@@ -293,7 +358,7 @@ impl<B: PortBlocklist> Reconciler<B> {
                 );
             }
         }
-        Some(ip)
+        Ok(Some(ip))
     }
 
     /// The lease to ask for: the configured one, or none (permanent) on gateways that refuse leases.
@@ -364,29 +429,32 @@ impl<B: PortBlocklist> Reconciler<B> {
                 }
                 let started = Instant::now();
                 let mut lease = self.lease();
-                let mut result = gateway.add(&self.request(lan, key, &comm, lease)).await;
+                let mut result = gateway.add(&self.request(lan, key, &comm, lease)).await.map(|g| g.lease);
                 if let Err(AddError::PermanentOnly(why)) = &result {
                     if lease.is_zero() {
                         result = Err(AddError::Refused(format!("{why}, even without a lease")));
                     } else if self.accept_permanent_leases(gateway, why).await? {
                         lease = Duration::ZERO;
-                        result = gateway.add(&self.request(lan, key, &comm, lease)).await;
+                        result = gateway.add(&self.request(lan, key, &comm, lease)).await.map(|g| g.lease);
                     }
                 }
                 let now = Instant::now().into_std();
                 match result {
-                    Ok(()) => {
+                    Ok(granted) => {
+                        let lease = granted;
                         let lease_text = if lease.is_zero() {
                             "permanent".to_string()
                         } else {
                             format!("lease {}s", lease.as_secs())
                         };
                         info!(
-                            "mapped {key} -> {}:{} ({lease_text}) in {:.1} ms",
+                            "mapped {key} -> {}:{} via {} ({lease_text}) in {:.1} ms",
                             lan.local,
                             key.port,
+                            gateway.backend(),
                             started.elapsed().as_secs_f64() * 1e3
                         );
+                        self.held_elsewhere.lock().unwrap().remove(&key);
                         self.journal_record(key, lan, lease);
                         self.shared.table.lock().unwrap().record_mapped(key, lease, now);
                         Ok(())
@@ -398,8 +466,23 @@ impl<B: PortBlocklist> Reconciler<B> {
                             "{key} is held on the gateway by {who}: the socket is bound but not reachable from outside; \
                              further binds of this port will fail with EADDRINUSE"
                         );
-                        self.blocklist.block(key.protocol, key.port, holder.unwrap_or(Ipv4Addr::UNSPECIFIED));
+                        let holder_ip = holder.unwrap_or(Ipv4Addr::UNSPECIFIED);
+                        self.blocklist.block(key.protocol, key.port, holder_ip);
+                        if !gateway.can_read_table() {
+                            self.held_elsewhere.lock().unwrap().insert(key, (holder_ip, Instant::now()));
+                        }
                         self.shared.table.lock().unwrap().record_conflict(key, holder);
+                        Ok(())
+                    }
+                    Err(e @ AddError::BehindAnotherNat(_)) => {
+                        if !self.reported_nat_in_between.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                            warn!(
+                                "{e}. The gateway at {} is not on this host's LAN side of every NAT (double NAT): \
+                                 its mappings would not reach this host. Will retry in case the network changes",
+                                lan.gateway
+                            );
+                        }
+                        self.shared.table.lock().unwrap().record_failed(key, e.to_string(), now);
                         Ok(())
                     }
                     Err(AddError::Unreachable(e)) => {
@@ -410,7 +493,8 @@ impl<B: PortBlocklist> Reconciler<B> {
                         e @ (AddError::Refused(_)
                         | AddError::PermanentOnly(_)
                         | AddError::NoResources(_)
-                        | AddError::NotAuthorized(_)),
+                        | AddError::NotAuthorized(_)
+                        | AddError::Unsupported(_)),
                     ) => {
                         warn!("could not map {key}: {e}; will retry");
                         self.shared.table.lock().unwrap().record_failed(key, e.to_string(), now);
@@ -454,6 +538,9 @@ impl<B: PortBlocklist> Reconciler<B> {
     ///   wants them, deleted otherwise;
     /// * an Active mapping of ours that the gateway no longer lists is re-added.
     async fn check_gateway_table<G: Gateway>(&self, gateway: &G, lan: &LanInfo, startup: bool) -> Result<(), AddError> {
+        if !gateway.can_read_table() {
+            return self.check_without_table(gateway, lan, startup).await;
+        }
         let entries = match gateway.list().await {
             Ok(entries) => entries,
             Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
@@ -603,9 +690,74 @@ impl<B: PortBlocklist> Reconciler<B> {
         Ok(())
     }
 
-    /// Shutdown: delete every mapping we hold, within the grace period.
-    async fn remove_all<G: Gateway>(&self, gateway: &G, _lan: &LanInfo) {
-        let keys = self.shared.table.lock().unwrap().active_keys();
+    /// For gateways whose table cannot be read (NAT-PMP, PCP). Renewals keep our mappings there, and
+    /// the epoch in every reply shows a gateway that lost them; this check adds:
+    /// * an exchange now (its epoch is checked, and the external address read where the protocol can);
+    /// * at start-up, the journal's mappings for this gateway that no socket wants are deleted (the
+    ///   protocols name a mapping by this host, protocol and port, and PCP's nonce is derived again);
+    ///   the ones a socket wants are renewed now;
+    /// * ports learned to be held by other hosts become the EADDRINUSE set, for a while, and each
+    ///   socket refused that way is tried again, in case the port came free.
+    async fn check_without_table<G: Gateway>(&self, gateway: &G, lan: &LanInfo, startup: bool) -> Result<(), AddError> {
+        self.read_external_address(gateway).await?;
+        let now = Instant::now().into_std();
+        if startup {
+            let journalled: Vec<MappingKey> = self
+                .journal
+                .lock()
+                .unwrap()
+                .entries()
+                .filter(|j| j.gateway == lan.gateway && j.internal_client == lan.local)
+                .filter_map(|j| j.key())
+                .collect();
+            for key in journalled {
+                if self.shared.table.lock().unwrap().adopt_existing(key, now) {
+                    continue;
+                }
+                match gateway.delete(key.protocol, key.port).await {
+                    Ok(()) => {
+                        info!(
+                            "removed {key}, left on the gateway by an earlier natbinder run with no socket needing it"
+                        );
+                        self.journal_forget(&key);
+                    }
+                    Err(AddError::Unreachable(e)) => return Err(AddError::Unreachable(e)),
+                    Err(e) => {
+                        warn!("could not remove {key}, left by an earlier natbinder run: {e}; its lease will end it")
+                    }
+                }
+            }
+        }
+        let held: Vec<(Protocol, u16, Ipv4Addr)> = {
+            let mut learned = self.held_elsewhere.lock().unwrap();
+            let fresh = Instant::now();
+            learned.retain(|_, (_, when)| fresh.duration_since(*when) < HELD_ELSEWHERE_MEMORY);
+            learned.iter().map(|(k, (ip, _))| (k.protocol, k.port, *ip)).collect()
+        };
+        self.blocklist.replace_all(&held);
+        {
+            let mut table = self.shared.table.lock().unwrap();
+            let refused: Vec<MappingKey> = table
+                .mappings()
+                .filter(|(_, m)| matches!(m.state, MappingState::Conflict { .. }) && !m.sockets.is_empty())
+                .map(|(k, _)| *k)
+                .collect();
+            for key in refused {
+                debug!("{key} was held by another host: trying again");
+                table.record_deleted(key, now);
+            }
+        }
+        self.shared.wake.notify_one();
+        Ok(())
+    }
+
+    /// Shutdown: delete every mapping we hold, within the grace period, and `interrupted`, an add
+    /// that was cut short and may have reached the gateway.
+    async fn remove_all<G: Gateway>(&self, gateway: &G, interrupted: Option<MappingKey>) {
+        let mut keys = self.shared.table.lock().unwrap().active_keys();
+        if let Some(key) = interrupted.filter(|k| !keys.contains(k)) {
+            keys.push(key);
+        }
         let deadline = Instant::now() + self.config.shutdown_grace;
         for key in keys {
             match tokio::time::timeout_at(deadline, gateway.delete(key.protocol, key.port)).await {

@@ -1,8 +1,58 @@
 //! End-to-end: unmodified programs on lan1, natbinder on lan1, miniupnpd on the gateway, and the WAN
 //! peer checking what it can reach. Each test says what a user would see.
+//!
+//! Every scenario runs three times (modules `upnp`, `pcp`, `natpmp` below): against miniupnpd speaking
+//! UPnP IGD, and against miniupnpd with UPnP turned off, natbinder using PCP and then NAT-PMP. What the
+//! tests read of the gateway's table comes from its nftables rules, whatever protocol made them.
 use std::time::{Duration, Instant};
 
 use natbinder_tests::*;
+
+/// Which protocol the gateway speaks to natbinder in a scenario.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Gw {
+    /// miniupnpd with UPnP IGD (and NAT-PMP/PCP off), natbinder choosing on its own.
+    Upnp,
+    /// miniupnpd with UPnP off; natbinder chooses on its own, and PCP is what answers first.
+    Pcp,
+    /// miniupnpd with UPnP off; natbinder told to use NAT-PMP.
+    NatPmp,
+}
+
+impl Gw {
+    fn lab(self) -> LabConfig {
+        match self {
+            Gw::Upnp => LabConfig::default(),
+            Gw::Pcp | Gw::NatPmp => LabConfig { upnp: false, natpmp: true, ..LabConfig::default() },
+        }
+    }
+
+    fn daemon_args(self) -> &'static [&'static str] {
+        match self {
+            Gw::Upnp | Gw::Pcp => &[],
+            Gw::NatPmp => &["--backend", "natpmp"],
+        }
+    }
+
+    /// What the daemon logs for each mapping it makes ("mapped tcp/8080 -> ... via PCP").
+    fn via(self) -> &'static str {
+        match self {
+            Gw::Upnp => "via UPnP IGD",
+            Gw::Pcp => "via PCP",
+            Gw::NatPmp => "via NAT-PMP",
+        }
+    }
+
+    fn harness(self) -> Harness {
+        self.harness_with(&[])
+    }
+
+    fn harness_with(self, extra: &[&str]) -> Harness {
+        let mut args = self.daemon_args().to_vec();
+        args.extend_from_slice(extra);
+        Harness::start_with(self.lab(), &args).unwrap()
+    }
+}
 
 /// A generous safety net for "eventually"; real latencies are a few milliseconds.
 const LIMIT: Duration = Duration::from_secs(10);
@@ -26,9 +76,8 @@ fn wait_unmapped(h: &Harness, protocol: &str, port: u16) -> bool {
     wait_for(LIMIT, || h.mapping(protocol, port).is_none().then_some(())).is_some()
 }
 
-#[test]
-fn tcp_and_udp_servers_on_wildcard_are_reachable_from_the_wan() {
-    let mut h = Harness::start().unwrap();
+fn tcp_and_udp_servers_on_wildcard_are_reachable_from_the_wan(gw: Gw) {
+    let mut h = gw.harness();
     let (_tcp, _o1) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
     let (_udp, _o2) = h.app("game", &["udp-echo", "0.0.0.0:27015"]).unwrap();
     // TCP and UDP on the same port are two mappings.
@@ -42,12 +91,15 @@ fn tcp_and_udp_servers_on_wildcard_are_reachable_from_the_wan() {
 
     let m = h.mapping("TCP", 8080).expect("TCP 8080 mapped");
     assert_eq!((m.internal_client, m.internal_port), (LAN1_IP, 8080));
-    assert!(m.description.starts_with("natbinder@"), "description names natbinder: {:?}", m.description);
+    if gw == Gw::Upnp {
+        // NAT-PMP and PCP carry no description.
+        assert!(m.description.starts_with("natbinder@"), "description names natbinder: {:?}", m.description);
+    }
+    assert!(h.daemon().log_text().contains(gw.via()), "the log says which protocol serves:\n{}", h.daemon().log_text());
 }
 
-#[test]
-fn dual_stack_server_is_reachable_over_ipv4_and_ipv6_only_is_not_mapped() {
-    let mut h = Harness::start().unwrap();
+fn dual_stack_server_is_reachable_over_ipv4_and_ipv6_only_is_not_mapped(gw: Gw) {
+    let mut h = gw.harness();
     let (_v6only, _o) = h.app("v6only", &["tcp-echo", "[::]:8443", "--v6only"]).unwrap();
     let (_dual, _o2) = h.app("dual", &["tcp-echo", "[::]:8444"]).unwrap();
     assert_eq!(reachable_tcp(&h, 8444).as_deref(), Some("dual:ping"));
@@ -56,9 +108,8 @@ fn dual_stack_server_is_reachable_over_ipv4_and_ipv6_only_is_not_mapped() {
     assert_eq!(tcp_from_wan(&h.lab, 8443, "ping"), Reach::Refused);
 }
 
-#[test]
-fn loopback_specific_address_privileged_ephemeral_and_foreign_namespace_binds_are_not_forwarded() {
-    let mut h = Harness::start().unwrap();
+fn loopback_specific_address_privileged_ephemeral_and_foreign_namespace_binds_are_not_forwarded(gw: Gw) {
+    let mut h = gw.harness();
     let lan1_specific = format!("{LAN1_IP}:8091");
     let (_lo, _a) = h.app("loopback", &["tcp-echo", "127.0.0.1:8090"]).unwrap();
     let (_sp, _b) = h.app("specific", &["tcp-echo", &lan1_specific]).unwrap();
@@ -81,9 +132,8 @@ fn loopback_specific_address_privileged_ephemeral_and_foreign_namespace_binds_ar
     assert!(!matches!(udp_from_wan(&h.lab, eph_udp.port, "ping"), Reach::Answered(_)));
 }
 
-#[test]
-fn forwarding_ends_when_the_socket_is_closed() {
-    let mut h = Harness::start().unwrap();
+fn forwarding_ends_when_the_socket_is_closed(gw: Gw) {
+    let mut h = gw.harness();
     let (mut tcp, mut tcp_out) = h.app("tcp", &["tcp-echo", "0.0.0.0:8100", "--close-on-stdin"]).unwrap();
     let (mut udp, mut udp_out) = h.app("udp", &["udp-echo", "0.0.0.0:8101", "--close-on-stdin"]).unwrap();
     assert_eq!(reachable_tcp(&h, 8100).as_deref(), Some("tcp:ping"));
@@ -104,9 +154,8 @@ fn forwarding_ends_when_the_socket_is_closed() {
     assert!(!matches!(udp_from_wan(&h.lab, 8101, "ping"), Reach::Answered(_)));
 }
 
-#[test]
-fn forwarding_ends_when_the_program_is_killed() {
-    let mut h = Harness::start().unwrap();
+fn forwarding_ends_when_the_program_is_killed(gw: Gw) {
+    let mut h = gw.harness();
     let (tcp, _o) = h.app("victim", &["tcp-echo", "0.0.0.0:8200"]).unwrap();
     let (udp, _o2) = h.app("victim", &["udp-echo", "0.0.0.0:8201"]).unwrap();
     assert!(reachable_tcp(&h, 8200).is_some());
@@ -118,9 +167,8 @@ fn forwarding_ends_when_the_program_is_killed() {
     assert_eq!(tcp_from_wan(&h.lab, 8200, "ping"), Reach::Refused);
 }
 
-#[test]
-fn sockets_sharing_a_port_keep_one_mapping_until_the_last_is_released() {
-    let mut h = Harness::start().unwrap();
+fn sockets_sharing_a_port_keep_one_mapping_until_the_last_is_released(gw: Gw) {
+    let mut h = gw.harness();
     let (first, _o1) = h.app("first", &["tcp-echo", "0.0.0.0:8700", "--reuseport"]).unwrap();
     let (second, _o2) = h.app("second", &["tcp-echo", "0.0.0.0:8700", "--reuseport"]).unwrap();
     assert!(reachable_tcp(&h, 8700).is_some());
@@ -144,14 +192,22 @@ fn tcp_from_wan_answer(h: &Harness, port: u16) -> Option<String> {
     answered(tcp_from_wan(&h.lab, port, "ping"))
 }
 
-#[test]
-fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse() {
-    let mut h = Harness::lab_only(LabConfig::default()).unwrap();
+fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse(gw: Gw) {
+    let mut h = Harness::lab_only(gw.lab()).unwrap();
     // Another LAN host holds the odd ports of 10000-10009 on the gateway.
     for port in (10001..=10009).step_by(2) {
         h.lab.lan2_maps("TCP", port).unwrap();
     }
-    h.start_daemon(&[]).unwrap();
+    h.start_daemon(gw.daemon_args()).unwrap();
+    if gw != Gw::Upnp {
+        // NAT-PMP and PCP cannot list the gateway's table: a port another host holds is learned when
+        // mapping it is refused, so the first bind of each still succeeds (and is not reachable).
+        // Scouts learn them here; every bind after that fails as with UPnP IGD, for ten minutes.
+        for port in (10001..=10009).step_by(2) {
+            let (_scout, _o) = h.app("scout", &["tcp-echo", &format!("0.0.0.0:{port}")]).unwrap();
+            h.daemon().wait_log(&format!("tcp/{port} is held on the gateway"), LIMIT).unwrap();
+        }
+    }
 
     let mut apps = Vec::new();
     for i in 0..5 {
@@ -181,9 +237,8 @@ fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse() {
     assert!(h.daemon().log_text().contains("EADDRINUSE"), "the daemon explains refused binds");
 }
 
-#[test]
-fn a_port_another_host_maps_later_is_refused_after_the_next_check() {
-    let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", "1"]).unwrap();
+fn a_port_another_host_maps_later_is_refused_after_the_next_check(gw: Gw) {
+    let mut h = gw.harness_with(&["--reconcile-interval", "1"]);
     h.lab.lan2_maps("UDP", 6881).unwrap();
     let refused = wait_for(LIMIT, || match h.app("late", &["udp-echo", "0.0.0.0:6881"]) {
         Err(e) if e.to_string().contains("Address already in use") => Some(()),
@@ -195,9 +250,8 @@ fn a_port_another_host_maps_later_is_refused_after_the_next_check() {
     assert!(reachable_tcp(&h, 6881).is_some());
 }
 
-#[test]
-fn sigterm_removes_every_mapping_and_later_binds_are_untouched() {
-    let mut h = Harness::start().unwrap();
+fn sigterm_removes_every_mapping_and_later_binds_are_untouched(gw: Gw) {
+    let mut h = gw.harness();
     h.lab.lan2_maps("TCP", 8400).unwrap();
     let (_a, _o) = h.app("a", &["tcp-echo", "0.0.0.0:8401"]).unwrap();
     let (_b, _o2) = h.app("b", &["udp-echo", "0.0.0.0:8402"]).unwrap();
@@ -222,22 +276,20 @@ fn sigterm_removes_every_mapping_and_later_binds_are_untouched() {
     assert!(h.mapping("TCP", 8403).is_none(), "a bind after shutdown was forwarded");
 }
 
-#[test]
-fn a_restarted_daemon_removes_what_an_earlier_run_left_behind() {
-    let mut h = Harness::start().unwrap();
+fn a_restarted_daemon_removes_what_an_earlier_run_left_behind(gw: Gw) {
+    let mut h = gw.harness();
     let (app, _o) = h.app("orphan", &["tcp-echo", "0.0.0.0:8500"]).unwrap();
     assert!(reachable_tcp(&h, 8500).is_some());
     h.daemon().stop(libc::SIGKILL, LIMIT).unwrap();
     drop(app);
     assert!(h.mapping("TCP", 8500).is_some(), "precondition: a SIGKILLed daemon cannot clean up");
-    h.start_daemon(&[]).unwrap();
+    h.start_daemon(gw.daemon_args()).unwrap();
     assert!(h.mapping("TCP", 8500).is_none(), "the stale mapping survived the restart");
     assert!(h.daemon().log_text().contains("earlier natbinder run"));
 }
 
-#[test]
-fn bind_never_waits_for_a_silent_gateway() {
-    let mut h = Harness::start().unwrap();
+fn bind_never_waits_for_a_silent_gateway(gw: Gw) {
+    let mut h = gw.harness();
     let (_warm, _o) = h.app("warm", &["tcp-echo", "0.0.0.0:8600"]).unwrap();
     assert!(reachable_tcp(&h, 8600).is_some());
     // Freeze the real gateway: its HTTP server accepts nothing while stopped.
@@ -258,3 +310,70 @@ fn bind_never_waits_for_a_silent_gateway() {
         assert!(reachable_tcp(&h, port).is_some(), "{port} not reachable after the gateway came back");
     }
 }
+
+macro_rules! scenarios {
+    ($module:ident, $gw:expr) => {
+        mod $module {
+            use super::*;
+
+            #[test]
+            fn tcp_and_udp_servers_on_wildcard_are_reachable_from_the_wan() {
+                super::tcp_and_udp_servers_on_wildcard_are_reachable_from_the_wan($gw)
+            }
+
+            #[test]
+            fn dual_stack_server_is_reachable_over_ipv4_and_ipv6_only_is_not_mapped() {
+                super::dual_stack_server_is_reachable_over_ipv4_and_ipv6_only_is_not_mapped($gw)
+            }
+
+            #[test]
+            fn loopback_specific_address_privileged_ephemeral_and_foreign_namespace_binds_are_not_forwarded() {
+                super::loopback_specific_address_privileged_ephemeral_and_foreign_namespace_binds_are_not_forwarded($gw)
+            }
+
+            #[test]
+            fn forwarding_ends_when_the_socket_is_closed() {
+                super::forwarding_ends_when_the_socket_is_closed($gw)
+            }
+
+            #[test]
+            fn forwarding_ends_when_the_program_is_killed() {
+                super::forwarding_ends_when_the_program_is_killed($gw)
+            }
+
+            #[test]
+            fn sockets_sharing_a_port_keep_one_mapping_until_the_last_is_released() {
+                super::sockets_sharing_a_port_keep_one_mapping_until_the_last_is_released($gw)
+            }
+
+            #[test]
+            fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse() {
+                super::rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse($gw)
+            }
+
+            #[test]
+            fn a_port_another_host_maps_later_is_refused_after_the_next_check() {
+                super::a_port_another_host_maps_later_is_refused_after_the_next_check($gw)
+            }
+
+            #[test]
+            fn sigterm_removes_every_mapping_and_later_binds_are_untouched() {
+                super::sigterm_removes_every_mapping_and_later_binds_are_untouched($gw)
+            }
+
+            #[test]
+            fn a_restarted_daemon_removes_what_an_earlier_run_left_behind() {
+                super::a_restarted_daemon_removes_what_an_earlier_run_left_behind($gw)
+            }
+
+            #[test]
+            fn bind_never_waits_for_a_silent_gateway() {
+                super::bind_never_waits_for_a_silent_gateway($gw)
+            }
+        }
+    };
+}
+
+scenarios!(upnp, Gw::Upnp);
+scenarios!(pcp, Gw::Pcp);
+scenarios!(natpmp, Gw::NatPmp);

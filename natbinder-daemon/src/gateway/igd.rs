@@ -12,7 +12,7 @@ use igd_next::{
 
 use super::{
     igd_soap::{self, PortListingQuery, SoapError},
-    AddError, Gateway, GatewayEntry, MappingRequest,
+    AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest,
 };
 use crate::{netinfo::LanInfo, Protocol};
 
@@ -49,7 +49,17 @@ impl IgdGateway {
             igd_next::aio::tokio::search_gateway(options)
         };
         let unicast_wait = (timeout / 3).max(Duration::from_millis(300));
-        let found = match search(SocketAddr::new(IpAddr::V4(lan.gateway), 1900), unicast_wait).await {
+        let unicast = match ssdp_precheck(lan, unicast_wait).await {
+            SsdpPrecheck::PortUnreachable => {
+                return Err(format!(
+                    "the gateway {} runs no SSDP server (ICMP port unreachable on port 1900)",
+                    lan.gateway
+                ))
+            }
+            SsdpPrecheck::Answered => search(SocketAddr::new(IpAddr::V4(lan.gateway), 1900), unicast_wait).await,
+            SsdpPrecheck::Silent => Err(igd_next::SearchError::NoResponseWithinTimeout),
+        };
+        let found = match unicast {
             Ok(found) => found,
             Err(_) => search("239.255.255.250:1900".parse().unwrap(), timeout)
                 .await
@@ -62,6 +72,41 @@ impl IgdGateway {
             ));
         }
         Ok(Self { inner: found })
+    }
+}
+
+enum SsdpPrecheck {
+    /// ICMP port unreachable: nothing listens for SSDP on the gateway (UPnP turned off, while NAT-PMP
+    /// or PCP may answer). No need to wait out a multicast search.
+    PortUnreachable,
+    /// The gateway answers unicast searches.
+    Answered,
+    /// No answer: it may answer only multicast searches.
+    Silent,
+}
+
+/// One unicast M-SEARCH to the gateway from a connected socket, which is what sees an ICMP error.
+async fn ssdp_precheck(lan: &LanInfo, wait: Duration) -> SsdpPrecheck {
+    let search = format!(
+        "M-SEARCH * HTTP/1.1\r\nHOST: {}:1900\r\nST: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\
+         MAN: \"ssdp:discover\"\r\nMX: 1\r\n\r\n",
+        lan.gateway
+    );
+    let refused = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionRefused;
+    let Ok(socket) = tokio::net::UdpSocket::bind(SocketAddr::new(IpAddr::V4(lan.local), 0)).await else {
+        return SsdpPrecheck::Answered;
+    };
+    if socket.connect(SocketAddr::new(IpAddr::V4(lan.gateway), 1900)).await.is_err() {
+        return SsdpPrecheck::Answered;
+    }
+    if let Err(e) = socket.send(search.as_bytes()).await {
+        return if refused(&e) { SsdpPrecheck::PortUnreachable } else { SsdpPrecheck::Answered };
+    }
+    let mut buf = [0u8; 2048];
+    match tokio::time::timeout(wait, socket.recv(&mut buf)).await {
+        Ok(Err(e)) if refused(&e) => SsdpPrecheck::PortUnreachable,
+        Ok(_) => SsdpPrecheck::Answered,
+        Err(_) => SsdpPrecheck::Silent,
     }
 }
 
@@ -87,14 +132,18 @@ impl Gateway for IgdGateway {
         format!("UPnP IGD at {} ({})", self.inner.addr, self.inner.service_type)
     }
 
-    async fn add(&self, request: &MappingRequest) -> Result<(), AddError> {
+    fn backend(&self) -> Backend {
+        Backend::Upnp
+    }
+
+    async fn add(&self, request: &MappingRequest) -> Result<Granted, AddError> {
         let local = SocketAddr::new(IpAddr::V4(request.internal_client), request.port);
         // IGDv2 caps leases at a week; 0 asks for a permanent mapping.
         let lease = request.lease.as_secs().clamp(1, 604_800) as u32;
         let lease = if request.lease.is_zero() { 0 } else { lease };
         let add = self.inner.add_port(igd_protocol(request.protocol), request.port, local, lease, &request.description);
         bounded(async {
-            add.await.map_err(|e| match e {
+            add.await.map(|()| Granted { lease: request.lease }).map_err(|e| match e {
                 AddPortError::PortInUse => AddError::Conflict,
                 AddPortError::OnlyPermanentLeasesSupported => AddError::PermanentOnly("UPnP error 725".into()),
                 AddPortError::ActionNotAuthorized => AddError::NotAuthorized("UPnP error 606".into()),

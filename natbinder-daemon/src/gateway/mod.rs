@@ -1,11 +1,21 @@
 //! Talking to the LAN gateway. The reconciler drives any [`Gateway`]; each protocol lives in its own
-//! module (UPnP IGD in [`igd`]; NAT-PMP and PCP later) so that the table and reconciler never see wire
-//! details.
+//! modules so that the table and reconciler never see wire details:
+//! * UPnP IGD: [`igd`] (through igd-next), [`igd_soap`] (the calls igd-next lacks), [`ssdp_notify`];
+//! * NAT-PMP and PCP: [`pmp_wire`] (the packets), [`pmp_client`] (one exchange at a time with
+//!   retransmission, the epoch rule, announcements), [`natpmp`] and [`pcp`] (the mapping calls);
+//! * [`select`]: which of them serves, probed side by side.
 pub mod igd;
 pub mod igd_soap;
+pub mod natpmp;
+pub mod pcp;
+pub mod pmp_client;
+pub mod pmp_wire;
+pub mod select;
 pub mod ssdp_notify;
 
 use std::{future::Future, net::Ipv4Addr, time::Duration};
+
+pub use select::Backend;
 
 use crate::Protocol;
 
@@ -57,16 +67,54 @@ pub enum AddError {
     /// The gateway does not let this host map (IGD 606, e.g. miniupnpd's secure mode or allow rules).
     #[error("the gateway does not allow this mapping: {0}")]
     NotAuthorized(String),
+    /// The gateway saw this host's requests come from another address than the host's own: another
+    /// NAT sits between this host and the gateway (PCP ADDRESS_MISMATCH). Retried with backoff.
+    #[error("another NAT sits between this host and the gateway: {0}")]
+    BehindAnotherNat(String),
     /// The gateway answered with another refusal; retried with backoff.
     #[error("the gateway refused the mapping: {0}")]
     Refused(String),
+    /// The protocol cannot do this at all (NAT-PMP and PCP cannot list the gateway's table).
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+/// What the gateway granted for an add.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Granted {
+    /// The lease it will keep the mapping for; zero for a permanent mapping. NAT-PMP and PCP gateways
+    /// may grant less than asked (VPN gateways often grant 60 s): renewals follow what was granted.
+    pub lease: Duration,
+}
+
+/// News a gateway gives on its own, between calls.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GatewayNews {
+    /// The gateway lost its mappings (it restarted: its epoch went back, or it announced so): every
+    /// mapping must be made again.
+    LostMappings(String),
+    /// It announced something (a restart, a new external address), or a reply showed a new external
+    /// address: read its external address again (an exchange, whose epoch is checked too).
+    Changed,
 }
 
 /// A gateway that maps ports. Implementations must bound every call in time.
 pub trait Gateway: Send + Sync + 'static {
     /// Short human description for logs, e.g. "UPnP IGD at 192.168.1.1:5000".
     fn describe(&self) -> String;
-    fn add(&self, request: &MappingRequest) -> impl Future<Output = Result<(), AddError>> + Send;
+    /// The protocol it speaks, for logs and status.
+    fn backend(&self) -> Backend;
+    /// Whether the gateway's table can be read ([`Gateway::list`] or [`Gateway::lookup`]). Without it
+    /// (NAT-PMP, PCP) a mapping is checked by renewing it, a restart is seen in the epoch, and ports
+    /// other hosts hold are learned when an add is refused.
+    fn can_read_table(&self) -> bool {
+        true
+    }
+    /// Resolves when the gateway tells something between calls. Pending forever by default.
+    fn news(&self) -> impl Future<Output = GatewayNews> + Send {
+        std::future::pending()
+    }
+    fn add(&self, request: &MappingRequest) -> impl Future<Output = Result<Granted, AddError>> + Send;
     /// Deleting a mapping that is not there is success.
     fn delete(&self, protocol: Protocol, port: u16) -> impl Future<Output = Result<(), AddError>> + Send;
     /// The whole table, as far as the gateway lets this host see it.

@@ -13,7 +13,12 @@ use std::{
 use tokio::{sync::watch, task::JoinHandle, time::Instant};
 
 use super::*;
-use crate::{kernel::BoundSocket, table::MappingState, Family};
+use crate::{
+    gateway::{Backend, Granted},
+    kernel::BoundSocket,
+    table::MappingState,
+    Family,
+};
 
 const LOCAL: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
 const ROUTER: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
@@ -61,6 +66,15 @@ struct GatewayState {
     list_unsupported: bool,
     /// How long each answer takes (the call takes effect at once, the reply comes later).
     latency: Duration,
+    /// Speaks NAT-PMP/PCP rather than UPnP IGD: the table cannot be read, and it tells of lost
+    /// mappings through `news`.
+    port_control: bool,
+    /// Grants this lease whatever is asked (NAT-PMP/PCP gateways may grant less).
+    grant: Option<Duration>,
+    /// News not yet taken by the reconciler.
+    news: Vec<GatewayNews>,
+    /// Answers adds as a PCP server behind another NAT does (ADDRESS_MISMATCH).
+    behind_another_nat: bool,
 }
 
 /// An in-memory UPnP IGD. The table is keyed by (protocol, external port) and shared by every handle.
@@ -79,10 +93,16 @@ struct GatewayState {
 /// * slow answers: [`FakeGateway::slow`], so that the table can change while a call is in flight.
 ///
 /// Deleting works on any entry, whoever made it (as on IGDv1), so a wrongful delete shows.
+///
+/// As a NAT-PMP/PCP gateway ([`FakeGateway::port_control`]): the table cannot be listed or looked up,
+/// leases may be cut short ([`FakeGateway::grant`]), a restart loses every mapping and says so through
+/// `news` ([`FakeGateway::lose_mappings`]), and an upstream NAT shows as ADDRESS_MISMATCH
+/// ([`FakeGateway::behind_another_nat`]).
 #[derive(Clone, Default)]
 struct FakeGateway {
     state: Arc<Mutex<GatewayState>>,
     generation: u64,
+    news: Arc<tokio::sync::Notify>,
 }
 
 impl FakeGateway {
@@ -97,7 +117,26 @@ impl FakeGateway {
             s.undiscoverable -= 1;
             return Err("no UPnP IGD answered SSDP".into());
         }
-        Ok(Self { state: self.state.clone(), generation: s.generation })
+        Ok(Self { state: self.state.clone(), generation: s.generation, news: self.news.clone() })
+    }
+
+    fn port_control() -> Self {
+        let gw = Self::default();
+        gw.state.lock().unwrap().port_control = true;
+        gw
+    }
+    fn grant(&self, lease: Duration) {
+        self.state.lock().unwrap().grant = Some(lease);
+    }
+    /// A NAT-PMP/PCP gateway restarts: its table is empty and its epoch tells so.
+    fn lose_mappings(&self) {
+        let mut s = self.state.lock().unwrap();
+        s.entries.clear();
+        s.news.push(GatewayNews::LostMappings("epoch went back".into()));
+        self.news.notify_one();
+    }
+    fn behind_another_nat(&self, yes: bool) {
+        self.state.lock().unwrap().behind_another_nat = yes;
     }
 
     fn insert(&self, entry: GatewayEntry) {
@@ -179,9 +218,13 @@ impl FakeGateway {
         Ok(s)
     }
 
-    fn do_add(&self, r: &MappingRequest) -> Result<(), AddError> {
+    fn do_add(&self, r: &MappingRequest) -> Result<Granted, AddError> {
         let mut s = self.enter(CallKind::Add(r.clone()))?;
         let key = (r.protocol, r.port);
+        if s.behind_another_nat {
+            return Err(AddError::BehindAnotherNat("PCP result 12 ADDRESS_MISMATCH".into()));
+        }
+        let lease = s.grant.unwrap_or(r.lease);
         if let Some(left) = s.refuse.get_mut(&key).filter(|n| **n > 0) {
             *left -= 1;
             return Err(AddError::Refused("UPnP error 501 ActionFailed".into()));
@@ -195,11 +238,11 @@ impl FakeGateway {
             internal_client: r.internal_client.to_string(),
             internal_port: r.port,
             description: r.description.clone(),
-            lease_secs: r.lease.as_secs() as u32,
+            lease_secs: lease.as_secs() as u32,
             enabled: true,
         };
         s.entries.insert(key, entry);
-        Ok(())
+        Ok(Granted { lease })
     }
 }
 
@@ -208,7 +251,29 @@ impl Gateway for FakeGateway {
         format!("fake IGD at {ROUTER}")
     }
 
-    async fn add(&self, request: &MappingRequest) -> Result<(), AddError> {
+    fn backend(&self) -> Backend {
+        if self.state.lock().unwrap().port_control {
+            Backend::Pcp
+        } else {
+            Backend::Upnp
+        }
+    }
+
+    fn can_read_table(&self) -> bool {
+        !self.state.lock().unwrap().port_control
+    }
+
+    async fn news(&self) -> GatewayNews {
+        loop {
+            let notified = self.news.notified();
+            if let Some(news) = self.state.lock().unwrap().news.pop() {
+                return news;
+            }
+            notified.await;
+        }
+    }
+
+    async fn add(&self, request: &MappingRequest) -> Result<Granted, AddError> {
         let result = self.do_add(request);
         self.reply().await;
         result
@@ -224,7 +289,9 @@ impl Gateway for FakeGateway {
 
     async fn list(&self) -> Result<Vec<GatewayEntry>, AddError> {
         let result = self.enter(CallKind::List).and_then(|s| {
-            if s.list_unsupported {
+            if s.port_control {
+                Err(AddError::Unsupported("PCP cannot list the gateway's mappings"))
+            } else if s.list_unsupported {
                 Err(AddError::Refused("UPnP error 401 Invalid Action".into()))
             } else {
                 Ok(s.entries.values().cloned().collect())
@@ -235,7 +302,13 @@ impl Gateway for FakeGateway {
     }
 
     async fn lookup(&self, protocol: Protocol, port: u16) -> Result<Option<GatewayEntry>, AddError> {
-        let result = self.enter(CallKind::Lookup(protocol, port)).map(|s| s.entries.get(&(protocol, port)).cloned());
+        let result = self.enter(CallKind::Lookup(protocol, port)).and_then(|s| {
+            if s.port_control {
+                Err(AddError::Unsupported("PCP cannot look up a mapping"))
+            } else {
+                Ok(s.entries.get(&(protocol, port)).cloned())
+            }
+        });
         self.reply().await;
         result
     }
@@ -341,6 +414,15 @@ struct Harness {
 impl Harness {
     /// Starts `Reconciler::run` with `bound` already in the table (sockets found at start-up).
     fn start_with(gateway: &FakeGateway, config: ReconcilerConfig, bound: &[BoundSocket]) -> Self {
+        Self::start_with_journal(gateway, config, bound, Journal::in_memory())
+    }
+
+    fn start_with_journal(
+        gateway: &FakeGateway,
+        config: ReconcilerConfig,
+        bound: &[BoundSocket],
+        journal: Journal,
+    ) -> Self {
         let shared = Arc::new(Shared::default());
         for socket in bound {
             shared.table.lock().unwrap().add_socket(socket.clone(), true, Instant::now().into_std());
@@ -348,7 +430,7 @@ impl Harness {
         let blocklist = FakeBlocklist::default();
         let discoveries = Arc::new(AtomicUsize::new(0));
         let (stop, stop_rx) = watch::channel(false);
-        let reconciler = Reconciler::new(config, shared.clone(), blocklist.clone(), Journal::in_memory());
+        let reconciler = Reconciler::new(config, shared.clone(), blocklist.clone(), journal);
         let (found, count) = (gateway.clone(), discoveries.clone());
         let discover = move || {
             count.fetch_add(1, Ordering::SeqCst);
@@ -783,4 +865,139 @@ fn descriptions_are_sanitised_truncated_and_recognised() {
     assert!(!is_ours("Skype", "testbox"));
     assert!(!is_ours("natbinder testbox nginx", "testbox"));
     assert!(!is_ours("NATBINDER@testbox nginx", "testbox"));
+}
+
+// ---------------------------------------------------------------------------------------------------
+// NAT-PMP/PCP-like gateways: no table to read, granted leases, news of lost mappings
+// ---------------------------------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_shorter_lease_than_asked_is_renewed_at_half_of_what_was_granted() {
+    let gw = FakeGateway::port_control();
+    // A VPN provider's NAT-PMP gateway: 60 s, whatever is asked.
+    gw.grant(Duration::from_secs(60));
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 51413);
+    settle().await;
+    let first = gw.adds(TCP, 51413)[0].0;
+    sleep(100).await;
+    let times: Vec<u64> = gw.adds(TCP, 51413).iter().map(|(at, _)| secs(*at - first)).collect();
+    assert_eq!(times, vec![0, 30, 60, 90], "renewed every 30 s");
+    assert!(gw.adds(TCP, 51413).iter().all(|(_, r)| r.lease == LEASE), "each renewal asks for the configured lease");
+    h.stop().await;
+    assert!(gw.entries().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_that_lost_its_mappings_gets_them_all_again_at_once() {
+    let gw = FakeGateway::port_control();
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    h.bind(2, UDP, 27015);
+    settle().await;
+    assert_eq!(gw.entries().len(), 2);
+
+    sleep(10).await;
+    let lost_at = Instant::now();
+    gw.lose_mappings();
+    settle().await;
+    assert_eq!(gw.entries().len(), 2, "both mappings made again");
+    for (p, port) in [(TCP, 8080), (UDP, 27015)] {
+        let adds = gw.adds(p, port);
+        assert_eq!(adds.len(), 2);
+        assert!(adds[1].0 - lost_at < Duration::from_millis(10), "re-added at once, not at the next renewal");
+    }
+    assert_eq!(h.discoveries(), 1, "the same gateway keeps serving: no new search");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_port_held_elsewhere_is_learned_from_the_refusal_retried_at_checks_and_forgotten_later() {
+    let gw = FakeGateway::port_control();
+    let h = Harness::start(&gw).await;
+    let theirs = entry(TCP, 6881, OTHER, "");
+    gw.insert(theirs.clone());
+
+    h.bind(1, TCP, 6881);
+    settle().await;
+    assert_eq!(h.state(TCP, 6881), Some(MappingState::Conflict { holder: None }));
+    assert_eq!(h.blocklist.held().keys().copied().collect::<Vec<_>>(), vec![(TCP, 6881)], "later binds fail");
+
+    // Each check tries again, in case the port came free; the block stays while it is still held.
+    sleep(INTERVAL.as_secs() + 1).await;
+    assert_eq!(gw.adds(TCP, 6881).len(), 2);
+    assert!(h.blocklist.held().contains_key(&(TCP, 6881)));
+    assert_eq!(gw.entry(TCP, 6881), Some(theirs), "the other host's mapping is untouched");
+
+    // The other host lets go: the next check maps it, and the block goes with the check after.
+    gw.forget(TCP, 6881);
+    sleep(INTERVAL.as_secs()).await;
+    assert!(gw.entry(TCP, 6881).is_some_and(|e| e.internal_client == LOCAL.to_string()));
+    assert!(matches!(h.state(TCP, 6881), Some(MappingState::Active { .. })));
+    sleep(INTERVAL.as_secs()).await;
+    assert!(h.blocklist.held().is_empty());
+
+    // Learned again elsewhere; with no socket wanting it, the block is dropped after ten minutes.
+    gw.insert(entry(UDP, 6882, OTHER, ""));
+    h.bind(2, UDP, 6882);
+    settle().await;
+    h.release(2);
+    settle().await;
+    assert!(h.blocklist.held().contains_key(&(UDP, 6882)));
+    sleep(HELD_ELSEWHERE_MEMORY.as_secs() + INTERVAL.as_secs()).await;
+    assert!(!h.blocklist.held().contains_key(&(UDP, 6882)));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn at_start_journalled_mappings_are_deleted_or_renewed_without_reading_the_table() {
+    let gw = FakeGateway::port_control();
+    gw.insert(entry(TCP, 20000, LOCAL, ""));
+    gw.insert(entry(TCP, 20004, LOCAL, ""));
+    let mut journal = Journal::in_memory();
+    for port in [20000, 20004] {
+        journal.record(key(TCP, port), LOCAL, ROUTER, LEASE).unwrap();
+    }
+    // Another gateway's journal entry is not this one's business.
+    journal.record(key(TCP, 20005), LOCAL, OTHER, LEASE).unwrap();
+    let h = Harness::start_with_journal(&gw, config(), &[sock(1, TCP, 20004)], journal);
+    settle().await;
+    assert_eq!(gw.deletes(), vec![(TCP, 20000)], "the orphan is deleted, by protocol and port");
+    assert_eq!(gw.adds(TCP, 20004).len(), 1, "the wanted one is renewed");
+    assert!(matches!(h.state(TCP, 20004), Some(MappingState::Active { .. })));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn another_nat_in_between_is_reported_and_retried_with_backoff() {
+    let gw = FakeGateway::port_control();
+    gw.behind_another_nat(true);
+    let h = Harness::start(&gw).await;
+    h.bind(1, TCP, 8080);
+    settle().await;
+    match h.state(TCP, 8080) {
+        Some(MappingState::Pending { last_error: Some(e), .. }) => assert!(e.contains("ADDRESS_MISMATCH"), "{e}"),
+        other => panic!("expected a pending mapping with the reason, got {other:?}"),
+    }
+    sleep(4).await;
+    assert_eq!(gw.adds(TCP, 8080).len(), 3, "retried after 1 s and 2 s");
+    gw.behind_another_nat(false);
+    sleep(5).await;
+    assert!(matches!(h.state(TCP, 8080), Some(MappingState::Active { .. })));
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_a_gateway_that_went_silent_and_deletes_what_was_in_flight() {
+    let gw = FakeGateway::port_control();
+    let h = Harness::start(&gw).await;
+    // NAT-PMP retransmits for two minutes to a silent gateway.
+    gw.slow(Duration::from_secs(120));
+    h.bind(1, TCP, 8080);
+    settle().await;
+    assert!(gw.entry(TCP, 8080).is_some(), "the add reached the gateway; its answer has not come back");
+    let started = Instant::now();
+    h.stop().await;
+    assert!(started.elapsed() <= Duration::from_secs(6), "shutdown took {:?}", started.elapsed());
+    assert_eq!(gw.deletes(), vec![(TCP, 8080)], "the add cut short is deleted all the same");
 }

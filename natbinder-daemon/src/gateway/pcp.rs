@@ -1,0 +1,289 @@
+//! PCP (RFC 6887) MAP as a [`Gateway`], through [`PmpClient`].
+//!
+//! Each mapping has its own nonce, which the gateway requires for renewals and deletes, and which
+//! every reply must echo (a reply with another nonce answers someone else's request). The nonce is
+//! derived from a secret key kept in the state directory and the mapping's name (protocol, port, this
+//! host's address): a restarted daemon renews or deletes what the previous run made, although it
+//! remembers no nonce, and no other host can guess it.
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{IpAddr, Ipv4Addr},
+    os::unix::fs::OpenOptionsExt,
+    path::Path,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use tokio::time::Instant;
+use tracing::debug;
+
+use super::{
+    natpmp::exchange_error,
+    pmp_client::PmpClient,
+    pmp_wire::{self, PcpBody, PcpMapRequest, PcpResponse, PcpResult, Reply, PCP_OP_ANNOUNCE, PCP_OP_MAP},
+    AddError, Backend, Gateway, GatewayEntry, GatewayNews, Granted, MappingRequest,
+};
+use crate::Protocol;
+
+const NONCE_KEY_FILE: &str = "pcp-nonce.key";
+
+/// The secret the per-mapping nonces are derived from.
+#[derive(Clone)]
+pub struct NonceKey([u8; 16]);
+
+impl NonceKey {
+    /// Reads the key from `state_dir`, creating it (mode 0600) on first use.
+    pub fn load_or_create(state_dir: &Path) -> Result<Self> {
+        let path = state_dir.join(NONCE_KEY_FILE);
+        match fs::read(&path) {
+            Ok(bytes) if bytes.len() == 16 => return Ok(Self(bytes.try_into().unwrap())),
+            Ok(bytes) => anyhow::bail!(
+                "{} holds {} bytes, not a 16-byte key: remove it and natbinder makes a new one (PCP mappings \
+                 of earlier runs then end with their lifetimes)",
+                path.display(),
+                bytes.len()
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let mut key = [0u8; 16];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut key))
+            .context("reading /dev/urandom for the PCP nonce key")?;
+        fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        file.write_all(&key).and_then(|_| file.sync_all()).with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self(key))
+    }
+
+    /// A key that lives only as long as the process (tests).
+    pub fn ephemeral() -> Self {
+        let mut key = [0u8; 16];
+        let _ = fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut key));
+        Self(key)
+    }
+
+    /// The nonce of the mapping of `protocol`/`port` for `client`: a keyed hash (SipHash-1-3, 128 bits).
+    pub fn nonce(&self, protocol: Protocol, port: u16, client: Ipv4Addr) -> [u8; 12] {
+        use std::hash::Hasher;
+        let mut hasher = siphasher::sip128::SipHasher13::new_with_key(&self.0);
+        hasher.write(b"natbinder pcp map nonce");
+        hasher.write_u8(protocol.ip_proto() as u8);
+        hasher.write_u16(port);
+        hasher.write(&client.octets());
+        let hash = siphasher::sip128::Hasher128::finish128(&hasher).as_bytes();
+        hash[..12].try_into().unwrap()
+    }
+}
+
+pub struct PcpGateway {
+    client: PmpClient,
+    nonces: NonceKey,
+}
+
+fn pcp_error(result: PcpResult) -> AddError {
+    let text = result.to_string();
+    match result {
+        // The gateway stopped speaking PCP: choose a backend again (NAT-PMP may answer).
+        PcpResult::UnsuppVersion => AddError::Unreachable(text),
+        PcpResult::NotAuthorized => AddError::NotAuthorized(text),
+        PcpResult::NoResources | PcpResult::UserExQuota => AddError::NoResources(text),
+        // The port cannot be had (taken, with the gateway unwilling to give another).
+        PcpResult::CannotProvideExternal => AddError::Conflict,
+        PcpResult::AddressMismatch => AddError::BehindAnotherNat(text),
+        _ => AddError::Refused(text),
+    }
+}
+
+/// Whether `reply` answers a MAP with `nonce` for `protocol`/`port`: the nonce, protocol and port must
+/// match. An error reply too short to carry them is taken (it comes from the gateway, and only one
+/// request is in flight); a NAT-PMP "unsupported version" means the gateway dropped PCP.
+fn answers_map(reply: &Reply, nonce: &[u8; 12], protocol: Protocol, port: u16, deleting: bool) -> bool {
+    match reply {
+        Reply::Pcp(r) if r.opcode == PCP_OP_MAP => match r.body {
+            PcpBody::Map { nonce: n, protocol: p, internal_port, .. } => {
+                n == *nonce
+                    && p == Some(protocol)
+                    && internal_port == port
+                    && (r.result != PcpResult::Success || (r.lifetime_secs == 0) == deleting)
+            }
+            _ => r.result != PcpResult::Success,
+        },
+        Reply::NatPmp(r) => r.result == pmp_wire::NatPmpResult::UnsupportedVersion,
+        _ => false,
+    }
+}
+
+impl PcpGateway {
+    /// Sends an ANNOUNCE: a gateway that answers it speaks PCP. Err(true) when it answered that it
+    /// does not (UNSUPP_VERSION, in NAT-PMP's or PCP's format): NAT-PMP is worth a try.
+    pub async fn probe(client: PmpClient, nonces: NonceKey, deadline: Instant) -> Result<Self, (PmpClient, String)> {
+        let request = pmp_wire::encode_pcp_announce(client.local());
+        let accepts = |r: &Reply| match r {
+            Reply::Pcp(r) => r.opcode == PCP_OP_ANNOUNCE,
+            Reply::NatPmp(r) => r.result == pmp_wire::NatPmpResult::UnsupportedVersion,
+        };
+        match client.exchange(&request, accepts, Some(deadline)).await {
+            Ok(Reply::Pcp(r)) if r.result == PcpResult::Success && r.version == pmp_wire::PCP_VERSION => {
+                Ok(Self { client, nonces })
+            }
+            Ok(Reply::Pcp(r)) => {
+                let why = format!("PCP: the gateway answered ANNOUNCE with {} (version {})", r.result, r.version);
+                Err((client, why))
+            }
+            Ok(Reply::NatPmp(_)) => {
+                Err((client, "PCP: the gateway answered in NAT-PMP: unsupported version".to_string()))
+            }
+            Err(e) => Err((client, format!("PCP: {e}"))),
+        }
+    }
+
+    pub fn into_serving(mut self) -> Self {
+        self.client.listen_for_announcements();
+        self
+    }
+
+    async fn map(&self, protocol: Protocol, port: u16, lifetime: u32) -> Result<PcpResponse, AddError> {
+        let nonce = self.nonces.nonce(protocol, port, self.client.local());
+        let request = PcpMapRequest {
+            nonce,
+            protocol,
+            internal_port: port,
+            // A delete names the mapping by nonce, protocol and internal port only.
+            suggested_external_port: if lifetime == 0 { 0 } else { port },
+            suggested_external_ip: None,
+            lifetime_secs: lifetime,
+            client_ip: self.client.local(),
+            prefer_failure: false,
+        }
+        .encode();
+        let deleting = lifetime == 0;
+        let reply = self
+            .client
+            .exchange(&request, |r| answers_map(r, &nonce, protocol, port, deleting), None)
+            .await
+            .map_err(exchange_error)?;
+        match reply {
+            Reply::Pcp(r) if r.result == PcpResult::Success => Ok(r),
+            Reply::Pcp(r) => Err(pcp_error(r.result)),
+            Reply::NatPmp(r) => Err(AddError::Unreachable(format!("the gateway no longer speaks PCP ({})", r.result))),
+        }
+    }
+}
+
+impl Gateway for PcpGateway {
+    fn describe(&self) -> String {
+        format!("PCP server at {}", self.client.gateway())
+    }
+
+    fn backend(&self) -> Backend {
+        Backend::Pcp
+    }
+
+    fn can_read_table(&self) -> bool {
+        false
+    }
+
+    async fn news(&self) -> GatewayNews {
+        self.client.news().await
+    }
+
+    async fn add(&self, request: &MappingRequest) -> Result<Granted, AddError> {
+        let port = request.port;
+        // PCP has no permanent mappings; the caller never asks for one here.
+        let lifetime = request.lease.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+        for attempt in 0..2 {
+            let reply = self.map(request.protocol, port, lifetime).await?;
+            let PcpBody::Map { assigned_external_port, assigned_external_ip, .. } = reply.body else {
+                return Err(AddError::Refused("a MAP success without its mapping".into()));
+            };
+            if assigned_external_port == port && reply.lifetime_secs > 0 {
+                self.client.note_external_address(assigned_external_ip);
+                return Ok(Granted { lease: Duration::from_secs(u64::from(reply.lifetime_secs)) });
+            }
+            debug!(
+                "PCP granted {}/{port} as external port {assigned_external_port} for {} s (attempt {}): removing it",
+                request.protocol,
+                reply.lifetime_secs,
+                attempt + 1
+            );
+            self.map(request.protocol, port, 0).await?;
+        }
+        Err(AddError::Conflict)
+    }
+
+    async fn delete(&self, protocol: Protocol, port: u16) -> Result<(), AddError> {
+        match self.map(protocol, port, 0).await {
+            Ok(_) => Ok(()),
+            // Deleting what is not there is success (RFC 6887 §15); miniupnpd 2.3 answers it with
+            // NO_RESOURCES, which a delete cannot otherwise mean: it needs no resources.
+            Err(AddError::NoResources(why)) => {
+                debug!("{protocol}/{port} was not on the gateway ({why})");
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<GatewayEntry>, AddError> {
+        Err(AddError::Unsupported("PCP cannot list the gateway's mappings"))
+    }
+
+    async fn lookup(&self, _protocol: Protocol, _port: u16) -> Result<Option<GatewayEntry>, AddError> {
+        Err(AddError::Unsupported("PCP cannot look up a mapping"))
+    }
+
+    /// PCP tells the external address only in MAP replies. An ANNOUNCE checks the gateway is there and
+    /// still has its state (the epoch rule), then the address from the latest MAP is returned.
+    async fn external_address(&self) -> Result<IpAddr, AddError> {
+        let request = pmp_wire::encode_pcp_announce(self.client.local());
+        let accepts = |r: &Reply| match r {
+            Reply::Pcp(r) => r.opcode == PCP_OP_ANNOUNCE,
+            Reply::NatPmp(r) => r.result == pmp_wire::NatPmpResult::UnsupportedVersion,
+        };
+        match self.client.exchange(&request, accepts, None).await.map_err(exchange_error)? {
+            Reply::Pcp(r) if r.result == PcpResult::Success => {}
+            Reply::Pcp(r) => return Err(pcp_error(r.result)),
+            Reply::NatPmp(r) => {
+                return Err(AddError::Unreachable(format!("the gateway no longer speaks PCP ({})", r.result)))
+            }
+        }
+        self.client
+            .known_external_address()
+            .ok_or(AddError::Unsupported("PCP tells the external address with the first mapping"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nonces_differ_per_mapping_and_survive_a_restart() {
+        let dir = std::env::temp_dir().join(format!("natbinder-pcp-key-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let key = NonceKey::load_or_create(&dir).unwrap();
+        let host = Ipv4Addr::new(192, 168, 1, 10);
+        let a = key.nonce(Protocol::Tcp, 8080, host);
+        assert_ne!(a, key.nonce(Protocol::Udp, 8080, host));
+        assert_ne!(a, key.nonce(Protocol::Tcp, 8081, host));
+        assert_ne!(a, key.nonce(Protocol::Tcp, 8080, Ipv4Addr::new(192, 168, 1, 11)));
+        // A restarted daemon derives the same nonce from the same file.
+        let again = NonceKey::load_or_create(&dir).unwrap();
+        assert_eq!(a, again.nonce(Protocol::Tcp, 8080, host));
+        assert_ne!(a, NonceKey::ephemeral().nonce(Protocol::Tcp, 8080, host));
+        let mode =
+            std::os::unix::fs::PermissionsExt::mode(&fs::metadata(dir.join(NONCE_KEY_FILE)).unwrap().permissions());
+        assert_eq!(mode & 0o777, 0o600);
+        fs::write(dir.join(NONCE_KEY_FILE), b"short").unwrap();
+        let err = format!("{:#}", NonceKey::load_or_create(&dir).err().unwrap());
+        assert!(err.contains("pcp-nonce.key") && err.contains("5 bytes"), "{err}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,353 @@
+//! NAT-PMP and PCP beyond the core scenarios (those run for every protocol in forwarding.rs): short
+//! lifetimes, gateway restarts seen by announcement and by epoch, hostile LAN hosts, moving off a
+//! protocol the gateway stopped offering, and — against the scripted fake NAT-PMP/PCP server
+//! (natbinder-lab/src/fake_pmp.rs) — what miniupnpd will not show: a NAT-PMP-only gateway, each result
+//! code, silence, ICMP port unreachable, wrong nonces, garbage, and another external port than asked.
+use std::{
+    net::SocketAddrV4,
+    time::{Duration, Instant},
+};
+
+use natbinder_tests::{fake_pmp::*, *};
+
+/// A generous safety net for "eventually"; real latencies are a few milliseconds.
+const LIMIT: Duration = Duration::from_secs(10);
+
+fn no_upnp() -> LabConfig {
+    LabConfig { upnp: false, natpmp: true, ..LabConfig::default() }
+}
+
+fn answered(r: Reach) -> Option<String> {
+    match r {
+        Reach::Answered(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn reachable_tcp(h: &Harness, port: u16) -> Option<String> {
+    wait_for(LIMIT, || answered(tcp_from_wan(&h.lab, port, "ping")))
+}
+
+/// Our mapping of `port` on the real gateway, as its nftables rules show it.
+fn mapped_here(h: &Harness, protocol: &str, port: u16) -> bool {
+    h.mapping(protocol, port).is_some_and(|m| m.internal_client == LAN1_IP && m.internal_port == port)
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.matches(needle).count()
+}
+
+/// The lab with the fake NAT-PMP/PCP server on the gateway instead of miniupnpd.
+fn fake_lab(script: PmpScript) -> (Harness, FakePmp) {
+    let h =
+        Harness::lab_only(LabConfig { upnp: false, natpmp: true, miniupnpd: false, ..LabConfig::default() }).unwrap();
+    let fake = FakePmp::start(&h.lab, script).unwrap();
+    (h, fake)
+}
+
+fn fake_holds(fake: &FakePmp, protocol: u8, port: u16) -> bool {
+    fake.mappings().iter().any(|m| {
+        m.protocol == protocol && m.internal_client == LAN1_IP && m.internal_port == port && m.external_port == port
+    })
+}
+
+// ---- miniupnpd with UPnP off ----------------------------------------------------------------------
+
+#[test]
+fn pcp_mappings_granted_short_lifetimes_stay_up_over_several_lifetimes() {
+    // The gateway grants 4 s whatever is asked (a VPN provider grants 60 s): natbinder must renew every
+    // 2 s, asking for the port it was granted.
+    let config = LabConfig { min_lifetime: Some(1), max_lifetime: Some(4), ..no_upnp() };
+    let mut h = Harness::start_with(config, &[]).unwrap();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    assert!(reachable_tcp(&h, 8080).is_some());
+    // Four lifetimes: without renewals the gateway would have dropped the mapping three times over.
+    let until = Instant::now() + Duration::from_secs(16);
+    while Instant::now() < until {
+        if answered(tcp_from_wan(&h.lab, 8080, "ping")).is_none() {
+            // miniupnpd renews by replacing the rule; a connection attempt that lands in that instant is
+            // refused. A lapse is not that short: the mapping would stay gone until the next renewal.
+            eprintln!("one probe failed at {:?}; the mapping: {:?}", until.elapsed(), h.mapping("TCP", 8080));
+            std::thread::sleep(Duration::from_millis(300));
+            assert_eq!(answered(tcp_from_wan(&h.lab, 8080, "ping")).as_deref(), Some("web:ping"), "lapsed");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let log = h.daemon().log_text();
+    assert!(log.contains("via PCP (lease 4s)"), "the granted lifetime is followed:\n{log}");
+    let renewals = count(&log, "mapped tcp/8080");
+    assert!((7..=10).contains(&renewals), "{renewals} adds/renewals in 16 s of 4 s lifetimes:\n{log}");
+}
+
+#[test]
+fn natpmp_mappings_granted_short_lifetimes_are_renewed_at_half_asking_for_the_same_port() {
+    let (mut h, fake) = fake_lab(PmpScript::new().lifetime_cap(2));
+    h.start_daemon(&["--backend", "natpmp"]).unwrap();
+    let (_app, _o) = h.app("game", &["udp-echo", "0.0.0.0:27015"]).unwrap();
+    h.daemon().wait_log("mapped udp/27015", LIMIT).unwrap();
+    fake.take_requests();
+    std::thread::sleep(Duration::from_millis(4500));
+    let renewals: Vec<PmpRequest> =
+        fake.requests().into_iter().filter(|r| r.opcode == 1 && r.lifetime != Some(0)).collect();
+    assert!((4..=5).contains(&renewals.len()), "{} renewals in 4.5 s of 2 s lifetimes", renewals.len());
+    for r in &renewals {
+        assert_eq!((r.internal_port, r.suggested_port), (Some(27015), Some(27015)), "asks for the port it had");
+        assert_eq!(r.lifetime, Some(3600), "asks for the configured lease each time");
+    }
+    assert!(fake_holds(&fake, UDP, 27015));
+    assert!(h.daemon().log_text().contains("via NAT-PMP (lease 2s)"));
+}
+
+/// Restarts the gateway losing its state (a reboot) and returns how long after it answered again the
+/// mapping of tcp/8080 was back.
+fn reboot_and_time_recovery(h: &mut Harness) -> Duration {
+    assert!(mapped_here(h, "TCP", 8080));
+    // The epoch rule allows 2 s of slack: a restart must come later than that after the last answer.
+    std::thread::sleep(Duration::from_secs(4));
+    h.lab.stop_miniupnpd();
+    assert!(!mapped_here(h, "TCP", 8080), "precondition: the reboot lost the mapping");
+    h.lab.start_miniupnpd().unwrap();
+    let back = Instant::now();
+    assert!(wait_for(LIMIT, || mapped_here(h, "TCP", 8080).then_some(())).is_some(), "the mapping never came back");
+    let recovery = back.elapsed();
+    assert!(reachable_tcp(h, 8080).is_some());
+    recovery
+}
+
+fn restart_seen_by_announcement(args: &[&str], name: &str) {
+    // No periodic check and no renewal for an hour: only the announcement can tell.
+    let mut all = vec!["--reconcile-interval", "3600"];
+    all.extend_from_slice(args);
+    let mut h = Harness::start_with(no_upnp(), &all).unwrap();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    assert!(reachable_tcp(&h, 8080).is_some());
+    let recovery = reboot_and_time_recovery(&mut h);
+    eprintln!("recovery: {name} gateway reboot seen by its announcement: mapping back {recovery:?} after it answered");
+    assert!(recovery < Duration::from_secs(5), "{recovery:?}");
+    let log = h.daemon().log_text();
+    assert!(log.contains("announced itself") && log.contains("lost its mappings"), "{log}");
+}
+
+#[test]
+fn a_pcp_gateway_restart_is_seen_by_its_announcement() {
+    restart_seen_by_announcement(&["--backend", "pcp"], "PCP");
+}
+
+#[test]
+fn a_natpmp_gateway_restart_is_seen_by_its_announcement() {
+    restart_seen_by_announcement(&["--backend", "natpmp"], "NAT-PMP");
+}
+
+fn restart_seen_by_epoch(args: &[&str], name: &str) {
+    let mut all = vec!["--reconcile-interval", "1"];
+    all.extend_from_slice(args);
+    let mut h = Harness::start_with(no_upnp(), &all).unwrap();
+    // Multicast lost on the way (Wi-Fi does that): the gateway's announcements never arrive.
+    let rules = h.lab.dir.join("drop-announcements.nft");
+    std::fs::write(
+        &rules,
+        "table ip drop_announcements {\n chain out {\n  type filter hook output priority 0; policy accept;\n  \
+         ip daddr 224.0.0.1 udp dport 5350 drop\n }\n}\n",
+    )
+    .unwrap();
+    h.lab.gw.exec("nft", &["-f", rules.to_str().unwrap()]).unwrap();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    assert!(reachable_tcp(&h, 8080).is_some());
+    let recovery = reboot_and_time_recovery(&mut h);
+    eprintln!("recovery: {name} gateway reboot seen by its epoch (announcements lost, 1 s checks): {recovery:?}");
+    assert!(recovery < Duration::from_secs(5), "{recovery:?}");
+    let log = h.daemon().log_text();
+    assert!(!log.contains("announced itself"), "an announcement got through the drop rule:\n{log}");
+    assert!(log.contains("lost its mappings") && log.contains("epoch"), "{log}");
+}
+
+#[test]
+fn a_pcp_gateway_restart_is_seen_by_its_epoch_when_announcements_are_lost() {
+    restart_seen_by_epoch(&["--backend", "pcp"], "PCP");
+}
+
+#[test]
+fn a_natpmp_gateway_restart_is_seen_by_its_epoch_when_announcements_are_lost() {
+    restart_seen_by_epoch(&["--backend", "natpmp"], "NAT-PMP");
+}
+
+/// The daemon's NAT-PMP/PCP request socket on lan1 (connected to the gateway's port 5351).
+fn daemon_client_port(h: &Harness) -> u16 {
+    let out = h.lab.lan1.exec("ss", &["-H", "-u", "-a", "-n", "-p"]).unwrap();
+    out.lines()
+        .filter(|l| l.contains("natbinder") && l.contains(&format!("{GW_LAN_IP}:5351")))
+        .find_map(|l| l.split_whitespace().find_map(|f| f.strip_prefix(&format!("{LAN1_IP}:"))?.parse().ok()))
+        .unwrap_or_else(|| panic!("no natbinder socket to the gateway's port 5351 in:\n{out}"))
+}
+
+#[test]
+fn replies_and_announcements_from_another_lan_host_are_ignored() {
+    let mut h = Harness::start_with(no_upnp(), &["--backend", "pcp", "--reconcile-interval", "3600"]).unwrap();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    assert!(reachable_tcp(&h, 8080).is_some());
+    let lan2 = Netns { name: h.lab.lan2.name.clone() };
+    let client = SocketAddrV4::new(LAN1_IP, daemon_client_port(&h));
+    // lan2 claims to be a gateway that just restarted (epoch 0) with another external address, by
+    // multicast and unicast, from the NAT-PMP/PCP server port; and answers the daemon's socket directly.
+    for _ in 0..3 {
+        for payload in [wire::pcp_announcement(0), wire::natpmp_announcement(0, "10.9.9.9".parse().unwrap())] {
+            h.lab.send_from(&lan2, 5351, SocketAddrV4::new(ALL_HOSTS_GROUP, ANNOUNCE_PORT), &payload).unwrap();
+            h.lab.send_from(&lan2, 5351, SocketAddrV4::new(LAN1_IP, ANNOUNCE_PORT), &payload).unwrap();
+            h.lab.send_from(&lan2, 5351, client, &payload).unwrap();
+        }
+    }
+    h.daemon().wait_log("ignoring an announcement from 192.168.77.20", LIMIT).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let log = h.daemon().log_text();
+    assert!(!log.contains("lost its mappings") && !log.contains("announced"), "a forged packet was believed:\n{log}");
+    assert!(!log.contains("10.9.9.9"), "a forged external address was taken:\n{log}");
+    assert_eq!(count(&log, "mapped tcp/8080"), 1, "nothing was re-mapped:\n{log}");
+    // Control: the real gateway's announcement is believed.
+    h.lab.announce_address_change().unwrap();
+    h.daemon().wait_log("announced", LIMIT).unwrap();
+}
+
+#[test]
+fn mappings_move_to_pcp_when_the_gateway_turns_upnp_off() {
+    let mut h = Harness::start_with(LabConfig { upnp: true, natpmp: true, ..LabConfig::default() }, &[]).unwrap();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    assert!(reachable_tcp(&h, 8080).is_some());
+    h.daemon().wait_log("via UPnP IGD", LIMIT).unwrap();
+
+    // The router's owner turns UPnP off; miniupnpd restarts with NAT-PMP/PCP only, its rules kept.
+    h.lab.config.upnp = false;
+    h.lab.restart_miniupnpd().unwrap();
+    let restarted = Instant::now();
+    h.daemon().wait_log("via PCP", LIMIT).unwrap();
+    let moved = restarted.elapsed();
+    eprintln!("recovery: UPnP turned off on the gateway: mapping served by PCP {moved:?} after the restart");
+    assert!(mapped_here(&h, "TCP", 8080));
+    assert!(reachable_tcp(&h, 8080).is_some());
+    // And it is PCP's now: closing the program removes it.
+    drop(_app);
+    assert!(wait_for(LIMIT, || (!mapped_here(&h, "TCP", 8080)).then_some(())).is_some());
+}
+
+// ---- the scripted fake NAT-PMP/PCP server ---------------------------------------------------------
+
+#[test]
+fn a_natpmp_only_gateway_is_served_by_natpmp_and_pcp_is_asked_again_after_a_network_change() {
+    let (mut h, fake) = fake_lab(PmpScript::new().nat_pmp_only());
+    h.start_daemon(&[]).unwrap();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    h.daemon().wait_log("mapped tcp/8080 -> 192.168.77.10:8080 via NAT-PMP", LIMIT).unwrap();
+    assert!(fake.mappings().iter().any(|m| m.internal_port == 8080 && m.nonce.is_none()), "made with NAT-PMP");
+
+    // The gateway's firmware learns PCP; the next search (a network change) asks PCP again.
+    fake.set_script(PmpScript::new());
+    h.lab.lan1.exec("ip", &["route", "del", "default"]).unwrap();
+    h.daemon().wait_log("no IPv4 default route", LIMIT).unwrap();
+    h.lab.lan1.exec("ip", &["route", "add", "default", "via", &GW_LAN_IP.to_string()]).unwrap();
+    h.daemon().wait_log("via PCP", LIMIT).unwrap();
+    assert!(fake.mappings().iter().any(|m| m.internal_port == 8080 && m.nonce.is_some()), "made again with PCP");
+}
+
+#[test]
+fn pcp_result_codes_are_reported_with_their_meaning_and_retried() {
+    let (mut h, fake) = fake_lab(PmpScript::new());
+    h.start_daemon(&["--backend", "pcp"]).unwrap();
+    let cases = [
+        (pcp_result::NOT_AUTHORIZED, "NOT_AUTHORIZED"),
+        (pcp_result::NO_RESOURCES, "NO_RESOURCES"),
+        (pcp_result::USER_EX_QUOTA, "USER_EX_QUOTA"),
+        (pcp_result::ADDRESS_MISMATCH, "another NAT sits between this host and the gateway"),
+    ];
+    let mut apps = Vec::new();
+    for (i, (code, said)) in cases.into_iter().enumerate() {
+        let port = 9000 + i as u16;
+        fake.set_script(PmpScript::new().pcp_result(code, 1));
+        apps.push(h.app("srv", &["tcp-echo", &format!("0.0.0.0:{port}")]).unwrap());
+        h.daemon().wait_log(said, LIMIT).unwrap();
+        // Retried after a second, and then mapped.
+        h.daemon().wait_log(&format!("mapped tcp/{port}"), LIMIT).unwrap();
+        assert!(fake_holds(&fake, TCP, port));
+    }
+}
+
+#[test]
+fn natpmp_result_codes_are_reported_with_their_meaning_and_retried() {
+    let mut apps = Vec::new();
+    let (mut h, fake) = fake_lab(PmpScript::new());
+    h.start_daemon(&["--backend", "natpmp"]).unwrap();
+    let cases = [
+        (natpmp_result::NOT_AUTHORIZED, "NAT-PMP result 2 (not authorized/refused)"),
+        (natpmp_result::NETWORK_FAILURE, "NAT-PMP result 3 (network failure)"),
+        (natpmp_result::OUT_OF_RESOURCES, "NAT-PMP result 4 (out of resources)"),
+    ];
+    for (i, (code, said)) in cases.into_iter().enumerate() {
+        let port = 9100 + i as u16;
+        fake.set_script(PmpScript::new().natpmp_result(code, 1));
+        apps.push(h.app("srv", &["udp-echo", &format!("0.0.0.0:{port}")]).unwrap());
+        h.daemon().wait_log(said, LIMIT).unwrap();
+        h.daemon().wait_log(&format!("mapped udp/{port}"), LIMIT).unwrap();
+        assert!(fake_holds(&fake, UDP, port));
+    }
+}
+
+#[test]
+fn retransmissions_follow_the_rfc_schedule_and_port_unreachable_ends_them_at_once() {
+    let (mut h, fake) = fake_lab(PmpScript::new());
+    h.start_daemon(&["--backend", "pcp"]).unwrap();
+    // Four requests go unanswered: sent at 0, 0.25, 0.75, 1.75 s; the fifth (3.75 s) is answered.
+    fake.set_script(PmpScript::new().reply_fault(ReplyFault::Silence, 4));
+    fake.take_requests();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    h.daemon().wait_log("mapped tcp/8080", LIMIT).unwrap();
+    let sent: Vec<Instant> = fake.requests().iter().filter(|r| r.internal_port == Some(8080)).map(|r| r.at).collect();
+    assert_eq!(sent.len(), 5, "four silences, one answer");
+    let gaps: Vec<u128> = sent.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    for (gap, expected) in gaps.iter().zip([250u128, 500, 1000, 2000]) {
+        assert!(gap.abs_diff(expected) < 100, "retransmission gaps {gaps:?} ms, expected 250, 500, 1000, 2000");
+    }
+    assert!(fake_holds(&fake, TCP, 8080));
+
+    // Nothing listens on 5351 any more: the gateway's ICMP port unreachable ends the exchange at once,
+    // and the daemon looks for the gateway again rather than retransmitting for two minutes.
+    fake.stop_listening().unwrap();
+    let (_app2, _o2) = h.app("web2", &["tcp-echo", "0.0.0.0:8081"]).unwrap();
+    let noticed = h.daemon().wait_log("ICMP port unreachable", LIMIT).unwrap();
+    assert!(noticed < Duration::from_secs(1), "took {noticed:?}");
+    fake.listen().unwrap();
+    h.daemon().wait_log("mapped tcp/8081", Duration::from_secs(40)).unwrap();
+    assert!(fake_holds(&fake, TCP, 8081));
+}
+
+#[test]
+fn replies_with_a_wrong_nonce_or_garbage_are_ignored() {
+    let (mut h, fake) = fake_lab(PmpScript::new().reply_fault(ReplyFault::WrongNonce, 2));
+    h.start_daemon(&["--backend", "pcp"]).unwrap();
+    let (_a, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    h.daemon().wait_log("mapped tcp/8080", LIMIT).unwrap();
+    assert!(h.daemon().log_text().contains("answers another request"), "the wrong-nonce reply was noticed");
+    fake.set_script(PmpScript::new().reply_fault(ReplyFault::Garbage, 2));
+    let (_b, _o2) = h.app("web", &["tcp-echo", "0.0.0.0:8081"]).unwrap();
+    h.daemon().wait_log("mapped tcp/8081", LIMIT).unwrap();
+    assert!(h.daemon().log_text().contains("malformed packet"), "the garbage was noticed");
+    assert!(fake_holds(&fake, TCP, 8080) && fake_holds(&fake, TCP, 8081));
+}
+
+#[test]
+fn another_external_port_than_asked_is_never_kept_and_the_port_is_refused_next_time() {
+    for backend in ["pcp", "natpmp"] {
+        let (mut h, fake) = fake_lab(PmpScript::new().external_port_offset(1));
+        h.start_daemon(&["--backend", backend]).unwrap();
+        let (_a, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+        h.daemon().wait_log("tcp/8080 is held on the gateway", LIMIT).unwrap();
+        assert!(
+            fake.mappings().iter().all(|m| m.internal_client != LAN1_IP),
+            "{backend}: a mapping on another external port was kept: {:?}",
+            fake.mappings()
+        );
+        drop(_a);
+        let again = wait_for(LIMIT, || match h.app("again", &["tcp-echo", "0.0.0.0:8080"]) {
+            Err(e) if e.to_string().contains("Address already in use") => Some(()),
+            _ => None,
+        });
+        assert!(again.is_some(), "{backend}: binding the refused port again succeeded");
+    }
+}
