@@ -2,7 +2,7 @@
 //!
 //! Where each concern lives:
 //! * [`kernel`]: the eBPF hooks as the daemon sees them (load, attach, events, EADDRINUSE map);
-//! * [`gateway`]: wire protocols to the LAN gateway (UPnP IGD today);
+//! * [`gateway`]: wire protocols to the LAN gateway (UPnP IGD, PCP, NAT-PMP) and which one serves;
 //! * [`table`]: the ideal-state table, binding -> mapping, and [`reconcile`]: the one component that
 //!   makes the gateway agree with it;
 //! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`]: the command line.
