@@ -294,6 +294,10 @@ impl<B: PortBlocklist> Reconciler<B> {
                 if gateway.can_read_table() {
                     self.check_external_address(gateway).await;
                 }
+                if gateway.preferred_protocol_answers().await {
+                    info!("a protocol preferred to {} now answers at the gateway: choosing again", gateway.backend());
+                    return Outcome::Rediscover;
+                }
                 next_check = Instant::now() + self.config.interval;
                 continue;
             }

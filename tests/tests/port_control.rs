@@ -248,6 +248,22 @@ fn a_natpmp_only_gateway_is_served_by_natpmp_and_pcp_is_asked_again_after_a_netw
 }
 
 #[test]
+fn a_natpmp_only_gateway_that_learns_pcp_is_served_by_pcp_after_the_next_check() {
+    let (mut h, fake) = fake_lab(PmpScript::new().nat_pmp_only());
+    h.start_daemon(&["--reconcile-interval", "1"]).unwrap();
+    let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+    h.daemon().wait_log("via NAT-PMP", LIMIT).unwrap();
+    // Each check asks whether PCP answers now; the answer "unsupported" is not kept.
+    std::thread::sleep(Duration::from_millis(2500));
+    let asked = fake.requests().iter().filter(|r| r.version == 2).count();
+    assert!(asked >= 3, "PCP asked {asked} times: at start and at each 1 s check");
+    assert!(!h.daemon().log_text().contains("via PCP"));
+    fake.set_script(PmpScript::new());
+    h.daemon().wait_log("via PCP", LIMIT).unwrap();
+    assert!(fake.mappings().iter().any(|m| m.internal_port == 8080 && m.nonce.is_some()), "made again with PCP");
+}
+
+#[test]
 fn pcp_result_codes_are_reported_with_their_meaning_and_retried() {
     let (mut h, fake) = fake_lab(PmpScript::new());
     h.start_daemon(&["--backend", "pcp"]).unwrap();
@@ -301,6 +317,7 @@ fn retransmissions_follow_the_rfc_schedule_and_port_unreachable_ends_them_at_onc
     let sent: Vec<Instant> = fake.requests().iter().filter(|r| r.internal_port == Some(8080)).map(|r| r.at).collect();
     assert_eq!(sent.len(), 5, "four silences, one answer");
     let gaps: Vec<u128> = sent.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    eprintln!("recovery: silent PCP gateway: retransmission gaps {gaps:?} ms, mapped at the fifth request");
     for (gap, expected) in gaps.iter().zip([250u128, 500, 1000, 2000]) {
         assert!(gap.abs_diff(expected) < 100, "retransmission gaps {gaps:?} ms, expected 250, 500, 1000, 2000");
     }
@@ -311,9 +328,12 @@ fn retransmissions_follow_the_rfc_schedule_and_port_unreachable_ends_them_at_onc
     fake.stop_listening().unwrap();
     let (_app2, _o2) = h.app("web2", &["tcp-echo", "0.0.0.0:8081"]).unwrap();
     let noticed = h.daemon().wait_log("ICMP port unreachable", LIMIT).unwrap();
+    eprintln!("recovery: ICMP port unreachable ended the exchange and was logged {noticed:?} after the bind");
     assert!(noticed < Duration::from_secs(1), "took {noticed:?}");
     fake.listen().unwrap();
+    let listening = Instant::now();
     h.daemon().wait_log("mapped tcp/8081", Duration::from_secs(40)).unwrap();
+    eprintln!("recovery: NAT-PMP/PCP server back: mapped {:?} after it listened again", listening.elapsed());
     assert!(fake_holds(&fake, TCP, 8081));
 }
 

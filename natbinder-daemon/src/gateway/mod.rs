@@ -110,6 +110,11 @@ pub trait Gateway: Send + Sync + 'static {
     fn can_read_table(&self) -> bool {
         true
     }
+    /// Whether a protocol preferred to this one now answers at the same gateway (asked at each periodic
+    /// check): a NAT-PMP gateway that once answered "PCP unsupported" may have learned PCP.
+    fn preferred_protocol_answers(&self) -> impl Future<Output = bool> + Send {
+        std::future::ready(false)
+    }
     /// Resolves when the gateway tells something between calls. Pending forever by default.
     fn news(&self) -> impl Future<Output = GatewayNews> + Send {
         std::future::pending()

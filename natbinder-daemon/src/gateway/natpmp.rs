@@ -19,8 +19,14 @@ use super::{
 };
 use crate::Protocol;
 
+/// How long the periodic "does PCP answer now?" question may take.
+const PCP_RECHECK_LIMIT: Duration = Duration::from_secs(1);
+
 pub struct NatPmpGateway {
     client: PmpClient,
+    /// PCP ranks above NAT-PMP in the configured order: ask for it again at each periodic check, so
+    /// that "PCP unsupported" is not believed forever.
+    pcp_preferred: bool,
 }
 
 /// What a reply means for a mapping call.
@@ -46,15 +52,16 @@ impl NatPmpGateway {
     /// Asks for the external address: a gateway that answers speaks NAT-PMP. On failure the client
     /// is handed back for another probe.
     pub async fn probe(client: PmpClient, deadline: Instant) -> Result<(Self, Ipv4Addr), (PmpClient, String)> {
-        let gateway = Self { client };
+        let gateway = Self { client, pcp_preferred: false };
         match gateway.read_external_address(Some(deadline)).await {
             Ok(ip) => Ok((gateway, ip)),
             Err(e) => Err((gateway.client, format!("NAT-PMP: {e}"))),
         }
     }
 
-    pub fn into_serving(mut self) -> Self {
+    pub fn into_serving(mut self, pcp_preferred: bool) -> Self {
         self.client.listen_for_announcements();
+        self.pcp_preferred = pcp_preferred;
         self
     }
 
@@ -126,6 +133,22 @@ impl Gateway for NatPmpGateway {
 
     async fn news(&self) -> GatewayNews {
         self.client.news().await
+    }
+
+    async fn preferred_protocol_answers(&self) -> bool {
+        if !self.pcp_preferred {
+            return false;
+        }
+        let deadline = Instant::now() + PCP_RECHECK_LIMIT;
+        let request = super::pmp_wire::encode_pcp_announce(self.client.local());
+        let accepts = |r: &Reply| match r {
+            Reply::Pcp(r) => r.opcode == super::pmp_wire::PCP_OP_ANNOUNCE,
+            Reply::NatPmp(r) => r.result == NatPmpResult::UnsupportedVersion,
+        };
+        matches!(
+            self.client.exchange(&request, accepts, Some(deadline)).await,
+            Ok(Reply::Pcp(r)) if r.result == super::pmp_wire::PcpResult::Success && r.version == super::pmp_wire::PCP_VERSION
+        )
     }
 
     async fn add(&self, request: &MappingRequest) -> Result<Granted, AddError> {

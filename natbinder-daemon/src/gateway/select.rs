@@ -131,7 +131,11 @@ async fn probe_port_control(
                 }
             },
             Backend::NatPmp => match NatPmpGateway::probe(client, deadline).await {
-                Ok((g, _)) => return Ok(AnyGateway::NatPmp(g.into_serving())),
+                Ok((g, _)) => {
+                    let rank = |b: Backend| order.iter().position(|x| *x == b);
+                    let pcp_preferred = rank(Backend::Pcp).is_some_and(|pcp| Some(pcp) < rank(Backend::NatPmp));
+                    return Ok(AnyGateway::NatPmp(g.into_serving(pcp_preferred)));
+                }
                 Err((c, why)) => {
                     client = c;
                     failures.push(why);
@@ -168,6 +172,10 @@ impl Gateway for AnyGateway {
 
     async fn news(&self) -> GatewayNews {
         each!(self, g => g.news().await)
+    }
+
+    async fn preferred_protocol_answers(&self) -> bool {
+        each!(self, g => g.preferred_protocol_answers().await)
     }
 
     async fn add(&self, request: &MappingRequest) -> Result<Granted, AddError> {
