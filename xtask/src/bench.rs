@@ -26,11 +26,17 @@ fn bind_loop(lab: &Lab, testapp: &std::path::Path, iterations: usize, addr: &str
     text.trim().parse().with_context(|| format!("bind-loop printed {text:?}"))
 }
 
-pub fn run(samples: usize) -> Result<()> {
+/// `backend`: upnp (miniupnpd with UPnP IGD), or pcp / natpmp (miniupnpd with UPnP off, natbinder told
+/// to use that protocol).
+pub fn run(samples: usize, backend: &str) -> Result<()> {
     let release = workspace_root().join("target/release");
     let natbinder = release.join("natbinder");
     let testapp = release.join("natbinder-testapp");
-    let mut lab = Lab::start(LabConfig::default())?;
+    let config = match backend {
+        "upnp" => LabConfig::default(),
+        _ => LabConfig { upnp: false, natpmp: true, ..LabConfig::default() },
+    };
+    let mut lab = Lab::start(config)?;
 
     // 1. bind() overhead: the same bind+close loop, without and with the hooks. Loopback binds take the
     //    hooks' fast path (what every other program on the machine pays); wildcard binds are reported,
@@ -56,6 +62,7 @@ pub fn run(samples: usize) -> Result<()> {
         .arg(&lab.cgroup.path)
         .arg("--state-dir")
         .arg(lab.dir.join("state"))
+        .args(["--backend", backend])
         .env("NATBINDER_LOG", std::env::var("BENCH_LOG").unwrap_or("warn".into()))
         .stdout(log.try_clone()?)
         .stderr(log);
@@ -96,7 +103,9 @@ pub fn run(samples: usize) -> Result<()> {
         latencies.push(reached.context("a server never became reachable")?.as_secs_f64() * 1e3);
     }
     latencies.sort_by(f64::total_cmp);
-    println!("bind-to-reachable from the WAN peer, {samples} servers (release build, miniupnpd 2.3 nftables):");
+    println!(
+        "bind-to-reachable from the WAN peer, {samples} servers (release build, miniupnpd 2.3 nftables, {backend}):"
+    );
     println!(
         "  p50 {:.1} ms   p90 {:.1} ms   max {:.1} ms",
         percentile(&latencies, 0.5),

@@ -42,10 +42,13 @@ enum Task {
         /// Samples per measurement.
         #[arg(long, default_value_t = 200)]
         samples: usize,
+        /// The protocol the lab's gateway speaks to natbinder: upnp, pcp or natpmp.
+        #[arg(long, default_value = "upnp", value_parser = ["upnp", "pcp", "natpmp"])]
+        backend: String,
     },
 }
 
-/// Fuzzing time per target in `cargo xtask test` (six targets).
+/// Fuzzing time per target in `cargo xtask test` (seven targets).
 const FUZZ_SECONDS_PER_TARGET: u32 = 20;
 
 pub fn workspace_root() -> PathBuf {
@@ -153,15 +156,15 @@ fn main() -> Result<()> {
             }
             demo::run()
         }
-        Task::Bench { no_build, samples } => {
+        Task::Bench { no_build, samples, backend } => {
             if !no_build {
                 setup()?;
                 run(cargo().args(["build", "--release", "-p", "natbinder-daemon", "-p", "natbinder-tests", "--bins"]))?;
             }
             if !is_root() {
-                return escalate(&["bench", "--no-build", "--samples", &samples.to_string()]);
+                return escalate(&["bench", "--no-build", "--samples", &samples.to_string(), "--backend", &backend]);
             }
-            bench::run(samples)
+            bench::run(samples, &backend)
         }
     }
 }
