@@ -1,8 +1,9 @@
 //! A scripted fake NAT-PMP (RFC 6886) and PCP (RFC 6887) server on the lab's gateway, for the faults a
 //! real miniupnpd cannot be made to show.
 //!
-//! Everything a real gateway does is tested against miniupnpd (`LabConfig { natpmp: true, .. }`). This
-//! fake exists only for:
+//! Everything a real gateway does is tested against miniupnpd (`LabConfig { natpmp: true, .. }`; what
+//! miniupnpd 2.3.1 does as a NAT-PMP/PCP server, checked here, is in `natbinder-lab/miniupnpd-natpmp-pcp.md`).
+//! This fake exists only for:
 //! - **a NAT-PMP-only gateway**: PCP requests answered with NAT-PMP's UNSUPPORTED_VERSION, always or for
 //!   the next N requests ([`PmpScript::nat_pmp_only`], [`PmpScript::pcp_unsupported_for`]);
 //! - **refusals**: any NAT-PMP result code (1..5) or PCP result code (1..13: NOT_AUTHORIZED,
