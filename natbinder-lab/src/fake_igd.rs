@@ -27,7 +27,6 @@ use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
     os::fd::{AsRawFd, RawFd},
-    process::Command,
     str::FromStr,
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -39,7 +38,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::{Lab, Netns, EXTERNAL_IP_PLACEHOLDER, GW_LAN_IP};
+use crate::{set_multicast_interface, Lab, Netns, EXTERNAL_IP_PLACEHOLDER, GW_LAN_IP};
 
 const SSDP_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 255, 250);
 const SSDP_PORT: u16 = 1900;
@@ -82,7 +81,7 @@ const STARTUP_TIME_LIMIT: Duration = Duration::from_secs(5);
 /// Well over igd-next's 1 MiB response cap.
 const HUGE_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Bounds a `upnpc` run in [`run_upnpc`], in seconds (a hang there would otherwise hang the test).
-const UPNPC_TIME_LIMIT_SECS: &str = "60";
+const UPNPC_TIME_LIMIT_SECS: u32 = 60;
 
 /// Scripted HTTP garbage: what the fake sends instead of a proper answer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -402,18 +401,7 @@ impl Drop for FakeIgd {
 /// its exit status: fault tests look at refusals, which upnpc reports with a failing status. Fails only
 /// if upnpc could not run or did not finish within 60 s.
 pub fn run_upnpc(from: &Netns, args: &[&str]) -> Result<String> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &from.name, "timeout", UPNPC_TIME_LIMIT_SECS, "upnpc"])
-        .args(args)
-        .output()
-        .with_context(|| format!("running upnpc {args:?} in {}", from.name))?;
-    // timeout(1) exits with 124 when it had to stop the command.
-    if output.status.code() == Some(124) {
-        bail!("upnpc {args:?} in {} did not finish within {UPNPC_TIME_LIMIT_SECS} s", from.name);
-    }
-    let mut printed = String::from_utf8_lossy(&output.stdout).into_owned();
-    printed.push_str(&String::from_utf8_lossy(&output.stderr));
-    Ok(printed)
+    crate::run_client_tool(from, "upnpc", UPNPC_TIME_LIMIT_SECS, args)
 }
 
 /// State shared by the server thread, the connection threads and the test's [`FakeIgd`] handle.
@@ -1255,26 +1243,6 @@ fn open_http_listener() -> Result<TcpListener> {
 /// The lab's LAN is 192.168.77.0/24; the gateway's own address does not count (its NOTIFYs).
 fn is_lan_host(address: Ipv4Addr) -> bool {
     address.octets()[..3] == GW_LAN_IP.octets()[..3] && address != GW_LAN_IP
-}
-
-/// IP_MULTICAST_IF, which std does not offer: NOTIFYs leave through br0 (the gateway has no default route).
-fn set_multicast_interface(socket: &UdpSocket, interface_address: Ipv4Addr) -> io::Result<()> {
-    let value = libc::in_addr { s_addr: u32::from(interface_address).to_be() };
-    // SAFETY: setsockopt reads exactly size_of::<in_addr>() bytes from a value that lives across the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_MULTICAST_IF,
-            (&value as *const libc::in_addr).cast(),
-            std::mem::size_of::<libc::in_addr>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// Sleeps until one of `fds` is readable or `timeout` passes (the caller then tries them all).

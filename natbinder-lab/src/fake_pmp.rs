@@ -37,7 +37,6 @@ use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, UdpSocket},
     os::fd::AsRawFd,
-    process::Command,
     sync::{
         atomic::{AtomicBool, Ordering},
         mpsc, Arc, Mutex, MutexGuard,
@@ -104,7 +103,7 @@ const RESPONSE_BIT: u8 = 0x80;
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
 const STARTUP_TIME_LIMIT: Duration = Duration::from_secs(5);
 /// Bounds a `natpmpc` run in [`run_natpmpc`], in seconds (it retries for about 2 minutes on its own).
-const NATPMPC_TIME_LIMIT_SECS: &str = "30";
+const NATPMPC_TIME_LIMIT_SECS: u32 = 30;
 /// What [`ReplyFault::Garbage`] sends: neither NAT-PMP nor PCP (bad version, odd length).
 const GARBAGE: &[u8] = b"\xde\xad\xbe\xefnot NAT-PMP\x00\x01";
 
@@ -421,17 +420,7 @@ impl Drop for FakePmp {
 /// Runs libnatpmp's `natpmpc ARGS` in `from` and returns all it printed (stdout, then stderr), whatever
 /// its exit status. Fails only if natpmpc could not run or did not finish within 30 s.
 pub fn run_natpmpc(from: &Netns, args: &[&str]) -> Result<String> {
-    let output = Command::new("ip")
-        .args(["netns", "exec", &from.name, "timeout", NATPMPC_TIME_LIMIT_SECS, "natpmpc"])
-        .args(args)
-        .output()
-        .with_context(|| format!("running natpmpc {args:?} in {}", from.name))?;
-    if output.status.code() == Some(124) {
-        bail!("natpmpc {args:?} in {} did not finish within {NATPMPC_TIME_LIMIT_SECS} s", from.name);
-    }
-    let mut printed = String::from_utf8_lossy(&output.stdout).into_owned();
-    printed.push_str(&String::from_utf8_lossy(&output.stderr));
-    Ok(printed)
+    crate::run_client_tool(from, "natpmpc", NATPMPC_TIME_LIMIT_SECS, args)
 }
 
 /// Sends `request` from `from` to 192.168.77.1:5351 over a connected UDP socket and returns the first

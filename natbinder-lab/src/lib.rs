@@ -223,6 +223,25 @@ fn run_cmd(cmd: &mut Command) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs a client tool (upnpc, natpmpc) in `from` and returns all it printed (stdout, then stderr),
+/// whatever its exit status: tests look at refusals, which such tools report with a failing status.
+/// Fails only if the tool could not run or did not finish within `time_limit_secs`.
+pub fn run_client_tool(from: &Netns, tool: &str, time_limit_secs: u32, args: &[&str]) -> Result<String> {
+    let limit = time_limit_secs.to_string();
+    let output = Command::new("ip")
+        .args(["netns", "exec", &from.name, "timeout", &limit, tool])
+        .args(args)
+        .output()
+        .with_context(|| format!("running {tool} {args:?} in {}", from.name))?;
+    // timeout(1) exits with 124 when it had to stop the command.
+    if output.status.code() == Some(124) {
+        bail!("{tool} {args:?} in {} did not finish within {limit} s", from.name);
+    }
+    let mut printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    printed.push_str(&String::from_utf8_lossy(&output.stderr));
+    Ok(printed)
+}
+
 /// Runs iproute2 commands in one process, in namespace `netns` if given.
 fn run_ip_batch(netns: Option<&str>, commands: &str) -> Result<()> {
     let mut cmd = Command::new("ip");
@@ -590,12 +609,7 @@ impl Lab {
         }
         let protocol = protocol.to_ascii_lowercase();
         let gateway = GW_LAN_IP.to_string();
-        let output = Command::new("ip")
-            .args(["netns", "exec", &self.lan2.name, "timeout", "30", "natpmpc", "-g", &gateway, "-a", &p, &p])
-            .args([protocol.as_str(), LAN2_NATPMP_LIFETIME])
-            .output()
-            .context("running natpmpc on lan2")?;
-        let out = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+        let out = fake_pmp::run_natpmpc(&self.lan2, &["-g", &gateway, "-a", &p, &p, &protocol, LAN2_NATPMP_LIFETIME])?;
         // "Mapped public port 6881 protocol UDP to local port 6881 liftime 3600" (sic)
         let granted =
             out.lines().find_map(|l| l.strip_prefix("Mapped public port ")?.split(' ').next()?.parse::<u16>().ok());
@@ -603,10 +617,10 @@ impl Lab {
             Some(granted) if granted == port => Ok(()),
             Some(granted) => {
                 // Not what the test asked for: give it back so that it does not linger in the table.
-                let _ = Command::new("ip")
-                    .args(["netns", "exec", &self.lan2.name, "timeout", "30", "natpmpc", "-g", &gateway, "-a"])
-                    .args([&granted.to_string(), p.as_str(), protocol.as_str(), "0"])
-                    .output();
+                let _ = fake_pmp::run_natpmpc(
+                    &self.lan2,
+                    &["-g", &gateway, "-a", &granted.to_string(), &p, &protocol, "0"],
+                );
                 bail!("the gateway gave lan2 external port {granted} instead of {protocol}/{port}: {out}")
             }
             None => bail!("natpmpc could not map {protocol}/{port} for lan2: {out}"),
@@ -902,6 +916,16 @@ pub enum Reach {
     Answered(String),
     Refused,
     TimedOut,
+}
+
+impl Reach {
+    /// What the LAN program answered, if it was reached.
+    pub fn answered(self) -> Option<String> {
+        match self {
+            Reach::Answered(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 /// From the WAN peer: opens a TCP connection to the gateway's WAN address and port, sends `probe` and

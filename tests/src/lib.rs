@@ -199,6 +199,16 @@ impl Harness {
         self.app_in(&ns, name, args)
     }
 
+    /// What the program behind `port` answers the WAN peer over TCP, once it answers within `limit`.
+    pub fn reachable_tcp(&self, port: u16, limit: Duration) -> Option<String> {
+        wait_for(limit, || tcp_from_wan(&self.lab, port, "ping").answered())
+    }
+
+    /// As [`Harness::reachable_tcp`], over UDP.
+    pub fn reachable_udp(&self, port: u16, limit: Duration) -> Option<String> {
+        wait_for(limit, || udp_from_wan(&self.lab, port, "ping").answered())
+    }
+
     /// The gateway's entry for `protocol`/`port`, as its nftables rules show it (whatever protocol made it).
     pub fn mapping(&self, protocol: &str, port: u16) -> Option<GatewayMapping> {
         self.lab

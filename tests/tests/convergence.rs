@@ -7,19 +7,12 @@ use natbinder_tests::*;
 
 const LIMIT: Duration = Duration::from_secs(15);
 
-fn reachable_tcp(h: &Harness, port: u16) -> Option<String> {
-    wait_for(LIMIT, || match tcp_from_wan(&h.lab, port, "ping") {
-        Reach::Answered(s) => Some(s),
-        _ => None,
-    })
-}
-
 /// A daemon with `interval`, a server on `port` reachable from the WAN, and then its mapping deleted
 /// on the gateway behind natbinder's back (by miniupnpc from lan1).
 fn mapping_deleted_behind_our_back(interval: &str, port: u16) -> (Harness, App) {
     let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", interval]).unwrap();
     let (app, _o) = h.app("victim", &["tcp-echo", &format!("0.0.0.0:{port}")]).unwrap();
-    assert!(reachable_tcp(&h, port).is_some());
+    assert!(h.reachable_tcp(port, LIMIT).is_some());
     h.lab.upnpc(&h.lab.lan1, &["-d", &port.to_string(), "TCP"]).unwrap();
     assert_eq!(tcp_from_wan(&h.lab, port, "ping"), Reach::Refused, "precondition: the mapping is gone");
     (h, app)
@@ -43,7 +36,7 @@ fn a_program_bound_before_the_daemon_started_is_forwarded_and_followed() {
     let mut h = Harness::lab_only(LabConfig::default()).unwrap();
     let (early, _o) = h.app("early", &["tcp-echo", "0.0.0.0:8800"]).unwrap();
     h.start_daemon(&[]).unwrap();
-    assert_eq!(reachable_tcp(&h, 8800).as_deref(), Some("early:ping"));
+    assert_eq!(h.reachable_tcp(8800, LIMIT).as_deref(), Some("early:ping"));
     assert!(h.daemon().log_text().contains("adopted tcp/8800"), "the daemon says it adopted the socket");
     // Its release is followed like any other.
     drop(early);
@@ -55,7 +48,7 @@ fn after_a_daemon_sigkill_the_next_one_keeps_live_programs_and_cleans_up_dead_on
     let mut h = Harness::start().unwrap();
     let (dies, _o1) = h.app("dies", &["tcp-echo", "0.0.0.0:8810"]).unwrap();
     let (lives, _o2) = h.app("lives", &["udp-echo", "0.0.0.0:8811"]).unwrap();
-    assert!(reachable_tcp(&h, 8810).is_some());
+    assert!(h.reachable_tcp(8810, LIMIT).is_some());
     assert!(wait_for(LIMIT, || h.mapping("UDP", 8811)).is_some());
 
     h.daemon().stop(libc::SIGKILL, LIMIT).unwrap();
@@ -105,7 +98,7 @@ fn a_burst_of_a_thousand_listeners_that_overflows_the_event_buffer_leaves_the_ta
 fn mappings_deleted_behind_natbinders_back_come_back_at_the_next_check() {
     let (h, _app) = mapping_deleted_behind_our_back("2", 8820);
     let deleted = Instant::now();
-    assert_eq!(reachable_tcp(&h, 8820).as_deref(), Some("victim:ping"));
+    assert_eq!(h.reachable_tcp(8820, LIMIT).as_deref(), Some("victim:ping"));
     eprintln!(
         "recovery: mapping deleted behind our back -> reachable again {:?} later (check interval 2 s)",
         deleted.elapsed()
@@ -118,7 +111,7 @@ fn a_gateway_restart_on_a_new_port_with_an_empty_table_is_repaired_within_five_s
     let mut h = Harness::start_with(LabConfig::default(), &["--reconcile-interval", "3600"]).unwrap();
     let (_tcp, _o1) = h.app("web", &["tcp-echo", "0.0.0.0:8900"]).unwrap();
     let (_udp, _o2) = h.app("game", &["udp-echo", "0.0.0.0:8901"]).unwrap();
-    assert!(reachable_tcp(&h, 8900).is_some());
+    assert!(h.reachable_tcp(8900, LIMIT).is_some());
 
     // Power cycle: rules and leases gone, and it comes back on another HTTP port.
     h.lab.stop_miniupnpd();
@@ -126,7 +119,7 @@ fn a_gateway_restart_on_a_new_port_with_an_empty_table_is_repaired_within_five_s
     h.lab.config.http_port = 5556;
     h.lab.start_miniupnpd().unwrap();
     let answering = Instant::now();
-    assert_eq!(reachable_tcp(&h, 8900).as_deref(), Some("web:ping"));
+    assert_eq!(h.reachable_tcp(8900, LIMIT).as_deref(), Some("web:ping"));
     let recovered = answering.elapsed();
     assert!(wait_for(LIMIT, || h.mapping("UDP", 8901)).is_some(), "the UDP mapping did not come back");
     eprintln!("recovery: gateway restart on a new port, empty table -> reachable {recovered:?} after it answered");
@@ -137,7 +130,7 @@ fn a_gateway_restart_on_a_new_port_with_an_empty_table_is_repaired_within_five_s
 fn a_change_of_default_route_is_noticed_and_the_mappings_are_kept() {
     let mut h = Harness::start().unwrap();
     let (_tcp, _o1) = h.app("web", &["tcp-echo", "0.0.0.0:8910"]).unwrap();
-    assert!(reachable_tcp(&h, 8910).is_some());
+    assert!(h.reachable_tcp(8910, LIMIT).is_some());
     let lan1 = h.lab.lan1.name.clone();
     let ip = |args: &[&str]| {
         let status = std::process::Command::new("ip").args(["-n", &lan1]).args(args).status().unwrap();
@@ -148,7 +141,7 @@ fn a_change_of_default_route_is_noticed_and_the_mappings_are_kept() {
     ip(&["route", "add", "default", "via", &GW_LAN_IP.to_string()]);
     let restored = Instant::now();
     h.daemon().wait_log("network changed: gateway 192.168.77.1", LIMIT).unwrap();
-    assert_eq!(reachable_tcp(&h, 8910).as_deref(), Some("web:ping"));
+    assert_eq!(h.reachable_tcp(8910, LIMIT).as_deref(), Some("web:ping"));
     eprintln!("recovery: default route removed and restored -> noticed, reachable {:?} after", restored.elapsed());
     assert_eq!(ours(&h), vec![("TCP".to_string(), 8910)]);
 }
@@ -159,6 +152,6 @@ fn sighup_makes_the_daemon_check_the_gateway_now() {
     let pid = h.daemon().pid() as i32;
     let hup = Instant::now();
     unsafe { libc::kill(pid, libc::SIGHUP) };
-    assert_eq!(reachable_tcp(&h, 8830).as_deref(), Some("victim:ping"));
+    assert_eq!(h.reachable_tcp(8830, LIMIT).as_deref(), Some("victim:ping"));
     eprintln!("recovery: mapping deleted behind our back, SIGHUP -> reachable again {:?} later", hup.elapsed());
 }

@@ -57,21 +57,6 @@ impl Gw {
 /// A generous safety net for "eventually"; real latencies are a few milliseconds.
 const LIMIT: Duration = Duration::from_secs(10);
 
-fn answered(r: Reach) -> Option<String> {
-    match r {
-        Reach::Answered(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn reachable_tcp(h: &Harness, port: u16) -> Option<String> {
-    wait_for(LIMIT, || answered(tcp_from_wan(&h.lab, port, "ping")))
-}
-
-fn reachable_udp(h: &Harness, port: u16) -> Option<String> {
-    wait_for(LIMIT, || answered(udp_from_wan(&h.lab, port, "ping")))
-}
-
 fn wait_unmapped(h: &Harness, protocol: &str, port: u16) -> bool {
     wait_for(LIMIT, || h.mapping(protocol, port).is_none().then_some(())).is_some()
 }
@@ -84,10 +69,10 @@ fn tcp_and_udp_servers_on_wildcard_are_reachable_from_the_wan(gw: Gw) {
     let (_tcp2, _o3) = h.app("tcp9000", &["tcp-echo", "0.0.0.0:9000"]).unwrap();
     let (_udp2, _o4) = h.app("udp9000", &["udp-echo", "0.0.0.0:9000"]).unwrap();
 
-    assert_eq!(reachable_tcp(&h, 8080).as_deref(), Some("web:ping"));
-    assert_eq!(reachable_udp(&h, 27015).as_deref(), Some("game:ping"));
-    assert_eq!(reachable_tcp(&h, 9000).as_deref(), Some("tcp9000:ping"));
-    assert_eq!(reachable_udp(&h, 9000).as_deref(), Some("udp9000:ping"));
+    assert_eq!(h.reachable_tcp(8080, LIMIT).as_deref(), Some("web:ping"));
+    assert_eq!(h.reachable_udp(27015, LIMIT).as_deref(), Some("game:ping"));
+    assert_eq!(h.reachable_tcp(9000, LIMIT).as_deref(), Some("tcp9000:ping"));
+    assert_eq!(h.reachable_udp(9000, LIMIT).as_deref(), Some("udp9000:ping"));
 
     let m = h.mapping("TCP", 8080).expect("TCP 8080 mapped");
     assert_eq!((m.internal_client, m.internal_port), (LAN1_IP, 8080));
@@ -102,7 +87,7 @@ fn dual_stack_server_is_reachable_over_ipv4_and_ipv6_only_is_not_mapped(gw: Gw) 
     let mut h = gw.harness();
     let (_v6only, _o) = h.app("v6only", &["tcp-echo", "[::]:8443", "--v6only"]).unwrap();
     let (_dual, _o2) = h.app("dual", &["tcp-echo", "[::]:8444"]).unwrap();
-    assert_eq!(reachable_tcp(&h, 8444).as_deref(), Some("dual:ping"));
+    assert_eq!(h.reachable_tcp(8444, LIMIT).as_deref(), Some("dual:ping"));
     // The IPv6-only socket was reported before the dual-stack one, so its decision is already made.
     assert!(h.mapping("TCP", 8443).is_none(), "an IPv6-only socket got an IPv4 mapping");
     assert_eq!(tcp_from_wan(&h.lab, 8443, "ping"), Reach::Refused);
@@ -121,7 +106,7 @@ fn loopback_specific_address_privileged_ephemeral_and_foreign_namespace_binds_ar
     let (_other, _f) = h.app_in(&lan2, "container", &["tcp-echo", "0.0.0.0:8092"]).unwrap();
     // A forwarded bind after all of them: once it is mapped, the others have been decided.
     let (_fence, _g) = h.app("fence", &["tcp-echo", "0.0.0.0:8093"]).unwrap();
-    assert_eq!(reachable_tcp(&h, 8093).as_deref(), Some("fence:ping"));
+    assert_eq!(h.reachable_tcp(8093, LIMIT).as_deref(), Some("fence:ping"));
     std::thread::sleep(Duration::from_millis(300));
 
     let mappings = h.lab.gateway_mappings().unwrap();
@@ -136,8 +121,8 @@ fn forwarding_ends_when_the_socket_is_closed(gw: Gw) {
     let mut h = gw.harness();
     let (mut tcp, mut tcp_out) = h.app("tcp", &["tcp-echo", "0.0.0.0:8100", "--close-on-stdin"]).unwrap();
     let (mut udp, mut udp_out) = h.app("udp", &["udp-echo", "0.0.0.0:8101", "--close-on-stdin"]).unwrap();
-    assert_eq!(reachable_tcp(&h, 8100).as_deref(), Some("tcp:ping"));
-    assert_eq!(reachable_udp(&h, 8101).as_deref(), Some("udp:ping"));
+    assert_eq!(h.reachable_tcp(8100, LIMIT).as_deref(), Some("tcp:ping"));
+    assert_eq!(h.reachable_udp(8101, LIMIT).as_deref(), Some("udp:ping"));
 
     // close() only: the programs keep running.
     tcp.close_socket(&mut tcp_out).unwrap();
@@ -158,8 +143,8 @@ fn forwarding_ends_when_the_program_is_killed(gw: Gw) {
     let mut h = gw.harness();
     let (tcp, _o) = h.app("victim", &["tcp-echo", "0.0.0.0:8200"]).unwrap();
     let (udp, _o2) = h.app("victim", &["udp-echo", "0.0.0.0:8201"]).unwrap();
-    assert!(reachable_tcp(&h, 8200).is_some());
-    assert!(reachable_udp(&h, 8201).is_some());
+    assert!(h.reachable_tcp(8200, LIMIT).is_some());
+    assert!(h.reachable_udp(8201, LIMIT).is_some());
     drop(tcp); // SIGKILL: no close(), no exit handler
     drop(udp);
     assert!(wait_unmapped(&h, "TCP", 8200), "the killed program's TCP port is still mapped");
@@ -171,14 +156,14 @@ fn sockets_sharing_a_port_keep_one_mapping_until_the_last_is_released(gw: Gw) {
     let mut h = gw.harness();
     let (first, _o1) = h.app("first", &["tcp-echo", "0.0.0.0:8700", "--reuseport"]).unwrap();
     let (second, _o2) = h.app("second", &["tcp-echo", "0.0.0.0:8700", "--reuseport"]).unwrap();
-    assert!(reachable_tcp(&h, 8700).is_some());
+    assert!(h.reachable_tcp(8700, LIMIT).is_some());
     let ours = |h: &Harness| h.lab.gateway_mappings().unwrap().iter().filter(|m| m.external_port == 8700).count();
     assert_eq!(ours(&h), 1, "two sockets on one port share one mapping");
 
     drop(first);
     // The survivor keeps the port reachable: every new connection now lands on it.
     assert_eq!(
-        wait_for(LIMIT, || tcp_from_wan_answer(&h, 8700).filter(|a| a == "second:ping")).as_deref(),
+        wait_for(LIMIT, || tcp_from_wan(&h.lab, 8700, "ping").answered().filter(|a| a == "second:ping")).as_deref(),
         Some("second:ping")
     );
     assert!(h.mapping("TCP", 8700).is_some(), "the mapping went with the first of two sockets");
@@ -186,10 +171,6 @@ fn sockets_sharing_a_port_keep_one_mapping_until_the_last_is_released(gw: Gw) {
     drop(second);
     assert!(wait_unmapped(&h, "TCP", 8700), "the mapping outlived the last socket");
     assert_eq!(tcp_from_wan(&h.lab, 8700, "ping"), Reach::Refused);
-}
-
-fn tcp_from_wan_answer(h: &Harness, port: u16) -> Option<String> {
-    answered(tcp_from_wan(&h.lab, port, "ping"))
 }
 
 fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse(gw: Gw) {
@@ -217,7 +198,11 @@ fn rtorrent_experiment_ports_held_by_another_host_fail_with_eaddrinuse(gw: Gw) {
     let ports: Vec<u16> = apps.iter().map(|(a, _)| a.port).collect();
     assert_eq!(ports, vec![10000, 10002, 10004, 10006, 10008], "each instance got the next even port");
     for (i, port) in ports.iter().enumerate() {
-        assert_eq!(reachable_tcp(&h, *port), Some(format!("rtorrent{i}:ping")), "instance {i} unreachable on {port}");
+        assert_eq!(
+            h.reachable_tcp(*port, LIMIT),
+            Some(format!("rtorrent{i}:ping")),
+            "instance {i} unreachable on {port}"
+        );
     }
     let sixth = h.app("rtorrent5", &["first-free", "10000", "10009"]);
     let err = sixth.err().expect("a sixth instance found a port").to_string();
@@ -247,7 +232,7 @@ fn a_port_another_host_maps_later_is_refused_after_the_next_check(gw: Gw) {
     assert!(refused.is_some(), "binding a port lan2 holds kept succeeding");
     // TCP on the same port is a different mapping and still works.
     let (_t, _o) = h.app("tcp", &["tcp-echo", "0.0.0.0:6881"]).unwrap();
-    assert!(reachable_tcp(&h, 6881).is_some());
+    assert!(h.reachable_tcp(6881, LIMIT).is_some());
 }
 
 fn sigterm_removes_every_mapping_and_later_binds_are_untouched(gw: Gw) {
@@ -255,8 +240,8 @@ fn sigterm_removes_every_mapping_and_later_binds_are_untouched(gw: Gw) {
     h.lab.lan2_maps("TCP", 8400).unwrap();
     let (_a, _o) = h.app("a", &["tcp-echo", "0.0.0.0:8401"]).unwrap();
     let (_b, _o2) = h.app("b", &["udp-echo", "0.0.0.0:8402"]).unwrap();
-    assert!(reachable_tcp(&h, 8401).is_some());
-    assert!(reachable_udp(&h, 8402).is_some());
+    assert!(h.reachable_tcp(8401, LIMIT).is_some());
+    assert!(h.reachable_udp(8402, LIMIT).is_some());
 
     let started = Instant::now();
     let status = h.daemon().stop(libc::SIGTERM, LIMIT).unwrap();
@@ -279,7 +264,7 @@ fn sigterm_removes_every_mapping_and_later_binds_are_untouched(gw: Gw) {
 fn a_restarted_daemon_removes_what_an_earlier_run_left_behind(gw: Gw) {
     let mut h = gw.harness();
     let (app, _o) = h.app("orphan", &["tcp-echo", "0.0.0.0:8500"]).unwrap();
-    assert!(reachable_tcp(&h, 8500).is_some());
+    assert!(h.reachable_tcp(8500, LIMIT).is_some());
     h.daemon().stop(libc::SIGKILL, LIMIT).unwrap();
     drop(app);
     assert!(h.mapping("TCP", 8500).is_some(), "precondition: a SIGKILLed daemon cannot clean up");
@@ -291,7 +276,7 @@ fn a_restarted_daemon_removes_what_an_earlier_run_left_behind(gw: Gw) {
 fn bind_never_waits_for_a_silent_gateway(gw: Gw) {
     let mut h = gw.harness();
     let (_warm, _o) = h.app("warm", &["tcp-echo", "0.0.0.0:8600"]).unwrap();
-    assert!(reachable_tcp(&h, 8600).is_some());
+    assert!(h.reachable_tcp(8600, LIMIT).is_some());
     // Freeze the real gateway: its HTTP server accepts nothing while stopped.
     let pid: i32 = std::fs::read_to_string(h.lab.dir.join("miniupnpd.pid")).unwrap().trim().parse().unwrap();
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -307,7 +292,7 @@ fn bind_never_waits_for_a_silent_gateway(gw: Gw) {
     eprintln!("slowest program start + bind with the gateway frozen: {slowest:?}");
     assert!(slowest < Duration::from_secs(1), "a bind waited for the gateway: {slowest:?}");
     for port in 8601..8611 {
-        assert!(reachable_tcp(&h, port).is_some(), "{port} not reachable after the gateway came back");
+        assert!(h.reachable_tcp(port, LIMIT).is_some(), "{port} not reachable after the gateway came back");
     }
 }
 

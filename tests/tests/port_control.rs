@@ -17,17 +17,6 @@ fn no_upnp() -> LabConfig {
     LabConfig { upnp: false, natpmp: true, ..LabConfig::default() }
 }
 
-fn answered(r: Reach) -> Option<String> {
-    match r {
-        Reach::Answered(s) => Some(s),
-        _ => None,
-    }
-}
-
-fn reachable_tcp(h: &Harness, port: u16) -> Option<String> {
-    wait_for(LIMIT, || answered(tcp_from_wan(&h.lab, port, "ping")))
-}
-
 /// Our mapping of `port` on the real gateway, as its nftables rules show it.
 fn mapped_here(h: &Harness, protocol: &str, port: u16) -> bool {
     h.mapping(protocol, port).is_some_and(|m| m.internal_client == LAN1_IP && m.internal_port == port)
@@ -60,16 +49,16 @@ fn pcp_mappings_granted_short_lifetimes_stay_up_over_several_lifetimes() {
     let config = LabConfig { min_lifetime: Some(1), max_lifetime: Some(4), ..no_upnp() };
     let mut h = Harness::start_with(config, &[]).unwrap();
     let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
-    assert!(reachable_tcp(&h, 8080).is_some());
+    assert!(h.reachable_tcp(8080, LIMIT).is_some());
     // Four lifetimes: without renewals the gateway would have dropped the mapping three times over.
     let until = Instant::now() + Duration::from_secs(16);
     while Instant::now() < until {
-        if answered(tcp_from_wan(&h.lab, 8080, "ping")).is_none() {
+        if tcp_from_wan(&h.lab, 8080, "ping").answered().is_none() {
             // miniupnpd renews by replacing the rule; a connection attempt that lands in that instant is
             // refused. A lapse is not that short: the mapping would stay gone until the next renewal.
             eprintln!("one probe failed at {:?}; the mapping: {:?}", until.elapsed(), h.mapping("TCP", 8080));
             std::thread::sleep(Duration::from_millis(300));
-            assert_eq!(answered(tcp_from_wan(&h.lab, 8080, "ping")).as_deref(), Some("web:ping"), "lapsed");
+            assert_eq!(tcp_from_wan(&h.lab, 8080, "ping").answered().as_deref(), Some("web:ping"), "lapsed");
         }
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -110,7 +99,7 @@ fn reboot_and_time_recovery(h: &mut Harness) -> Duration {
     let back = Instant::now();
     assert!(wait_for(LIMIT, || mapped_here(h, "TCP", 8080).then_some(())).is_some(), "the mapping never came back");
     let recovery = back.elapsed();
-    assert!(reachable_tcp(h, 8080).is_some());
+    assert!(h.reachable_tcp(8080, LIMIT).is_some());
     recovery
 }
 
@@ -120,7 +109,7 @@ fn restart_seen_by_announcement(args: &[&str], name: &str) {
     all.extend_from_slice(args);
     let mut h = Harness::start_with(no_upnp(), &all).unwrap();
     let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
-    assert!(reachable_tcp(&h, 8080).is_some());
+    assert!(h.reachable_tcp(8080, LIMIT).is_some());
     let recovery = reboot_and_time_recovery(&mut h);
     eprintln!("recovery: {name} gateway reboot seen by its announcement: mapping back {recovery:?} after it answered");
     assert!(recovery < Duration::from_secs(5), "{recovery:?}");
@@ -152,7 +141,7 @@ fn restart_seen_by_epoch(args: &[&str], name: &str) {
     .unwrap();
     h.lab.gw.exec("nft", &["-f", rules.to_str().unwrap()]).unwrap();
     let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
-    assert!(reachable_tcp(&h, 8080).is_some());
+    assert!(h.reachable_tcp(8080, LIMIT).is_some());
     let recovery = reboot_and_time_recovery(&mut h);
     eprintln!("recovery: {name} gateway reboot seen by its epoch (announcements lost, 1 s checks): {recovery:?}");
     assert!(recovery < Duration::from_secs(5), "{recovery:?}");
@@ -184,7 +173,7 @@ fn daemon_client_port(h: &Harness) -> u16 {
 fn replies_and_announcements_from_another_lan_host_are_ignored() {
     let mut h = Harness::start_with(no_upnp(), &["--backend", "pcp", "--reconcile-interval", "3600"]).unwrap();
     let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
-    assert!(reachable_tcp(&h, 8080).is_some());
+    assert!(h.reachable_tcp(8080, LIMIT).is_some());
     let lan2 = Netns { name: h.lab.lan2.name.clone() };
     let client = SocketAddrV4::new(LAN1_IP, daemon_client_port(&h));
     // lan2 claims to be a gateway that just restarted (epoch 0) with another external address, by
@@ -211,7 +200,7 @@ fn replies_and_announcements_from_another_lan_host_are_ignored() {
 fn mappings_move_to_pcp_when_the_gateway_turns_upnp_off() {
     let mut h = Harness::start_with(LabConfig { upnp: true, natpmp: true, ..LabConfig::default() }, &[]).unwrap();
     let (_app, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
-    assert!(reachable_tcp(&h, 8080).is_some());
+    assert!(h.reachable_tcp(8080, LIMIT).is_some());
     h.daemon().wait_log("via UPnP IGD", LIMIT).unwrap();
 
     // The router's owner turns UPnP off; miniupnpd restarts with NAT-PMP/PCP only, its rules kept.
@@ -222,7 +211,7 @@ fn mappings_move_to_pcp_when_the_gateway_turns_upnp_off() {
     let moved = restarted.elapsed();
     eprintln!("recovery: UPnP turned off on the gateway: mapping served by PCP {moved:?} after the restart");
     assert!(mapped_here(&h, "TCP", 8080));
-    assert!(reachable_tcp(&h, 8080).is_some());
+    assert!(h.reachable_tcp(8080, LIMIT).is_some());
     // And it is PCP's now: closing the program removes it.
     drop(_app);
     assert!(wait_for(LIMIT, || (!mapped_here(&h, "TCP", 8080)).then_some(())).is_some());

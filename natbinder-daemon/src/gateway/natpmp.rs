@@ -140,15 +140,7 @@ impl Gateway for NatPmpGateway {
             return false;
         }
         let deadline = Instant::now() + PCP_RECHECK_LIMIT;
-        let request = super::pmp_wire::encode_pcp_announce(self.client.local());
-        let accepts = |r: &Reply| match r {
-            Reply::Pcp(r) => r.opcode == super::pmp_wire::PCP_OP_ANNOUNCE,
-            Reply::NatPmp(r) => r.result == NatPmpResult::UnsupportedVersion,
-        };
-        matches!(
-            self.client.exchange(&request, accepts, Some(deadline)).await,
-            Ok(Reply::Pcp(r)) if r.result == super::pmp_wire::PcpResult::Success && r.version == super::pmp_wire::PCP_VERSION
-        )
+        super::pcp::announce(&self.client, Some(deadline)).await.is_ok_and(|reply| super::pcp::speaks_pcp(&reply))
     }
 
     async fn add(&self, request: &MappingRequest) -> Result<Granted, AddError> {

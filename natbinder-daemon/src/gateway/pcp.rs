@@ -20,7 +20,7 @@ use tracing::debug;
 
 use super::{
     natpmp::exchange_error,
-    pmp_client::PmpClient,
+    pmp_client::{ExchangeError, PmpClient},
     pmp_wire::{self, PcpBody, PcpMapRequest, PcpResponse, PcpResult, Reply, PCP_OP_ANNOUNCE, PCP_OP_MAP},
     AddError, Backend, Gateway, GatewayEntry, GatewayNews, Granted, MappingRequest,
 };
@@ -120,19 +120,28 @@ fn answers_map(reply: &Reply, nonce: &[u8; 12], protocol: Protocol, port: u16, d
     }
 }
 
+/// One ANNOUNCE exchange: PCP's way to ask whether a server is there and read its epoch. The answer is
+/// the server's PCP reply, or NAT-PMP's "unsupported version" from a gateway without PCP.
+pub(super) async fn announce(client: &PmpClient, deadline: Option<Instant>) -> Result<Reply, ExchangeError> {
+    let request = pmp_wire::encode_pcp_announce(client.local());
+    let accepts = |r: &Reply| match r {
+        Reply::Pcp(r) => r.opcode == PCP_OP_ANNOUNCE,
+        Reply::NatPmp(r) => r.result == pmp_wire::NatPmpResult::UnsupportedVersion,
+    };
+    client.exchange(&request, accepts, deadline).await
+}
+
+/// Whether an ANNOUNCE answer says the gateway speaks this PCP version.
+pub(super) fn speaks_pcp(reply: &Reply) -> bool {
+    matches!(reply, Reply::Pcp(r) if r.result == PcpResult::Success && r.version == pmp_wire::PCP_VERSION)
+}
+
 impl PcpGateway {
     /// Sends an ANNOUNCE: a gateway that answers it speaks PCP. Err(true) when it answered that it
     /// does not (UNSUPP_VERSION, in NAT-PMP's or PCP's format): NAT-PMP is worth a try.
     pub async fn probe(client: PmpClient, nonces: NonceKey, deadline: Instant) -> Result<Self, (PmpClient, String)> {
-        let request = pmp_wire::encode_pcp_announce(client.local());
-        let accepts = |r: &Reply| match r {
-            Reply::Pcp(r) => r.opcode == PCP_OP_ANNOUNCE,
-            Reply::NatPmp(r) => r.result == pmp_wire::NatPmpResult::UnsupportedVersion,
-        };
-        match client.exchange(&request, accepts, Some(deadline)).await {
-            Ok(Reply::Pcp(r)) if r.result == PcpResult::Success && r.version == pmp_wire::PCP_VERSION => {
-                Ok(Self { client, nonces })
-            }
+        match announce(&client, Some(deadline)).await {
+            Ok(reply) if speaks_pcp(&reply) => Ok(Self { client, nonces }),
             Ok(Reply::Pcp(r)) => {
                 let why = format!("PCP: the gateway answered ANNOUNCE with {} (version {})", r.result, r.version);
                 Err((client, why))
@@ -242,12 +251,7 @@ impl Gateway for PcpGateway {
     /// PCP tells the external address only in MAP replies. An ANNOUNCE checks the gateway is there and
     /// still has its state (the epoch rule), then the address from the latest MAP is returned.
     async fn external_address(&self) -> Result<IpAddr, AddError> {
-        let request = pmp_wire::encode_pcp_announce(self.client.local());
-        let accepts = |r: &Reply| match r {
-            Reply::Pcp(r) => r.opcode == PCP_OP_ANNOUNCE,
-            Reply::NatPmp(r) => r.result == pmp_wire::NatPmpResult::UnsupportedVersion,
-        };
-        match self.client.exchange(&request, accepts, None).await.map_err(exchange_error)? {
+        match announce(&self.client, None).await.map_err(exchange_error)? {
             Reply::Pcp(r) if r.result == PcpResult::Success => {}
             Reply::Pcp(r) => return Err(pcp_error(r.result)),
             Reply::NatPmp(r) => {
