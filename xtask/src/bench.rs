@@ -1,6 +1,8 @@
 //! Measurements in the lab, each against a baseline taken in the same run:
 //! * bind() cost with natbinder's hooks attached vs. without (ratio);
-//! * bind-to-reachable: from a server's bind() to the first answer at the WAN peer (p50/p90).
+//! * bind-to-reachable: from a server's bind() to the first answer at the WAN peer (p50/p90), one
+//!   server at a time, and in a churn where a program closes one port and at once binds the next (a
+//!   port search, a restart), so that the previous port's delete is due when the next port's add is.
 use std::{
     io::{BufRead, BufReader},
     process::Stdio,
@@ -26,11 +28,38 @@ fn bind_loop(lab: &Lab, testapp: &std::path::Path, iterations: usize, addr: &str
     text.trim().parse().with_context(|| format!("bind-loop printed {text:?}"))
 }
 
+/// Probes `port` on the gateway's WAN address from the WAN peer until a connection succeeds, and
+/// returns how long after `bound` that was (None after 10 s).
+fn first_reachable(lab: &Lab, port: u16, bound: Instant) -> Option<Duration> {
+    lab.wan.run(move || {
+        while bound.elapsed() < Duration::from_secs(10) {
+            let addr = std::net::SocketAddr::from((GW_WAN_IP, port));
+            // RTT inside the lab is tens of microseconds: a SYN that needs longer than 5 ms was dropped
+            // (miniupnpd adds its DNAT rule before its filter rule), so probe again.
+            if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(5)).is_ok() {
+                return Some(bound.elapsed());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        None
+    })
+}
+
+fn print_latencies(label: &str, latencies: &mut [f64]) {
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "  {label:44} p50 {:5.1} ms   p90 {:5.1} ms   max {:5.1} ms",
+        percentile(latencies, 0.5),
+        percentile(latencies, 0.9),
+        latencies.last().unwrap()
+    );
+}
+
 /// `backend`: upnp (miniupnpd with UPnP IGD), or pcp / natpmp (miniupnpd with UPnP off, natbinder told
-/// to use that protocol).
-pub fn run(samples: usize, backend: &str) -> Result<()> {
+/// to use that protocol). `natbinder`: the daemon binary to measure (default: this tree's release build).
+pub fn run(samples: usize, backend: &str, natbinder: Option<std::path::PathBuf>) -> Result<()> {
     let release = workspace_root().join("target/release");
-    let natbinder = release.join("natbinder");
+    let natbinder = natbinder.unwrap_or_else(|| release.join("natbinder"));
     let testapp = release.join("natbinder-testapp");
     let config = match backend {
         "upnp" => LabConfig::default(),
@@ -74,7 +103,8 @@ pub fn run(samples: usize, backend: &str) -> Result<()> {
     // With NATBINDER_LOG=warn there is no "ready" line: wait for the hooks by probing one bind's effect.
     std::thread::sleep(Duration::from_secs(2));
     // 2. bind-to-reachable latency (before the bind loops below, whose event storm would delay it).
-    let mut latencies = Vec::with_capacity(samples);
+    //    One server at a time: each mapping is removed before the next server binds.
+    let mut single = Vec::with_capacity(samples);
     for i in 0..samples {
         let port = 20000 + i as u16;
         let mut cmd = lab.command(&lab.lan1, true, &testapp)?;
@@ -82,36 +112,45 @@ pub fn run(samples: usize, backend: &str) -> Result<()> {
         let mut child = cmd.spawn()?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
-        let bound = Instant::now();
-        // Poll as fast as the probe allows (each probe is a fresh connection from the WAN peer).
-        let reached = lab.wan.run(move || {
-            while bound.elapsed() < Duration::from_secs(10) {
-                let addr = std::net::SocketAddr::from((GW_WAN_IP, port));
-                // RTT inside the lab is tens of microseconds: a SYN that needs longer than 5 ms was dropped
-                // (miniupnpd adds its DNAT rule before its filter rule), so probe again.
-                if std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(5)).is_ok() {
-                    return Some(bound.elapsed());
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            None
-        });
+        let reached = first_reachable(&lab, port, Instant::now());
         let _ = child.kill();
         let _ = child.wait();
         // Let the daemon remove this mapping before the next sample, so each bind is measured alone.
         std::thread::sleep(Duration::from_millis(100));
-        latencies.push(reached.context("a server never became reachable")?.as_secs_f64() * 1e3);
+        single.push(reached.context("a server never became reachable")?.as_secs_f64() * 1e3);
     }
-    latencies.sort_by(f64::total_cmp);
+    //    Churn: one program closes its port and binds the next at once, so the previous port's
+    //    delete and the next port's add fall due together.
+    let mut churn = Vec::with_capacity(samples);
+    let mut cmd = lab.command(&lab.lan1, true, &testapp)?;
+    cmd.args(["churn", "24000", &samples.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn()?;
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..samples {
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let bound = Instant::now();
+        let port: u16 = line
+            .trim()
+            .strip_prefix("bound ")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("churn printed {line:?}"))?;
+        let reached =
+            first_reachable(&lab, port, bound).with_context(|| format!("churn port {port} never became reachable"))?;
+        churn.push(reached.as_secs_f64() * 1e3);
+        std::io::Write::write_all(&mut stdin, b"next\n")?;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
     println!(
-        "bind-to-reachable from the WAN peer, {samples} servers (release build, miniupnpd 2.3 nftables, {backend}):"
+        "bind-to-reachable from the WAN peer, {samples} samples each (release build, miniupnpd 2.3 nftables, {backend}):"
     );
-    println!(
-        "  p50 {:.1} ms   p90 {:.1} ms   max {:.1} ms",
-        percentile(&latencies, 0.5),
-        percentile(&latencies, 0.9),
-        latencies.last().unwrap()
-    );
+    print_latencies("one server at a time", &mut single);
+    print_latencies("churn: close one port, bind the next at once", &mut churn);
     println!("bind()+close() in a loop of {iterations}, median of 5 runs (same run, same machine):");
     for ((label, addr), base) in cases.iter().zip(&without) {
         let runs: Vec<f64> = (0..5).map(|_| bind_loop(&lab, &testapp, iterations, addr)).collect::<Result<_>>()?;

@@ -45,6 +45,9 @@ enum Task {
         /// The protocol the lab's gateway speaks to natbinder: upnp, pcp or natpmp.
         #[arg(long, default_value = "upnp", value_parser = ["upnp", "pcp", "natpmp"])]
         backend: String,
+        /// The natbinder binary to measure (another build, to compare). Default: target/release/natbinder.
+        #[arg(long, value_name = "PATH")]
+        natbinder: Option<PathBuf>,
     },
 }
 
@@ -156,15 +159,21 @@ fn main() -> Result<()> {
             }
             demo::run()
         }
-        Task::Bench { no_build, samples, backend } => {
+        Task::Bench { no_build, samples, backend, natbinder } => {
             if !no_build {
                 setup()?;
                 run(cargo().args(["build", "--release", "-p", "natbinder-daemon", "-p", "natbinder-tests", "--bins"]))?;
             }
             if !is_root() {
-                return escalate(&["bench", "--no-build", "--samples", &samples.to_string(), "--backend", &backend]);
+                let samples = samples.to_string();
+                let mut args = vec!["bench", "--no-build", "--samples", &samples, "--backend", &backend];
+                let path = natbinder.as_ref().map(|p| p.to_string_lossy().into_owned());
+                if let Some(path) = &path {
+                    args.extend(["--natbinder", path]);
+                }
+                return escalate(&args);
             }
-            bench::run(samples, &backend)
+            bench::run(samples, &backend, natbinder)
         }
     }
 }

@@ -7,6 +7,9 @@
 //! natbinder-testapp burst N FROM KEEP        (N UDP sockets on 0.0.0.0:FROM.., then closes all but the
 //!                                            first KEEP; prints "bound FROM" then "kept KEEP")
 //! natbinder-testapp bind-loop N [ADDR]      (benchmark: N x socket+bind(ADDR)+close, prints ns each)
+//! natbinder-testapp churn FROM N            (a port search or restart loop: listens on TCP 0.0.0.0:FROM,
+//!                                            and at each line on stdin closes it and at once listens
+//!                                            on the next port; prints "bound PORT" each time)
 //!
 //! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
 //! when a line arrives on stdin and then prints "closed".
@@ -69,6 +72,14 @@ fn serve_tcp(listener: TcpListener, name: String, close_on_stdin: bool) -> ! {
     announce("closed".into());
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Answers every datagram with "NAME:payload", for as long as the process lives.
+fn echo_udp_forever(socket: UdpSocket, name: String) {
+    let mut buf = [0u8; 512];
+    while let Ok((n, peer)) = socket.recv_from(&mut buf) {
+        let _ = socket.send_to(format!("{name}:{}", String::from_utf8_lossy(&buf[..n])).as_bytes(), peer);
     }
 }
 
@@ -224,10 +235,34 @@ fn main() {
             }
             announce(format!("bound {from}"));
             sockets.truncate(keep);
+            // The kept sockets answer like udp-echo, so a test can tell they are reachable.
+            for socket in sockets {
+                let name = name.clone();
+                std::thread::spawn(move || echo_udp_forever(socket, name));
+            }
             announce(format!("kept {keep}"));
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }
+        }
+        Some("churn") => {
+            let from: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let n: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let mut listener: Option<TcpListener> = None;
+            for port in from..from.saturating_add(n) {
+                // Closing one port and binding the next back to back, as a port search or a restart does.
+                drop(listener.take());
+                match TcpListener::bind(("0.0.0.0", port)) {
+                    Ok(l) => listener = Some(l),
+                    Err(e) => {
+                        eprintln!("bind 0.0.0.0:{port}: {e}");
+                        exit(1)
+                    }
+                }
+                announce(format!("bound {port}"));
+                wait_for_stdin_line();
+            }
+            exit(0)
         }
         Some("bind-loop") => {
             let n: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
