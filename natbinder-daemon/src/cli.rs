@@ -79,9 +79,14 @@ pub struct DaemonArgs {
 impl DaemonArgs {
     /// Reads the configuration file, lets the command line override it, and validates the result.
     pub fn into_config(self) -> Result<DaemonConfig> {
+        self.into_config_with_default_file(Path::new(config::DEFAULT_PATH))
+    }
+
+    /// As [`DaemonArgs::into_config`], reading `default_file` (if it exists) when no --config is given.
+    pub fn into_config_with_default_file(self, default_file: &Path) -> Result<DaemonConfig> {
         let file = match &self.config {
             Some(path) => ConfigFile::load(path, true)?,
-            None => ConfigFile::load(Path::new(config::DEFAULT_PATH), false)?,
+            None => ConfigFile::load(default_file, false)?,
         };
         let defaults = DaemonConfig::default();
         let min_port = self.min_port.or(file.min_port).unwrap_or(defaults.min_port);
@@ -143,10 +148,12 @@ impl DaemonArgs {
 mod tests {
     use super::*;
 
+    /// As the command line is parsed, but never reading this machine's /etc: with no --config, the
+    /// default file is one that does not exist.
     fn parse(args: &[&str]) -> Result<DaemonConfig> {
         let cli = Cli::try_parse_from(args)?;
         let Command::Daemon(args) = cli.command;
-        args.into_config()
+        args.into_config_with_default_file(Path::new("/nonexistent/natbinder-test/natbinder.toml"))
     }
 
     #[test]
@@ -168,6 +175,18 @@ mod tests {
         let c = parse(&["natbinder", "daemon"]).unwrap();
         assert_eq!((c.min_port, c.lease.as_secs(), c.reconcile_interval.as_secs()), (1024, 3600, 60));
         assert!(c.cgroup.is_none());
+        assert_eq!(c.state_dir, Path::new("/var/lib/natbinder"));
+    }
+
+    #[test]
+    fn the_default_file_is_read_when_present_and_no_config_is_named() {
+        let dir = std::env::temp_dir().join(format!("natbinder-cli-default-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("natbinder.toml");
+        std::fs::write(&file, "reconcile-interval-seconds = 7\n").unwrap();
+        let Command::Daemon(args) = Cli::try_parse_from(["natbinder", "daemon"]).unwrap().command;
+        assert_eq!(args.into_config_with_default_file(&file).unwrap().reconcile_interval.as_secs(), 7);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -1,30 +1,33 @@
 //! `natbinder daemon`: wiring and lifecycle. A thin layer over [`run`], which takes its configuration
-//! and a shutdown future so that tests can run the whole daemon in-process.
-use std::{
-    path::PathBuf,
-    sync::{atomic::Ordering, Arc},
-    time::Duration,
-};
+//! and a shutdown future so that tests can run the whole daemon in-process ([`run_with`] also takes the
+//! outcome bus, so that they can wait on what happens).
+//!
+//! The tasks, all on one thread (the event loop), none of them blocking it:
+//! * this loop: kernel events into the table; SIGHUP; shutdown;
+//! * the classifier: whether AF_INET6 sockets are IPv6-only (sock_diag, batched, off the loop);
+//! * the resynchroniser: sock_diag listings ([`crate::host::resync`]);
+//! * the network watcher (rtnetlink) and the announcement listeners, which feed [`Signals`];
+//! * the reconciler, the only one that talks to the gateway.
+use std::{future::Future, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
-/// How soon the sockets are listed again after kernel events were lost.
-const STORM_RECHECK: Duration = Duration::from_millis(500);
-
 use crate::{
-    cgroup,
     gateway::{
+        announcements,
         pcp::NonceKey,
         select::{self, Backend},
+        signals::{Signal, Signals},
     },
+    host::{self, cgroup, lan::LanWatch, netwatch, resync::Resynchronizer, sockdiag},
     journal::Journal,
-    kernel::{self, KernelEvent, KernelHooks},
-    netinfo, netwatch,
-    reconcile::{Reconciler, ReconcilerConfig, Shared},
-    resync::{self, Resync, Scope},
-    sockdiag, Family,
+    kernel::{self, BoundSocket, KernelEvent, KernelHooks},
+    outcome::{Found, Outcome, OutcomeBus, Seen},
+    reconcile::{Ownership, Reconciler, ReconcilerConfig},
+    table::{Listener, Owner, Stack, TableConfig, TableHandle, DELETE_GRACE},
+    Family, Protocol,
 };
 
 /// Validated daemon settings.
@@ -61,117 +64,94 @@ impl Default for DaemonConfig {
     }
 }
 
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "localhost".to_string())
+/// Runs the daemon until `shutdown` completes, then removes its mappings and detaches its hooks.
+pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Result<()> {
+    run_with(config, shutdown, OutcomeBus::with_log()).await
 }
 
-/// Runs the daemon until `shutdown` completes, then removes its mappings and detaches its hooks.
-pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<()> {
+/// As [`run`], publishing to `outcomes`.
+pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, outcomes: OutcomeBus) -> Result<()> {
     let cgroup = cgroup::resolve_cgroup(config.cgroup.as_deref())?;
     let netns_cookie = kernel::current_netns_cookie()?;
     let mut hooks =
         KernelHooks::attach_with_buffer(&cgroup.path, netns_cookie, config.min_port, config.event_buffer_bytes)?;
-    info!(
-        "watching binds of ports >= {} on 0.0.0.0 and [::] in cgroup {} (network namespace cookie {netns_cookie})",
-        config.min_port,
-        cgroup.path.display()
+    let table = TableHandle::new(
+        TableConfig { min_port: config.min_port, delete_grace: DELETE_GRACE },
+        outcomes.clone(),
+        hooks.held_elsewhere(),
     );
+    outcomes.publish(Outcome::Watching { cgroup: cgroup.path.clone(), min_port: config.min_port, netns_cookie });
 
-    let shared = Arc::new(Shared::default());
-    let scope = Scope::for_cgroup(&cgroup.path, cgroup.is_root, config.min_port, sockdiag::ephemeral_port_range());
-    let mut resync = Resync::new();
     // Sockets bound before this start (or while an earlier daemon was down) need forwarding too.
-    resync_sockets(&shared, &mut hooks, &mut resync, &scope);
-    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut resync = Resynchronizer::new(cgroup, table.clone(), hooks.releases());
+    resync.run_once().await;
+
     let journal = Journal::open(&config.state_dir)?;
     let nonces = NonceKey::load_or_create(&config.state_dir)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let lan = LanWatch::new();
+    let signals = Signals::new();
+    let resync_requested = Arc::new(Notify::new());
+    let (classify_tx, classify_rx) = mpsc::unbounded_channel();
     let reconciler = Reconciler::new(
         ReconcilerConfig {
             lease: config.lease,
             interval: config.reconcile_interval,
-            min_port: config.min_port,
-            hostname: hostname(),
             shutdown_grace: config.shutdown_grace,
         },
-        shared.clone(),
-        hooks.held_elsewhere(),
-        journal,
+        table.clone(),
+        signals.clone(),
+        Ownership::new(host::hostname(), journal),
     );
-    let discovery_timeout = config.discovery_timeout;
-    let backends = config.backends.clone();
-    let names: Vec<String> = backends.iter().map(|b| b.to_string()).collect();
+    let names: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
     info!("gateway protocols, best first: {}", names.join(", "));
-    let discover = move || {
-        let (backends, nonces) = (backends.clone(), nonces.clone());
-        async move {
-            let lan = tokio::task::spawn_blocking(netinfo::lan_info)
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("{e:#}"))?;
-            let gateway = select::discover(&lan, &backends, discovery_timeout, &nonces).await?;
-            Ok((gateway, lan))
+    let discover = {
+        let (lan, signals, backends, timeout) =
+            (lan.clone(), signals.sender(), config.backends.clone(), config.discovery_timeout);
+        move |session: u64| {
+            let (lan, signals, backends, nonces) = (lan.clone(), signals.clone(), backends.clone(), nonces.clone());
+            async move {
+                let lan = lan.refresh().await.lan?;
+                let gateway = select::discover(&lan, &backends, timeout, &nonces, &signals, session).await?;
+                Ok((gateway, lan))
+            }
         }
     };
-    let watcher_task = tokio::spawn(netwatch::watch(shared.clone(), stop_rx.clone()));
+    let tasks = vec![
+        tokio::spawn(netwatch::watch(lan.clone(), signals.sender(), stop_rx.clone())),
+        tokio::spawn(announcements::listen(lan.clone(), signals.sender(), stop_rx.clone())),
+        tokio::spawn(resync.run(config.reconcile_interval, resync_requested.clone(), hooks.losses(), stop_rx.clone())),
+        tokio::spawn(classify(classify_rx, table.clone(), stop_rx.clone())),
+    ];
     let reconciler_task = tokio::spawn(reconciler.run(discover, stop_rx));
 
     let mut events = Vec::new();
-    let mut lost_seen = 0;
-    let mut periodic = tokio::time::interval(config.reconcile_interval);
-    periodic.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    periodic.reset();
+    let mut lost_seen = hooks.lost_events();
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
+    let hangups = signals.sender();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             read = hooks.read_events(&mut events) => read?,
             _ = hangup.recv() => {
-                info!("SIGHUP: checking the sockets and the gateway's table now");
-                resync_sockets(&shared, &mut hooks, &mut resync, &scope);
-                shared.check_now.notify_one();
-                continue;
-            }
-            _ = periodic.tick() => {
-                resync_sockets(&shared, &mut hooks, &mut resync, &scope);
-                if shared.adds_paused.load(Ordering::SeqCst) {
-                    let lost = hooks.lost_events();
-                    if lost == lost_seen {
-                        // Nothing lost since the previous listing: the table is exact again.
-                        info!("event storm over: the table matches the sockets again; resuming new mappings");
-                        shared.adds_paused.store(false, Ordering::SeqCst);
-                        shared.wake.notify_one();
-                        periodic.reset();
-                    } else {
-                        lost_seen = lost;
-                        periodic.reset_after(STORM_RECHECK);
-                    }
-                }
+                info!("SIGHUP: checking the sockets and the gateway now");
+                resync_requested.notify_one();
+                hangups.send(Signal::CheckNow);
                 continue;
             }
             _ = &mut shutdown => break,
         }
         for event in events.drain(..) {
-            handle_event(&shared, event);
+            handle_event(&table, &classify_tx, event);
         }
         let lost = hooks.lost_events();
         if lost > lost_seen {
-            if !shared.adds_paused.swap(true, Ordering::SeqCst) {
-                warn!(
-                    "socket events were lost (ring buffer or socket map full): pausing new mappings and \
-                     resynchronising from sock_diag until the storm settles"
-                );
-            }
             debug!("{lost} events lost so far");
             lost_seen = lost;
-            // List the sockets shortly: a storm that overflowed the buffer may still be going on.
-            periodic.reset_after(STORM_RECHECK);
+            table.update(|t| t.pause_adds(lost));
+            resync_requested.notify_one();
         }
-        shared.wake.notify_one();
     }
 
     info!("shutting down: no new binds are forwarded; removing this host's mappings");
@@ -180,120 +160,88 @@ pub async fn run(config: DaemonConfig, shutdown: impl std::future::Future<Output
     }
     let _ = stop_tx.send(true);
     reconciler_task.await.context("the reconciler task failed")?;
-    let _ = watcher_task.await;
+    for task in tasks {
+        let _ = task.await;
+    }
     hooks.detach();
     info!("detached from the kernel; bye");
     Ok(())
 }
 
-/// Adopts live wildcard sockets the table lacks and drops table sockets that no longer exist.
-fn resync_sockets(shared: &Shared, hooks: &mut KernelHooks, resync: &mut Resync, scope: &Scope) {
-    let live = match sockdiag::wildcard_sockets(scope.min_port) {
-        Ok(live) => live,
-        Err(e) => {
-            warn!("could not list sockets for resynchronisation: {e:#}");
-            return;
-        }
-    };
-    let known = shared.table.lock().unwrap().socket_cookies();
-    let plan = resync.plan(&known, &live, scope);
-    if plan.adopt.is_empty() && plan.gone.is_empty() {
-        return;
-    }
-    let owners = resync::socket_owners(&plan.adopt.iter().map(|s| s.inode).collect());
-    let now = std::time::Instant::now();
-    for socket in &plan.adopt {
-        if let Err(e) = hooks.track_release(socket.cookie, socket.family, socket.protocol, socket.port) {
-            warn!("{e:#}; not adopting it");
-            continue;
-        }
-        let (pid, comm) = owners.get(&socket.inode).cloned().unwrap_or((0, String::from("?")));
-        let forward_ipv4 = socket.family == Family::Ipv4 || !socket.ipv6_only;
-        info!(
-            "adopted {}/{} on {} held by pid {pid} ({comm}), bound while natbinder was not watching",
-            socket.protocol, socket.port, socket.family
-        );
-        let bound = kernel::BoundSocket {
-            cookie: socket.cookie,
-            pid,
+fn listener(socket: BoundSocket) -> Listener {
+    Listener {
+        cookie: socket.cookie,
+        protocol: socket.protocol,
+        port: socket.port,
+        family: socket.family,
+        owner: Owner {
+            pid: socket.pid,
             uid: socket.uid,
-            gid: 0,
-            cgroup_id: socket.cgroup_id.unwrap_or(0),
-            comm,
-            family: socket.family,
-            protocol: socket.protocol,
-            port: socket.port,
-        };
-        shared.table.lock().unwrap().add_socket(bound, forward_ipv4, now);
+            gid: socket.gid,
+            cgroup_id: socket.cgroup_id,
+            comm: socket.comm,
+        },
     }
-    if !plan.adopt.is_empty() {
-        // A socket closed between the listing and track_release would never report its release.
-        if let Ok(again) = sockdiag::wildcard_sockets(scope.min_port) {
-            let still: std::collections::HashSet<u64> = again.iter().map(|s| s.cookie).collect();
-            for socket in plan.adopt.iter().filter(|s| !still.contains(&s.cookie)) {
-                hooks.untrack_release(socket.cookie);
-                shared.table.lock().unwrap().remove_socket(socket.cookie);
-            }
-        }
-    }
-    for cookie in plan.gone {
-        let mut table = shared.table.lock().unwrap();
-        if let Some(record) = table.socket(cookie) {
-            info!("{}/{} is gone (its release was not seen)", record.socket.protocol, record.socket.port);
-        }
-        table.remove_socket(cookie);
-        hooks.untrack_release(cookie);
-    }
-    shared.wake.notify_one();
 }
 
-fn handle_event(shared: &Shared, event: KernelEvent) {
+fn handle_event(table: &TableHandle, classify: &mpsc::UnboundedSender<(Protocol, u64)>, event: KernelEvent) {
     let now = std::time::Instant::now();
     match event {
         KernelEvent::Bound(socket) => {
-            let forward_ipv4 = match socket.family {
-                Family::Ipv4 => true,
-                // Dual-stack [::] sockets take IPv4 too; IPv6-only ones need pinholes, not NAT mappings.
-                Family::Ipv6 => match sockdiag::ipv6_only(socket.protocol, socket.port, socket.cookie) {
-                    Ok(Some(v6only)) => !v6only,
-                    // Closed already (its release follows), or a TCP socket not yet listening on a kernel
-                    // older than 6.7, which cannot list those: assume the system default.
-                    Ok(None) => !sockdiag::system_default_is_ipv6_only(),
-                    Err(e) => {
-                        warn!(
-                            "could not tell whether {} socket on [::]:{} is IPv6-only ({e:#}); assuming the system default",
-                            socket.protocol, socket.port
-                        );
-                        !sockdiag::system_default_is_ipv6_only()
-                    }
-                },
+            let (protocol, cookie) = (socket.protocol, socket.cookie);
+            let stack = match socket.family {
+                Family::Ipv4 => Stack::Ipv4,
+                // Whether a [::] socket also takes IPv4 is not in the event: sock_diag tells, off the loop.
+                Family::Ipv6 => Stack::Unknown,
             };
-            info!(
-                "pid {} ({}) uid {} bound {}/{} on {}{}",
-                socket.pid,
-                socket.comm,
-                socket.uid,
-                socket.protocol,
-                socket.port,
-                socket.family,
-                if forward_ipv4 { "" } else { " (IPv6-only: no IPv4 mapping)" }
-            );
-            shared.table.lock().unwrap().add_socket(socket, forward_ipv4, now);
+            table.update(|t| t.socket_bound(listener(socket), stack, Found::Bind, now));
+            if stack == Stack::Unknown {
+                let _ = classify.send((protocol, cookie));
+            }
         }
-        KernelEvent::Released { cookie } => {
-            let mut table = shared.table.lock().unwrap();
-            let Some(record) = table.socket(cookie) else { return };
-            info!(
-                "released {}/{} (pid {}, {})",
-                record.socket.protocol, record.socket.port, record.socket.pid, record.socket.comm
-            );
-            table.remove_socket(cookie);
+        KernelEvent::Released { cookie } => table.update(|t| t.socket_released(cookie, Seen::Released, now)),
+        KernelEvent::Refused(socket) => table.update(|t| t.bind_refused(listener(socket))),
+    }
+}
+
+/// Reads IPV6_V6ONLY of [::] sockets as they come, a batch per sock_diag dump, and tells the table.
+/// The flag cannot change once a socket is bound, so one reading is exact.
+async fn classify(
+    mut queue: mpsc::UnboundedReceiver<(Protocol, u64)>,
+    table: TableHandle,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            first = queue.recv() => match first { Some(first) => first, None => return },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let mut batch = vec![first];
+        while let Ok(more) = queue.try_recv() {
+            batch.push(more);
         }
-        KernelEvent::Refused(socket) => {
-            warn!(
-                "refused bind of {}/{} by pid {} ({}) with EADDRINUSE: another host holds that port on the gateway",
-                socket.protocol, socket.port, socket.pid, socket.comm
-            );
-        }
+        let asked = batch.clone();
+        let answers = tokio::task::spawn_blocking(move || sockdiag::ipv6_only_batch(&asked)).await;
+        let answers = match answers {
+            Ok(Ok(answers)) => answers,
+            Ok(Err(e)) => {
+                warn!("could not tell whether [::] sockets are IPv6-only ({e:#}); assuming the system default");
+                Default::default()
+            }
+            Err(e) => {
+                warn!("could not tell whether [::] sockets are IPv6-only ({e}); assuming the system default");
+                Default::default()
+            }
+        };
+        // Not listed: closed already (its release follows), or a TCP socket not yet listening on a kernel
+        // older than 6.7, which cannot list those: the system default then.
+        let default = tokio::task::spawn_blocking(sockdiag::system_default_is_ipv6_only).await.unwrap_or(false);
+        let now = std::time::Instant::now();
+        table.update(|t| {
+            for (_, cookie) in &batch {
+                let v6only = answers.get(cookie).copied().unwrap_or(default);
+                t.socket_classified(*cookie, if v6only { Stack::Ipv6Only } else { Stack::DualStack }, now);
+            }
+        });
     }
 }

@@ -3,8 +3,15 @@
 //! The description tag finds our mappings on gateways that list descriptions, but only while this host
 //! keeps its address. The journal also covers a changed address (DHCP), gateways that do not report
 //! descriptions, and routers that only take permanent leases, whose mappings would otherwise outlive
-//! every socket for good. It is rewritten atomically (write, fsync, rename) on every change, so a crash
-//! at any point leaves the previous or the next version, never a torn one.
+//! every socket for good.
+//!
+//! It is written ahead: a mapping is journalled before it is asked for, so a daemon killed while the
+//! request is on its way still knows to delete it. Each change rewrites the file atomically (a
+//! temporary file, then rename), so a crash at any point leaves the previous or the next version, never
+//! a torn one. A process crash loses nothing (the page cache survives it). Against power loss, versions
+//! that hold a permanent mapping are also fsynced; a leased mapping lost that way ends with its lease.
+//! A change returns the write ([`JournalWrite`]) for the caller to commit where blocking is allowed:
+//! the reconciler commits it off the event loop, one write at a time, in order.
 use std::{
     collections::BTreeMap,
     fs,
@@ -17,7 +24,7 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{table::MappingKey, Protocol};
+use crate::{table::PortKey, Protocol};
 
 const FILE_NAME: &str = "mappings.json";
 const FORMAT_VERSION: u32 = 1;
@@ -37,13 +44,13 @@ pub struct JournalEntry {
 }
 
 impl JournalEntry {
-    pub fn key(&self) -> Option<MappingKey> {
+    pub fn key(&self) -> Option<PortKey> {
         let protocol = match self.protocol.as_str() {
             "tcp" => Protocol::Tcp,
             "udp" => Protocol::Udp,
             _ => return None,
         };
-        Some(MappingKey { protocol, port: self.port })
+        Some(PortKey::new(protocol, self.port))
     }
 }
 
@@ -56,7 +63,32 @@ struct JournalFile {
 
 pub struct Journal {
     path: Option<PathBuf>,
-    entries: BTreeMap<MappingKey, JournalEntry>,
+    entries: BTreeMap<PortKey, JournalEntry>,
+}
+
+/// One version of the journal, to be written to disk ([`JournalWrite::commit`] blocks).
+#[must_use = "a journal change is on disk only once committed"]
+pub struct JournalWrite {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// fsync before the rename: this version holds a permanent mapping.
+    durable: bool,
+}
+
+impl JournalWrite {
+    /// Writes this version atomically: a temporary file (fsynced if durable), then rename.
+    pub fn commit(self) -> Result<()> {
+        let tmp = self.path.with_extension("json.tmp");
+        let write = || -> std::io::Result<()> {
+            let mut f = fs::File::create(&tmp)?;
+            f.write_all(&self.bytes)?;
+            if self.durable {
+                f.sync_all()?;
+            }
+            fs::rename(&tmp, &self.path)
+        };
+        write().with_context(|| format!("writing the journal {}", self.path.display()))
+    }
 }
 
 fn unix_now() -> u64 {
@@ -110,18 +142,19 @@ impl Journal {
         self.entries.values()
     }
 
-    pub fn get(&self, key: &MappingKey) -> Option<&JournalEntry> {
+    pub fn get(&self, key: &PortKey) -> Option<&JournalEntry> {
         self.entries.get(key)
     }
 
-    /// Records a mapping the gateway accepted.
+    /// Records a mapping about to be asked for, or that the gateway granted. Returns the write to
+    /// commit, if anything changed.
     pub fn record(
         &mut self,
-        key: MappingKey,
+        key: PortKey,
         internal_client: Ipv4Addr,
         gateway: Ipv4Addr,
         lease: Duration,
-    ) -> Result<()> {
+    ) -> Option<JournalWrite> {
         let permanent = lease.is_zero();
         let entry = JournalEntry {
             protocol: key.protocol.to_string(),
@@ -131,33 +164,31 @@ impl Journal {
             permanent,
             expires_unix: unix_now() + lease.as_secs(),
         };
-        if self.entries.get(&key) == Some(&entry) {
-            return Ok(());
+        // An identical entry needs no write; a renewal that only moves the expiry by less than a
+        // minute does not either (the expiry matters only to drop entries long gone).
+        if let Some(known) = self.entries.get(&key) {
+            let same = JournalEntry { expires_unix: known.expires_unix, ..entry.clone() } == *known;
+            if same && known.expires_unix.abs_diff(entry.expires_unix) < 60 {
+                return None;
+            }
         }
         self.entries.insert(key, entry);
-        self.save()
+        self.snapshot()
     }
 
-    /// Forgets a mapping that is gone from the gateway.
-    pub fn forget(&mut self, key: &MappingKey) -> Result<()> {
-        if self.entries.remove(key).is_some() {
-            self.save()?;
-        }
-        Ok(())
+    /// Forgets a mapping that is gone from the gateway. Returns the write to commit, if it was known.
+    pub fn forget(&mut self, key: &PortKey) -> Option<JournalWrite> {
+        self.entries.remove(key)?;
+        self.snapshot()
     }
 
-    fn save(&self) -> Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
+    fn snapshot(&self) -> Option<JournalWrite> {
+        let path = self.path.clone()?;
         let file = JournalFile { version: FORMAT_VERSION, entries: self.entries.values().cloned().collect() };
-        let bytes = serde_json::to_vec_pretty(&file).context("encoding the journal")?;
-        let tmp = path.with_extension("json.tmp");
-        let write = || -> std::io::Result<()> {
-            let mut f = fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            fs::rename(&tmp, path)
-        };
-        write().with_context(|| format!("writing the journal {}", path.display()))
+        // Plain strings, numbers and addresses: encoding cannot fail.
+        let bytes = serde_json::to_vec_pretty(&file).expect("encoding the journal");
+        let durable = self.entries.values().any(|e| e.permanent);
+        Some(JournalWrite { path, bytes, durable })
     }
 }
 
@@ -177,15 +208,22 @@ mod tests {
     #[test]
     fn survives_a_restart_and_forgets_what_was_deleted() {
         let d = dir("restart");
-        let tcp = MappingKey { protocol: Protocol::Tcp, port: 8080 };
-        let udp = MappingKey { protocol: Protocol::Udp, port: 27015 };
+        let tcp = PortKey::new(Protocol::Tcp, 8080);
+        let udp = PortKey::new(Protocol::Udp, 27015);
         {
             let mut j = Journal::open(&d).unwrap();
-            j.record(tcp, ME, GW, Duration::from_secs(3600)).unwrap();
-            j.record(udp, ME, GW, Duration::ZERO).unwrap();
-            j.forget(&tcp).unwrap();
-            j.record(tcp, ME, GW, Duration::from_secs(60)).unwrap();
+            j.record(tcp, ME, GW, Duration::from_secs(3600)).unwrap().commit().unwrap();
+            j.record(udp, ME, GW, Duration::ZERO).unwrap().commit().unwrap();
+            assert!(j.record(udp, ME, GW, Duration::ZERO).is_none(), "nothing changed: no write");
+            j.forget(&tcp).unwrap().commit().unwrap();
+            assert!(j.forget(&tcp).is_none(), "forgetting twice writes once");
+            // A write left uncommitted (a crash before it) leaves the previous version on disk.
+            let _lost = j.record(tcp, ME, GW, Duration::from_secs(60));
         }
+        let j = Journal::open(&d).unwrap();
+        assert!(j.get(&tcp).is_none() && j.get(&udp).is_some(), "the last committed version is read back");
+        let mut j = j;
+        j.record(tcp, ME, GW, Duration::from_secs(60)).unwrap().commit().unwrap();
         let j = Journal::open(&d).unwrap();
         let entries: Vec<_> = j.entries().cloned().collect();
         assert_eq!(entries.len(), 2);

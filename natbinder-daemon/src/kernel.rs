@@ -1,10 +1,12 @@
 //! The kernel side as the daemon sees it: loads natbinder's eBPF programs, attaches them to the watched
-//! cgroup with bpf_links, and exposes the three things the daemon needs: the event stream, the
-//! "held elsewhere" port map that makes binds fail with EADDRINUSE, and the drop counters.
+//! cgroup with bpf_links, and exposes what the daemon needs: the event stream, the "held elsewhere"
+//! port map that makes binds fail with EADDRINUSE (the table's record, mirrored), the map of sockets
+//! whose release is reported (for adopted sockets), and the drop counters.
 //!
 //! The links are not pinned: they detach when the daemon exits, however it exits, so that with no
 //! daemon running every bind behaves exactly as it would without natbinder.
 use std::{
+    collections::BTreeMap,
     fs::File,
     net::Ipv4Addr,
     os::fd::AsRawFd,
@@ -24,7 +26,11 @@ use natbinder_common::{
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
-use crate::{Family, Protocol};
+use crate::{
+    host::resync::{LossCounter, ReleaseTracker},
+    table::{HeldPortsMirror, PortKey as TablePortKey},
+    Family, Protocol,
+};
 
 /// The object built from natbinder-ebpf by build.rs.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/natbinder.bpf.o"));
@@ -52,24 +58,6 @@ pub struct BoundSocket {
     pub family: Family,
     pub protocol: Protocol,
     pub port: u16,
-}
-
-#[cfg(test)]
-impl BoundSocket {
-    /// A plain IPv4 server socket, for unit tests of what consumes kernel events.
-    pub(crate) fn for_test(cookie: u64, protocol: Protocol, port: u16) -> Self {
-        Self {
-            cookie,
-            pid: 4242,
-            uid: 1000,
-            gid: 1000,
-            cgroup_id: 1,
-            comm: "server".into(),
-            family: Family::Ipv4,
-            protocol,
-            port,
-        }
-    }
 }
 
 impl KernelEvent {
@@ -109,10 +97,30 @@ impl KernelEvent {
     }
 }
 
-/// Ports other hosts hold on the gateway. Shared between the event loop and the reconciler.
+/// Ports other hosts hold on the gateway: binds of them fail with EADDRINUSE.
 #[derive(Clone)]
 pub struct HeldElsewhere {
     map: Arc<Mutex<BpfHashMap<MapData, PortKey, Holder>>>,
+    /// What the table's record looked like when it was last mirrored, so that a change writes only
+    /// what changed.
+    mirrored: Arc<Mutex<BTreeMap<TablePortKey, Option<Ipv4Addr>>>>,
+}
+
+impl HeldPortsMirror for HeldElsewhere {
+    fn mirror(&self, held: &BTreeMap<TablePortKey, Option<Ipv4Addr>>) {
+        let mut mirrored = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
+        for key in mirrored.keys().filter(|k| !held.contains_key(k)) {
+            self.remove(key.protocol, key.port);
+        }
+        for (key, holder) in held.iter().filter(|(k, h)| mirrored.get(k) != Some(h)) {
+            if let Err(e) = self.insert(key.protocol, key.port, holder.unwrap_or(Ipv4Addr::UNSPECIFIED)) {
+                // The map is full (more ports held elsewhere than it has room for): that port binds
+                // as without natbinder, and its socket is unreachable. Nothing worse.
+                warn!("{e:#}");
+            }
+        }
+        *mirrored = held.clone();
+    }
 }
 
 impl HeldElsewhere {
@@ -137,22 +145,45 @@ impl HeldElsewhere {
         let map = self.map.lock().unwrap();
         map.get(&Self::key(protocol, port), 0).ok().map(|h| Ipv4Addr::from(u32::from_be(h.ipv4_be)))
     }
+}
 
-    /// Replaces the whole set with `entries`.
-    pub fn replace_all(&self, entries: &[(Protocol, u16, Ipv4Addr)]) -> Result<()> {
-        let mut map = self.map.lock().unwrap();
-        let wanted: std::collections::HashSet<PortKey> =
-            entries.iter().map(|(p, port, _)| Self::key(*p, *port)).collect();
-        let stale: Vec<PortKey> = map.keys().filter_map(|k| k.ok()).filter(|k| !wanted.contains(k)).collect();
-        for key in stale {
-            let _ = map.remove(&key);
-        }
-        for (protocol, port, holder) in entries {
-            let value = Holder { ipv4_be: u32::from(*holder).to_be() };
-            map.insert(Self::key(*protocol, *port), value, 0)
-                .with_context(|| format!("marking {protocol}/{port} as held by {holder}"))?;
-        }
-        Ok(())
+/// The BOUND map: sockets whose release the release hook reports.
+#[derive(Clone)]
+pub struct Releases {
+    map: Arc<Mutex<BpfHashMap<MapData, u64, natbinder_common::BoundSocket>>>,
+}
+
+impl ReleaseTracker for Releases {
+    fn track(&self, cookie: u64, family: Family, protocol: Protocol, port: u16) -> Result<()> {
+        let family = match family {
+            Family::Ipv4 => natbinder_common::AF_INET,
+            Family::Ipv6 => AF_INET6,
+        };
+        let value = natbinder_common::BoundSocket { family, protocol: protocol.ip_proto(), port, _pad: 0 };
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(cookie, value, 0)
+            .with_context(|| format!("tracking the release of {protocol}/{port}"))
+    }
+
+    fn untrack(&self, cookie: u64) {
+        let _ = self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&cookie);
+    }
+}
+
+/// The drop counters.
+#[derive(Clone)]
+pub struct Losses {
+    counters: Arc<Mutex<PerCpuArray<MapData, u64>>>,
+}
+
+impl LossCounter for Losses {
+    /// Total events lost to a full ring buffer, and forwardable sockets not tracked for a full map.
+    fn total(&self) -> u64 {
+        let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
+        let read = |slot| counters.get(&slot, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
+        read(counters::EVENTS_DROPPED) + read(counters::BOUND_FULL)
     }
 }
 
@@ -161,9 +192,9 @@ pub struct KernelHooks {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
     events: AsyncFd<RingBuf<MapData>>,
-    counters: PerCpuArray<MapData, u64>,
+    losses: Losses,
     held_elsewhere: HeldElsewhere,
-    bound: BpfHashMap<MapData, u64, natbinder_common::BoundSocket>,
+    releases: Releases,
     config_value: Config,
 }
 
@@ -207,9 +238,10 @@ impl KernelHooks {
             bail!("this natbinder was built with NATBINDER_SKIP_EBPF=1 and has no kernel programs; rebuild it without that variable");
         }
         bump_memlock_rlimit();
-        let mut ebpf = aya::EbpfLoader::new().map_max_entries(names::EVENTS, event_buffer_bytes).load(EBPF_OBJECT).context(
-            "loading natbinder's eBPF object into the kernel (needs root or CAP_BPF+CAP_NET_ADMIN, and a kernel with BTF and cgroup BPF)",
-        )?;
+        let mut ebpf = aya::EbpfLoader::new()
+            .map_max_entries(names::EVENTS, event_buffer_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|e| explain(anyhow!(e).context("loading natbinder's eBPF object into the kernel")))?;
         match aya_log::EbpfLogger::init(&mut ebpf) {
             Ok(logger) => spawn_ebpf_logger(logger),
             Err(e) => debug!("eBPF logging unavailable: {e}"),
@@ -221,31 +253,41 @@ impl KernelHooks {
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
         let events = register_readable(events).context("registering the event ring buffer with tokio")?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
+        let losses = Losses { counters: Arc::new(Mutex::new(counters)) };
         let held = BpfHashMap::try_from(take_map(&mut ebpf, names::HELD_ELSEWHERE)?)?;
-        let held_elsewhere = HeldElsewhere { map: Arc::new(Mutex::new(held)) };
+        let held_elsewhere = HeldElsewhere { map: Arc::new(Mutex::new(held)), mirrored: Default::default() };
         let bound = BpfHashMap::try_from(take_map(&mut ebpf, names::BOUND)?)?;
+        let releases = Releases { map: Arc::new(Mutex::new(bound)) };
 
         let cgroup_file = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         // Release first, then post_bind, then bind: a socket is never recorded before its release can be seen.
         for name in [names::SOCK_RELEASE, names::POST_BIND4, names::POST_BIND6] {
             let program: &mut CgroupSock = program(&mut ebpf, name)?.try_into()?;
-            program.load().with_context(|| format!("loading {name} (the kernel verifier refused it)"))?;
+            program.load().map_err(|e| explain(anyhow!(e).context(format!("loading {name}"))))?;
             program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                .map_err(|e| explain(anyhow!(e).context(format!("attaching {name} to {}", cgroup.display()))))?;
         }
         for name in [names::BIND4, names::BIND6] {
             let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
-            program.load().with_context(|| format!("loading {name} (the kernel verifier refused it)"))?;
+            program.load().map_err(|e| explain(anyhow!(e).context(format!("loading {name}"))))?;
             program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
-                .with_context(|| format!("attaching {name} to {}", cgroup.display()))?;
+                .map_err(|e| explain(anyhow!(e).context(format!("attaching {name} to {}", cgroup.display()))))?;
         }
-        Ok(Self { ebpf, config, events, counters, held_elsewhere, bound, config_value })
+        Ok(Self { ebpf, config, events, losses, held_elsewhere, releases, config_value })
     }
 
     pub fn held_elsewhere(&self) -> HeldElsewhere {
         self.held_elsewhere.clone()
+    }
+
+    pub fn releases(&self) -> Releases {
+        self.releases.clone()
+    }
+
+    pub fn losses(&self) -> Losses {
+        self.losses.clone()
     }
 
     /// Waits until events are available and decodes all of them into `out`.
@@ -262,26 +304,9 @@ impl KernelHooks {
         Ok(())
     }
 
-    /// Makes sock_release report this socket's release (for sockets adopted from sock_diag, which
-    /// were bound while no hook was watching).
-    pub fn track_release(&mut self, cookie: u64, family: Family, protocol: Protocol, port: u16) -> Result<()> {
-        let family = match family {
-            Family::Ipv4 => natbinder_common::AF_INET,
-            Family::Ipv6 => AF_INET6,
-        };
-        let value = natbinder_common::BoundSocket { family, protocol: protocol.ip_proto(), port, _pad: 0 };
-        self.bound.insert(cookie, value, 0).with_context(|| format!("tracking the release of {protocol}/{port}"))
-    }
-
-    /// Stops tracking a socket whose release was lost (it is gone already).
-    pub fn untrack_release(&mut self, cookie: u64) {
-        let _ = self.bound.remove(&cookie);
-    }
-
     /// Total events lost to a full ring buffer, and forwardable sockets not tracked for a full map.
     pub fn lost_events(&self) -> u64 {
-        let read = |slot| self.counters.get(&slot, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-        read(counters::EVENTS_DROPPED) + read(counters::BOUND_FULL)
+        self.losses.total()
     }
 
     /// Turns every hook into a no-op without detaching (used at shutdown, before mappings are deleted).
@@ -293,6 +318,19 @@ impl KernelHooks {
     /// Detaches and unloads everything.
     pub fn detach(self) {
         drop(self.ebpf);
+    }
+}
+
+/// Adds to a failure to load or attach what the kernel probes say is missing, or what else to check.
+fn explain(error: anyhow::Error) -> anyhow::Error {
+    let missing = crate::host::probes::missing();
+    if missing.is_empty() {
+        error.context(
+            "the kernel has every feature natbinder needs; check that natbinder runs as root (or with CAP_BPF, \
+             CAP_NET_ADMIN and CAP_SYS_RESOURCE) and that no security module forbids bpf(2)",
+        )
+    } else {
+        error.context(format!("this kernel lacks what natbinder needs: {}", missing.join("; ")))
     }
 }
 

@@ -1,24 +1,24 @@
 //! natbinder: makes NAT transparent to programs that listen.
 //!
-//! Where each concern lives:
-//! * [`kernel`]: the eBPF hooks as the daemon sees them (load, attach, events, EADDRINUSE map);
-//! * [`gateway`]: wire protocols to the LAN gateway (UPnP IGD, PCP, NAT-PMP) and which one serves;
-//! * [`table`]: the ideal-state table, binding -> mapping, and [`reconcile`]: the one component that
-//!   makes the gateway agree with it;
-//! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`]: the command line.
-pub mod cgroup;
+//! Where each concern lives (ARCHITECTURE.md at the repository's root has the map and the path of a
+//! bind event):
+//! * [`kernel`]: the eBPF hooks as the daemon sees them (load, attach, events, the EADDRINUSE map);
+//! * [`host`]: facts about this host (cgroups, sock_diag, resync, LAN, rtnetlink, kernel probes);
+//! * [`table`]: the ideal-state table, the heart: it decides what the gateway should hold;
+//! * [`outcome`]: what happened, published as a typed stream (the log is one subscriber);
+//! * [`gateway`]: wire protocols to the LAN gateway (UPnP IGD, PCP, NAT-PMP), which one serves, and
+//!   one session per gateway found;
+//! * [`reconcile`]: turns the table's decisions into gateway calls; [`journal`]: what it made;
+//! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`] and [`config`]: the command line.
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod gateway;
+pub mod host;
 pub mod journal;
 pub mod kernel;
-pub mod netinfo;
-mod netlink_dump;
-pub mod netwatch;
+pub mod outcome;
 pub mod reconcile;
-pub mod resync;
-pub mod sockdiag;
 pub mod table;
 
 use std::fmt;

@@ -14,7 +14,7 @@ use super::{
     igd_soap::{self, PortListingQuery, SoapError},
     AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest,
 };
-use crate::{netinfo::LanInfo, Protocol};
+use crate::{host::lan::LanInfo, Protocol};
 
 /// Time allowed for one SOAP call. A gateway on the LAN answers in milliseconds; igd-next's own limit
 /// is 10 s, which would hold every other mapping back that long behind a gateway that went silent.
@@ -143,7 +143,7 @@ impl Gateway for IgdGateway {
         let lease = if request.lease.is_zero() { 0 } else { lease };
         let add = self.inner.add_port(igd_protocol(request.protocol), request.port, local, lease, &request.description);
         bounded(async {
-            add.await.map(|()| Granted { lease: request.lease }).map_err(|e| match e {
+            add.await.map(|()| Granted::lease(request.lease)).map_err(|e| match e {
                 AddPortError::PortInUse => AddError::Conflict,
                 AddPortError::OnlyPermanentLeasesSupported => AddError::PermanentOnly("UPnP error 725".into()),
                 AddPortError::ActionNotAuthorized => AddError::NotAuthorized("UPnP error 606".into()),
@@ -193,9 +193,9 @@ impl Gateway for IgdGateway {
         Ok(igd_soap::get_specific_port_mapping_entry(&self.inner, protocol, port, SOAP_TIMEOUT).await?)
     }
 
-    async fn external_address(&self) -> Result<IpAddr, AddError> {
+    async fn external_address(&self) -> Result<Option<IpAddr>, AddError> {
         bounded(async {
-            self.inner.get_external_ip().await.map_err(|e| match e {
+            self.inner.get_external_ip().await.map(Some).map_err(|e| match e {
                 igd_next::GetExternalIpError::RequestError(e) => request_error(e),
                 other => AddError::Refused(other.to_string()),
             })

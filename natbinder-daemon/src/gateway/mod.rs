@@ -1,19 +1,33 @@
-//! Talking to the LAN gateway. The reconciler drives any [`Gateway`]; each protocol lives in its own
-//! modules so that the table and reconciler never see wire details:
+//! Talking to the LAN gateway. The reconciler drives a [`session::GatewaySession`] per discovered
+//! gateway, over any [`Gateway`]; each protocol lives in its own modules so that the table and the
+//! reconciler never see wire details:
 //! * UPnP IGD: [`igd`] (through igd-next), [`igd_soap`] (the calls igd-next lacks), [`ssdp_notify`];
 //! * NAT-PMP and PCP: [`pmp_wire`] (the packets), [`pmp_client`] (one exchange at a time with
-//!   retransmission, the epoch rule, announcements), [`natpmp`] and [`pcp`] (the mapping calls);
-//! * [`select`]: which of them serves, probed side by side.
+//!   retransmission, the epoch rule), [`natpmp`] and [`pcp`] (the mapping calls);
+//! * [`select`]: which of them serves, probed side by side;
+//! * [`session`]: what natbinder learned about one gateway (external address, permanent leases only,
+//!   a NAT in between);
+//! * [`signals`]: the one channel for every sign that the gateway changed or lost its state, fed by
+//!   [`announcements`] (SSDP and NAT-PMP/PCP, over [`multicast`]), the epoch rule and the host's
+//!   network watcher.
+pub mod announcements;
 pub mod igd;
 pub mod igd_soap;
+pub mod multicast;
 pub mod natpmp;
 pub mod pcp;
 pub mod pmp_client;
 pub mod pmp_wire;
 pub mod select;
+pub mod session;
+pub mod signals;
 pub mod ssdp_notify;
 
-use std::{future::Future, net::Ipv4Addr, time::Duration};
+use std::{
+    future::Future,
+    net::{IpAddr, Ipv4Addr},
+    time::Duration,
+};
 
 pub use select::Backend;
 
@@ -85,17 +99,14 @@ pub struct Granted {
     /// The lease it will keep the mapping for; zero for a permanent mapping. NAT-PMP and PCP gateways
     /// may grant less than asked (VPN gateways often grant 60 s): renewals follow what was granted.
     pub lease: Duration,
+    /// The external address, where the answer tells it (PCP's MAP does).
+    pub external_address: Option<IpAddr>,
 }
 
-/// News a gateway gives on its own, between calls.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum GatewayNews {
-    /// The gateway lost its mappings (it restarted: its epoch went back, or it announced so): every
-    /// mapping must be made again.
-    LostMappings(String),
-    /// It announced something (a restart, a new external address), or a reply showed a new external
-    /// address: read its external address again (an exchange, whose epoch is checked too).
-    Changed,
+impl Granted {
+    pub fn lease(lease: Duration) -> Self {
+        Self { lease, external_address: None }
+    }
 }
 
 /// A gateway that maps ports. Implementations must bound every call in time.
@@ -115,9 +126,10 @@ pub trait Gateway: Send + Sync + 'static {
     fn preferred_protocol_answers(&self) -> impl Future<Output = bool> + Send {
         std::future::ready(false)
     }
-    /// Resolves when the gateway tells something between calls. Pending forever by default.
-    fn news(&self) -> impl Future<Output = GatewayNews> + Send {
-        std::future::pending()
+    /// Checks what an announcement from this gateway tells of its state (the epoch rule, for NAT-PMP
+    /// and PCP). Some(why) when it lost its mappings.
+    fn observe_announcement(&self, _announcement: &signals::Announcement) -> Option<String> {
+        None
     }
     fn add(&self, request: &MappingRequest) -> impl Future<Output = Result<Granted, AddError>> + Send;
     /// Deleting a mapping that is not there is success.
@@ -130,5 +142,7 @@ pub trait Gateway: Send + Sync + 'static {
         protocol: Protocol,
         port: u16,
     ) -> impl Future<Output = Result<Option<GatewayEntry>, AddError>> + Send;
-    fn external_address(&self) -> impl Future<Output = Result<std::net::IpAddr, AddError>> + Send;
+    /// The gateway's external address. Ok(None) when the protocol tells it only with a mapping (PCP):
+    /// the call then only checks that the gateway is there and still has its state.
+    fn external_address(&self) -> impl Future<Output = Result<Option<IpAddr>, AddError>> + Send;
 }

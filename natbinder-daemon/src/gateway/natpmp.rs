@@ -15,7 +15,8 @@ use tracing::debug;
 use super::{
     pmp_client::{ExchangeError, PmpClient},
     pmp_wire::{NatPmpBody, NatPmpRequest, NatPmpResponse, NatPmpResult, Reply, NATPMP_OP_EXTERNAL_ADDRESS},
-    AddError, Backend, Gateway, GatewayEntry, GatewayNews, Granted, MappingRequest,
+    signals::Announcement,
+    AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest,
 };
 use crate::Protocol;
 
@@ -60,7 +61,6 @@ impl NatPmpGateway {
     }
 
     pub fn into_serving(mut self, pcp_preferred: bool) -> Self {
-        self.client.listen_for_announcements();
         self.pcp_preferred = pcp_preferred;
         self
     }
@@ -131,8 +131,8 @@ impl Gateway for NatPmpGateway {
         false
     }
 
-    async fn news(&self) -> GatewayNews {
-        self.client.news().await
+    fn observe_announcement(&self, announcement: &Announcement) -> Option<String> {
+        self.client.observe_announcement(announcement)
     }
 
     async fn preferred_protocol_answers(&self) -> bool {
@@ -152,7 +152,7 @@ impl Gateway for NatPmpGateway {
         for attempt in 0..2 {
             let (external, granted) = self.map(request.protocol, port, port, lifetime).await?;
             if external == port && granted > 0 {
-                return Ok(Granted { lease: Duration::from_secs(u64::from(granted)) });
+                return Ok(Granted::lease(Duration::from_secs(u64::from(granted))));
             }
             debug!(
                 "NAT-PMP granted {}/{port} as external port {external} for {granted} s (attempt {}): removing it",
@@ -176,8 +176,8 @@ impl Gateway for NatPmpGateway {
         Err(AddError::Unsupported("NAT-PMP cannot look up a mapping"))
     }
 
-    async fn external_address(&self) -> Result<IpAddr, AddError> {
+    async fn external_address(&self) -> Result<Option<IpAddr>, AddError> {
         let ip = self.read_external_address(None).await?;
-        Ok(IpAddr::V4(ip))
+        Ok(Some(IpAddr::V4(ip)))
     }
 }

@@ -22,7 +22,8 @@ use super::{
     natpmp::exchange_error,
     pmp_client::{ExchangeError, PmpClient},
     pmp_wire::{self, PcpBody, PcpMapRequest, PcpResponse, PcpResult, Reply, PCP_OP_ANNOUNCE, PCP_OP_MAP},
-    AddError, Backend, Gateway, GatewayEntry, GatewayNews, Granted, MappingRequest,
+    signals::Announcement,
+    AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest,
 };
 use crate::Protocol;
 
@@ -153,11 +154,6 @@ impl PcpGateway {
         }
     }
 
-    pub fn into_serving(mut self) -> Self {
-        self.client.listen_for_announcements();
-        self
-    }
-
     async fn map(&self, protocol: Protocol, port: u16, lifetime: u32) -> Result<PcpResponse, AddError> {
         let nonce = self.nonces.nonce(protocol, port, self.client.local());
         let request = PcpMapRequest {
@@ -199,8 +195,8 @@ impl Gateway for PcpGateway {
         false
     }
 
-    async fn news(&self) -> GatewayNews {
-        self.client.news().await
+    fn observe_announcement(&self, announcement: &Announcement) -> Option<String> {
+        self.client.observe_announcement(announcement)
     }
 
     async fn add(&self, request: &MappingRequest) -> Result<Granted, AddError> {
@@ -213,8 +209,10 @@ impl Gateway for PcpGateway {
                 return Err(AddError::Refused("a MAP success without its mapping".into()));
             };
             if assigned_external_port == port && reply.lifetime_secs > 0 {
-                self.client.note_external_address(assigned_external_ip);
-                return Ok(Granted { lease: Duration::from_secs(u64::from(reply.lifetime_secs)) });
+                return Ok(Granted {
+                    lease: Duration::from_secs(u64::from(reply.lifetime_secs)),
+                    external_address: Some(assigned_external_ip),
+                });
             }
             debug!(
                 "PCP granted {}/{port} as external port {assigned_external_port} for {} s (attempt {}): removing it",
@@ -248,9 +246,9 @@ impl Gateway for PcpGateway {
         Err(AddError::Unsupported("PCP cannot look up a mapping"))
     }
 
-    /// PCP tells the external address only in MAP replies. An ANNOUNCE checks the gateway is there and
-    /// still has its state (the epoch rule), then the address from the latest MAP is returned.
-    async fn external_address(&self) -> Result<IpAddr, AddError> {
+    /// PCP tells the external address only in MAP replies (see [`Granted::external_address`]). An
+    /// ANNOUNCE checks that the gateway is there and still has its state (the epoch rule).
+    async fn external_address(&self) -> Result<Option<IpAddr>, AddError> {
         match announce(&self.client, None).await.map_err(exchange_error)? {
             Reply::Pcp(r) if r.result == PcpResult::Success => {}
             Reply::Pcp(r) => return Err(pcp_error(r.result)),
@@ -258,9 +256,7 @@ impl Gateway for PcpGateway {
                 return Err(AddError::Unreachable(format!("the gateway no longer speaks PCP ({})", r.result)))
             }
         }
-        self.client
-            .known_external_address()
-            .ok_or(AddError::Unsupported("PCP tells the external address with the first mapping"))
+        Ok(None)
     }
 }
 

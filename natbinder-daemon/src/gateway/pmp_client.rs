@@ -1,29 +1,23 @@
 //! The exchange layer shared by the NAT-PMP and PCP backends: one UDP socket to the gateway's port
-//! 5351, one request in flight at a time, the RFCs' retransmission schedule, the epoch rule, and the
-//! gateway's multicast announcements.
+//! 5351, one request in flight at a time, the RFCs' retransmission schedule, and the epoch rule.
 //!
 //! Only the gateway is listened to. The request socket is connected to the gateway's address and port
 //! 5351, so the kernel drops datagrams from anyone else and reports the gateway's ICMP port
-//! unreachable as ECONNREFUSED (which ends the tries at once: nothing listens there). Announcements
-//! on 224.0.0.1:5350 are accepted only from the gateway's address and port 5351.
+//! unreachable as ECONNREFUSED (which ends the tries at once: nothing listens there). The gateway's
+//! multicast announcements are heard by [`super::announcements`]; their epoch is checked here too.
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4},
-    sync::{Arc, Mutex},
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    sync::Mutex,
     time::Duration,
 };
 
-use tokio::{
-    net::UdpSocket,
-    sync::{mpsc, Mutex as AsyncMutex},
-    task::JoinHandle,
-    time::Instant,
-};
-use tracing::{debug, info, warn};
+use tokio::{net::UdpSocket, sync::Mutex as AsyncMutex, time::Instant};
+use tracing::debug;
 
 use super::{
-    pmp_wire::{self, NatPmpBody, NatPmpResult, PcpResult, Reply},
-    GatewayNews,
+    pmp_wire::{self, Reply},
+    signals::{AnnouncedBy, Announcement, Signal, SignalSender},
 };
 
 /// RFC 6886 §3.1 and RFC 6887 §8.1.1: the first retransmission after 250 ms, the interval doubling,
@@ -72,151 +66,83 @@ impl EpochTracker {
     }
 }
 
-/// Which protocol's epoch a packet carries: NAT-PMP and PCP servers may count separately.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum EpochKind {
-    NatPmp,
-    Pcp,
-}
-
 #[derive(Default)]
 struct Epochs {
     natpmp: EpochTracker,
     pcp: EpochTracker,
-    external_address: Option<IpAddr>,
 }
 
-struct Shared {
-    gateway: SocketAddr,
-    epochs: Mutex<Epochs>,
-    news: mpsc::Sender<GatewayNews>,
-}
-
-impl Shared {
-    fn tell(&self, news: GatewayNews) {
-        // A full queue already holds news that makes the reconciler look at everything.
-        let _ = self.news.try_send(news);
-    }
-
-    fn observe_epoch(&self, kind: EpochKind, server_secs: u32, source: &str) {
-        let now = Instant::now();
-        let verdict = {
-            let mut epochs = self.epochs.lock().unwrap();
-            match kind {
-                EpochKind::NatPmp => epochs.natpmp.observe(server_secs, now),
-                EpochKind::Pcp => epochs.pcp.observe(server_secs, now),
-            }
-        };
-        if let Err(why) = verdict {
-            warn!("the gateway {} lost its mappings ({why}, seen in {source}); making them again", self.gateway.ip());
-            self.tell(GatewayNews::LostMappings(why));
-        }
-    }
-
-    fn observe_external_address(&self, address: IpAddr) {
-        let previous = self.epochs.lock().unwrap().external_address.replace(address);
-        if previous.is_some_and(|p| p != address) {
-            self.tell(GatewayNews::Changed);
-        }
-    }
-
-    /// Takes what any reply from the gateway says about its state.
-    fn observe(&self, reply: &Reply, source: &str) {
-        match reply {
-            Reply::NatPmp(r) => {
-                // An UNSUPP_VERSION answer to a PCP request still carries the NAT-PMP epoch.
-                self.observe_epoch(EpochKind::NatPmp, r.epoch_secs, source);
-                if let (NatPmpResult::Success, NatPmpBody::ExternalAddress(ip)) = (r.result, r.body) {
-                    self.observe_external_address(IpAddr::V4(ip));
-                }
-            }
-            Reply::Pcp(r) if r.version == pmp_wire::PCP_VERSION => {
-                self.observe_epoch(EpochKind::Pcp, r.epoch_secs, source)
-            }
-            Reply::Pcp(_) => {}
-        }
-    }
-}
-
-/// A NAT-PMP/PCP conversation with one gateway. Dropping it stops listening for announcements.
+/// A NAT-PMP/PCP conversation with one gateway.
 pub struct PmpClient {
     local: Ipv4Addr,
+    gateway: SocketAddr,
     socket: UdpSocket,
     /// One request in flight per gateway (RFC 6886 §3.1): held for a whole exchange.
     in_flight: AsyncMutex<Vec<u8>>,
-    shared: Arc<Shared>,
-    news: AsyncMutex<mpsc::Receiver<GatewayNews>>,
-    announcements: Option<JoinHandle<()>>,
-}
-
-impl Drop for PmpClient {
-    fn drop(&mut self) {
-        if let Some(task) = &self.announcements {
-            task.abort();
-        }
-    }
+    /// NAT-PMP and PCP servers may count their epochs separately.
+    epochs: Mutex<Epochs>,
+    /// Where "the gateway lost its state" goes, tagged with the session this client serves.
+    signals: SignalSender,
+    session: u64,
 }
 
 impl PmpClient {
-    /// Opens the request socket from `local` to `gateway`:5351, and listens for the gateway's
-    /// announcements unless `listen_for_announcements` is false (probes that may be thrown away).
-    pub fn new(local: Ipv4Addr, gateway: Ipv4Addr) -> io::Result<Self> {
+    /// Opens the request socket from `local` to `gateway`:5351, for gateway session `session`.
+    pub fn new(local: Ipv4Addr, gateway: Ipv4Addr, signals: SignalSender, session: u64) -> io::Result<Self> {
         let server = SocketAddr::V4(SocketAddrV4::new(gateway, pmp_wire::SERVER_PORT));
         let std_socket = std::net::UdpSocket::bind(SocketAddrV4::new(local, 0))?;
         std_socket.connect(server)?;
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket)?;
-        let (tx, rx) = mpsc::channel(16);
-        let shared = Arc::new(Shared { gateway: server, epochs: Mutex::default(), news: tx });
         Ok(Self {
             local,
+            gateway: server,
             socket,
             in_flight: AsyncMutex::new(vec![0; pmp_wire::PCP_MAX_MESSAGE + 4]),
-            shared,
-            news: AsyncMutex::new(rx),
-            announcements: None,
+            epochs: Mutex::default(),
+            signals,
+            session,
         })
     }
 
-    /// Starts listening for the gateway's announcements (restarts, address changes). Failing to is
-    /// not fatal: the epoch of the next reply tells the same, later.
-    pub fn listen_for_announcements(&mut self) {
-        match announcement_socket(self.local) {
-            Ok(socket) => {
-                let shared = self.shared.clone();
-                self.announcements = Some(tokio::spawn(read_announcements(socket, shared)));
-            }
-            Err(e) => warn!(
-                "not listening for the gateway's announcements on {}:{} ({e}); a restart is noticed at the next exchange",
-                pmp_wire::ANNOUNCE_GROUP,
-                pmp_wire::ANNOUNCE_PORT
-            ),
-        }
-    }
-
     pub fn gateway(&self) -> SocketAddr {
-        self.shared.gateway
+        self.gateway
     }
 
     pub fn local(&self) -> Ipv4Addr {
         self.local
     }
 
-    /// The external address last announced or answered, if any.
-    pub fn known_external_address(&self) -> Option<IpAddr> {
-        self.shared.epochs.lock().unwrap().external_address
-    }
-
-    pub fn note_external_address(&self, address: IpAddr) {
-        self.shared.observe_external_address(address);
-    }
-
-    /// Next news from the gateway (lost mappings, a new external address).
-    pub async fn news(&self) -> GatewayNews {
-        match self.news.lock().await.recv().await {
-            Some(news) => news,
-            None => std::future::pending().await,
+    /// Feeds one epoch to the rule. Err names why it means the gateway lost its state.
+    fn observe_epoch(&self, by: AnnouncedBy, server_secs: u32, at: Instant) -> Result<(), String> {
+        let mut epochs = self.epochs.lock().unwrap_or_else(|e| e.into_inner());
+        match by {
+            AnnouncedBy::NatPmp => epochs.natpmp.observe(server_secs, at),
+            AnnouncedBy::Pcp => epochs.pcp.observe(server_secs, at),
         }
+    }
+
+    /// What any reply from the gateway says about its state: an epoch that breaks the rule is sent on
+    /// as "lost its mappings".
+    fn observe_reply(&self, reply: &Reply) {
+        let verdict = match reply {
+            // An UNSUPP_VERSION answer to a PCP request still carries the NAT-PMP epoch.
+            Reply::NatPmp(r) => self.observe_epoch(AnnouncedBy::NatPmp, r.epoch_secs, Instant::now()),
+            Reply::Pcp(r) if r.version == pmp_wire::PCP_VERSION => {
+                self.observe_epoch(AnnouncedBy::Pcp, r.epoch_secs, Instant::now())
+            }
+            Reply::Pcp(_) => Ok(()),
+        };
+        if let Err(why) = verdict {
+            self.signals.send(Signal::LostMappings { session: self.session, why: format!("{why}, seen in a reply") });
+        }
+    }
+
+    /// Checks an announcement's epoch. Some(why) when it shows the gateway lost its state.
+    pub fn observe_announcement(&self, announcement: &Announcement) -> Option<String> {
+        self.observe_epoch(announcement.by, announcement.epoch_secs, Instant::from_std(announcement.received))
+            .err()
+            .map(|why| format!("{why}, seen in an announcement"))
     }
 
     /// Sends `request` and returns the first reply `accepts` takes, retransmitting on the RFC schedule
@@ -228,7 +154,7 @@ impl PmpClient {
         accepts: impl Fn(&Reply) -> bool,
         deadline: Option<Instant>,
     ) -> Result<Reply, ExchangeError> {
-        let gateway = self.shared.gateway;
+        let gateway = self.gateway;
         let mut buf = self.in_flight.lock().await;
         let started = Instant::now();
         let mut wait = FIRST_RETRANSMISSION;
@@ -258,7 +184,7 @@ impl PmpClient {
                 };
                 match pmp_wire::parse_reply(&buf[..received]) {
                     Ok(reply) if accepts(&reply) => {
-                        self.shared.observe(&reply, "a reply");
+                        self.observe_reply(&reply);
                         return Ok(reply);
                     }
                     Ok(reply) => debug!("ignoring a reply from {gateway} that answers another request: {reply:?}"),
@@ -268,54 +194,6 @@ impl PmpClient {
             wait = wait.saturating_mul(2);
         }
         Err(ExchangeError::NoAnswer { gateway, tries: MAX_TRIES, elapsed: started.elapsed() })
-    }
-}
-
-/// 224.0.0.1:5350, shared with other NAT-PMP clients on this host (SO_REUSEADDR/SO_REUSEPORT). Bound
-/// to the group address, not the wildcard: it receives only announcements, and natbinder's own bind
-/// hook has nothing to forward.
-fn announcement_socket(local: Ipv4Addr) -> io::Result<UdpSocket> {
-    use socket2::{Domain, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(socket2::Protocol::UDP))?;
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.bind(&SocketAddr::V4(SocketAddrV4::new(pmp_wire::ANNOUNCE_GROUP, pmp_wire::ANNOUNCE_PORT)).into())?;
-    socket.join_multicast_v4(&pmp_wire::ANNOUNCE_GROUP, &local)?;
-    socket.set_nonblocking(true)?;
-    UdpSocket::from_std(socket.into())
-}
-
-async fn read_announcements(socket: UdpSocket, shared: Arc<Shared>) {
-    let mut buf = vec![0u8; pmp_wire::PCP_MAX_MESSAGE + 4];
-    loop {
-        let (len, source) = match socket.recv_from(&mut buf).await {
-            Ok(received) => received,
-            Err(e) => {
-                warn!("reading the gateway's announcements: {e}; no longer listening");
-                return;
-            }
-        };
-        if source != shared.gateway {
-            debug!("ignoring an announcement from {source}: only the gateway {} is listened to", shared.gateway);
-            continue;
-        }
-        match pmp_wire::parse_reply(&buf[..len]) {
-            // An announcement of either protocol is checked against that protocol's epoch, and makes the
-            // client ask the gateway at once in its own protocol: miniupnpd, for one, announces a restart
-            // only with PCP's ANNOUNCE, which a NAT-PMP client has no epoch of its own to compare with.
-            Ok(reply @ Reply::NatPmp(r)) if r.opcode == pmp_wire::NATPMP_OP_EXTERNAL_ADDRESS => {
-                info!("the gateway announced its external address (NAT-PMP, epoch {} s)", r.epoch_secs);
-                shared.observe(&reply, "an announcement");
-                shared.tell(GatewayNews::Changed);
-            }
-            Ok(reply @ Reply::Pcp(r)) if r.opcode == pmp_wire::PCP_OP_ANNOUNCE && r.result == PcpResult::Success => {
-                info!("the gateway announced itself (PCP ANNOUNCE, epoch {} s)", r.epoch_secs);
-                shared.observe(&reply, "an announcement");
-                shared.tell(GatewayNews::Changed);
-            }
-            Ok(other) => debug!("ignoring a multicast packet from the gateway that is no announcement: {other:?}"),
-            Err(e) => debug!("ignoring a malformed announcement from the gateway: {e}"),
-        }
     }
 }
 

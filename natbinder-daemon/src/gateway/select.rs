@@ -16,9 +16,10 @@ use super::{
     natpmp::NatPmpGateway,
     pcp::{NonceKey, PcpGateway},
     pmp_client::PmpClient,
-    AddError, Gateway, GatewayEntry, GatewayNews, Granted, MappingRequest,
+    signals::{Announcement, SignalSender},
+    AddError, Gateway, GatewayEntry, Granted, MappingRequest,
 };
-use crate::{netinfo::LanInfo, Protocol};
+use crate::{host::lan::LanInfo, Protocol};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -55,12 +56,15 @@ pub enum AnyGateway {
     NatPmp(NatPmpGateway),
 }
 
-/// Finds the gateway at `lan.gateway` and the best protocol it answers, by `order` (non-empty).
+/// Finds the gateway at `lan.gateway` and the best protocol it answers, by `order` (non-empty), for
+/// gateway session `session`: what the NAT-PMP/PCP epoch rule sees goes to `signals`, so tagged.
 pub async fn discover(
     lan: &LanInfo,
     order: &[Backend],
     timeout: Duration,
     nonces: &NonceKey,
+    signals: &SignalSender,
+    session: u64,
 ) -> Result<AnyGateway, String> {
     let rank = |b: Backend| order.iter().position(|x| *x == b).unwrap_or(usize::MAX);
     let wants_upnp = order.contains(&Backend::Upnp);
@@ -80,7 +84,7 @@ pub async fn discover(
         if port_control.is_empty() {
             Err(String::new())
         } else {
-            probe_port_control(lan, &port_control, deadline, nonces).await
+            probe_port_control(lan, &port_control, deadline, nonces, signals, session).await
         }
     };
     tokio::pin!(upnp, pmp);
@@ -117,14 +121,16 @@ async fn probe_port_control(
     order: &[Backend],
     deadline: Instant,
     nonces: &NonceKey,
+    signals: &SignalSender,
+    session: u64,
 ) -> Result<AnyGateway, String> {
-    let mut client = PmpClient::new(lan.local, lan.gateway)
+    let mut client = PmpClient::new(lan.local, lan.gateway, signals.clone(), session)
         .map_err(|e| format!("NAT-PMP/PCP: opening a socket from {} to {}: {e}", lan.local, lan.gateway))?;
     let mut failures = Vec::new();
     for backend in order {
         match backend {
             Backend::Pcp => match PcpGateway::probe(client, nonces.clone(), deadline).await {
-                Ok(g) => return Ok(AnyGateway::Pcp(g.into_serving())),
+                Ok(g) => return Ok(AnyGateway::Pcp(g)),
                 Err((c, why)) => {
                     client = c;
                     failures.push(why);
@@ -170,8 +176,8 @@ impl Gateway for AnyGateway {
         each!(self, g => g.can_read_table())
     }
 
-    async fn news(&self) -> GatewayNews {
-        each!(self, g => g.news().await)
+    fn observe_announcement(&self, announcement: &Announcement) -> Option<String> {
+        each!(self, g => g.observe_announcement(announcement))
     }
 
     async fn preferred_protocol_answers(&self) -> bool {
@@ -194,7 +200,7 @@ impl Gateway for AnyGateway {
         each!(self, g => g.lookup(protocol, port).await)
     }
 
-    async fn external_address(&self) -> Result<IpAddr, AddError> {
+    async fn external_address(&self) -> Result<Option<IpAddr>, AddError> {
         each!(self, g => g.external_address().await)
     }
 }

@@ -1,4 +1,5 @@
-//! Listening for the gateway's SSDP announcements (NOTIFY on 239.255.255.250:1900).
+//! The gateway's SSDP announcements (NOTIFY on 239.255.255.250:1900): what they say, and when they
+//! mean a restart. [`super::announcements`] listens for them.
 //!
 //! A UPnP device announces itself when it starts and periodically after. A restarted miniupnpd comes
 //! back on a new HTTP port with an empty table and a new BOOTID.UPNP.ORG: when the gateway's announced
@@ -7,9 +8,7 @@
 //! gateway's address count: any LAN device can multicast.
 //!
 //! Never subscribes to UPnP events (no callback server: CallStranger, CVE-2020-12695).
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
-
-use anyhow::{Context, Result};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 pub const SSDP_GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 255, 250);
 pub const SSDP_PORT: u16 = 1900;
@@ -113,21 +112,6 @@ impl RestartDetector {
             }
         }
     }
-}
-
-/// Opens the listening socket: bound to the SSDP group address itself (not to a wildcard address,
-/// which natbinder would otherwise forward for itself), sharing the port with other SSDP listeners,
-/// joined on the LAN interface.
-pub fn listen(local: Ipv4Addr) -> Result<std::net::UdpSocket> {
-    use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).context("opening the SSDP socket")?;
-    socket.set_reuse_address(true).context("SO_REUSEADDR on the SSDP socket")?;
-    socket.set_reuse_port(true).context("SO_REUSEPORT on the SSDP socket")?;
-    let addr = SocketAddr::V4(SocketAddrV4::new(SSDP_GROUP, SSDP_PORT));
-    socket.bind(&addr.into()).with_context(|| format!("binding {addr} for SSDP announcements"))?;
-    socket.join_multicast_v4(&SSDP_GROUP, &local).with_context(|| format!("joining {SSDP_GROUP} on {local}"))?;
-    socket.set_nonblocking(true)?;
-    Ok(socket.into())
 }
 
 /// Whether a datagram's source is the gateway (any port: devices announce from ephemeral ports).

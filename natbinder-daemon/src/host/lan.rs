@@ -1,6 +1,15 @@
 //! Where this host sits on its LAN, read over rtnetlink: the IPv4 default route's gateway, the interface
 //! it leaves by, and this host's address on that interface (the internal client of every mapping).
-use std::net::{IpAddr, Ipv4Addr};
+//!
+//! [`LanWatch`] is the one record of it: discovery refreshes it before each search, the rtnetlink
+//! watcher after each burst of network changes, and the announcement listeners follow it.
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
+
+use tokio::sync::watch;
+use tracing::{info, warn};
 
 use anyhow::{anyhow, Context, Result};
 use netlink_packet_route::{
@@ -10,7 +19,7 @@ use netlink_packet_route::{
 };
 use netlink_sys::protocols::NETLINK_ROUTE;
 
-use crate::netlink_dump::dump;
+use super::netlink::dump;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LanInfo {
@@ -82,6 +91,80 @@ pub fn lan_info() -> Result<LanInfo> {
         .map(|(ip, _)| *ip)
         .ok_or_else(|| anyhow!("the default route's interface (index {}) has no IPv4 address", route.oif))?;
     Ok(LanInfo { gateway: route.gateway, local, interface_index: route.oif })
+}
+
+/// What this host knows of its LAN, shared. Cheap to clone.
+#[derive(Clone)]
+pub struct LanWatch {
+    sender: Arc<watch::Sender<Option<LanInfo>>>,
+    /// Whether anything was read yet: the first reading is no change.
+    read_once: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for LanWatch {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The result of [`LanWatch::refresh`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refreshed {
+    pub lan: Result<LanInfo, String>,
+    /// Whether it differs from what was known before (the first reading counts as no change).
+    pub changed: bool,
+}
+
+impl LanWatch {
+    pub fn new() -> Self {
+        Self { sender: Arc::new(watch::channel(None).0), read_once: Default::default() }
+    }
+
+    /// A watch that starts out knowing `lan` (tests).
+    pub fn fixed(lan: LanInfo) -> Self {
+        let watch = Self::new();
+        watch.sender.send_replace(Some(lan));
+        watch.read_once.store(true, std::sync::atomic::Ordering::SeqCst);
+        watch
+    }
+
+    /// The latest reading; None before the first one or without a default route.
+    pub fn current(&self) -> Option<LanInfo> {
+        *self.sender.borrow()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Option<LanInfo>> {
+        self.sender.subscribe()
+    }
+
+    /// Reads the routes and addresses again (a blocking netlink dump, off the event loop), records
+    /// the result, and logs a change once, whoever noticed it first.
+    pub async fn refresh(&self) -> Refreshed {
+        let read = tokio::task::spawn_blocking(lan_info)
+            .await
+            .map_err(|e| format!("reading the routes failed: {e}"))
+            .and_then(|r| r.map_err(|e| format!("{e:#}")));
+        let now = read.as_ref().ok().copied();
+        let first = !self.read_once.swap(true, std::sync::atomic::Ordering::SeqCst);
+        let changed = self.sender.send_if_modified(|known| {
+            if *known == now {
+                return false;
+            }
+            *known = now;
+            true
+        });
+        let changed = changed && !first;
+        if changed {
+            match &now {
+                Some(n) => info!(
+                    "network changed: gateway {} via interface {}, this host {}",
+                    n.gateway, n.interface_index, n.local
+                ),
+                None => warn!("network changed: there is no IPv4 default route any more"),
+            }
+        }
+        Refreshed { lan: read, changed }
+    }
 }
 
 fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix_len: u8) -> bool {

@@ -15,7 +15,8 @@ use netlink_packet_sock_diag::{
 };
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
-use crate::{netlink_dump::dump, Protocol};
+use super::netlink::dump;
+use crate::Protocol;
 
 /// TCP sockets that are bound but neither listening nor connected (Linux 6.7+ lists them).
 const TCP_BOUND_INACTIVE: u32 = 13;
@@ -59,6 +60,27 @@ pub fn ipv6_only(protocol: Protocol, port: u16, cookie: u64) -> Result<Option<bo
         .map(|r| r.nlas.iter().any(|nla| matches!(nla, Nla::SkV6Only(true)))))
 }
 
+/// For each of `sockets` (protocol, cookie), all AF_INET6: whether it is IPv6-only. One dump per
+/// protocol answers a whole batch (a bind storm of [::] sockets would otherwise cost a dump each).
+/// Sockets closed before the dump are missing from the answer.
+pub fn ipv6_only_batch(sockets: &[(Protocol, u64)]) -> Result<std::collections::HashMap<u64, bool>> {
+    let mut answers = std::collections::HashMap::new();
+    for protocol in [Protocol::Tcp, Protocol::Udp] {
+        let wanted: std::collections::HashSet<u64> =
+            sockets.iter().filter(|(p, _)| *p == protocol).map(|(_, c)| *c).collect();
+        if wanted.is_empty() {
+            continue;
+        }
+        for r in dump_sockets(crate::Family::Ipv6, protocol)? {
+            let cookie = u64::from_ne_bytes(r.header.socket_id.cookie);
+            if wanted.contains(&cookie) {
+                answers.insert(cookie, r.nlas.iter().any(|nla| matches!(nla, Nla::SkV6Only(true))));
+            }
+        }
+    }
+    Ok(answers)
+}
+
 /// INET_DIAG_CGROUP_ID: the cgroup v2 id of the socket (Linux 5.7+), not decoded by the crate.
 const INET_DIAG_CGROUP_ID: u16 = 21;
 const TCP_LISTEN: u32 = 10;
@@ -82,15 +104,15 @@ pub struct WildcardSocket {
     pub serving: bool,
 }
 
-/// Every TCP and UDP socket bound to 0.0.0.0 or [::] with a port of at least `min_port`, in this network
-/// namespace; `serving` tells the listening and unconnected ones.
-pub fn wildcard_sockets(min_port: u16) -> Result<Vec<WildcardSocket>> {
+/// Every TCP and UDP socket bound to 0.0.0.0 or [::] on a port, in this network namespace; `serving`
+/// tells the listening and unconnected ones.
+pub fn wildcard_sockets() -> Result<Vec<WildcardSocket>> {
     let mut found = Vec::new();
     for family in [crate::Family::Ipv4, crate::Family::Ipv6] {
         for protocol in [Protocol::Tcp, Protocol::Udp] {
             for response in dump_sockets(family, protocol)? {
                 let id = &response.header.socket_id;
-                if !id.source_address.is_unspecified() || id.source_port < min_port || id.source_port == 0 {
+                if !id.source_address.is_unspecified() || id.source_port == 0 {
                     continue;
                 }
                 let state = u32::from(response.header.state);
@@ -182,7 +204,7 @@ mod tests {
         let udp_port = udp.local_addr().unwrap().port();
         let loopback = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let loopback_port = loopback.local_addr().unwrap().port();
-        let all = wildcard_sockets(1024).unwrap();
+        let all = wildcard_sockets().unwrap();
         let tcp = all.iter().find(|s| s.cookie == cookie).expect("the listener is listed");
         assert_eq!((tcp.protocol, tcp.family, tcp.port), (Protocol::Tcp, crate::Family::Ipv4, port));
         assert!(tcp.cgroup_id.is_some_and(|id| id != 0), "cgroup id reported: {tcp:?}");
@@ -198,5 +220,22 @@ mod tests {
         let port = listener.local_addr().unwrap().port();
         let cookie = cookie_of(listener.as_raw_fd());
         assert!(ipv6_only(Protocol::Tcp, port, cookie).unwrap().is_some());
+    }
+
+    #[test]
+    fn classifies_a_batch_in_one_dump_per_protocol() {
+        use std::os::fd::AsRawFd;
+        let dual = std::net::UdpSocket::bind("[::]:0").unwrap();
+        let v6only = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None).unwrap();
+        v6only.set_only_v6(true).unwrap();
+        v6only.bind(&"[::]:0".parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        v6only.listen(1).unwrap();
+        let (dual_cookie, v6_cookie) = (cookie_of(dual.as_raw_fd()), cookie_of(v6only.as_raw_fd()));
+        let answers =
+            ipv6_only_batch(&[(Protocol::Udp, dual_cookie), (Protocol::Tcp, v6_cookie), (Protocol::Tcp, 1)]).unwrap();
+        let default = system_default_is_ipv6_only();
+        assert_eq!(answers.get(&dual_cookie), Some(&default));
+        assert_eq!(answers.get(&v6_cookie), Some(&true));
+        assert_eq!(answers.get(&1), None, "a socket that does not exist has no answer");
     }
 }

@@ -45,7 +45,12 @@ pub struct WatchedCgroup {
 /// It must exist and lie inside the cgroup2 hierarchy.
 pub fn resolve_cgroup(requested: Option<&Path>) -> Result<WatchedCgroup> {
     let mounts = std::fs::read_to_string("/proc/self/mounts").context("reading /proc/self/mounts")?;
-    let Some(root) = find_cgroup2_mount(&mounts) else {
+    resolve_cgroup_in(&mounts, requested)
+}
+
+/// As [`resolve_cgroup`], with the mount table given as text.
+pub fn resolve_cgroup_in(mounts: &str, requested: Option<&Path>) -> Result<WatchedCgroup> {
+    let Some(root) = find_cgroup2_mount(mounts) else {
         bail!(
             "no cgroup2 filesystem is mounted (none in /proc/self/mounts): natbinder needs cgroup v2; \
              mount it with `mount -t cgroup2 none /sys/fs/cgroup` or boot with systemd.unified_cgroup_hierarchy=1"
@@ -85,10 +90,35 @@ mod tests {
         assert_eq!(find_cgroup2_mount(escaped), Some(PathBuf::from("/mnt/my cgroups")));
     }
 
+    fn scratch_hierarchy(name: &str) -> PathBuf {
+        // A directory tree shaped like a cgroup2 mount: each cgroup has a cgroup.procs.
+        let root = std::env::temp_dir().join(format!("natbinder-cgroup-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(root.join("forwarded.slice")).unwrap();
+        std::fs::create_dir_all(root.join("plain-dir")).unwrap();
+        std::fs::write(root.join("cgroup.procs"), "").unwrap();
+        std::fs::write(root.join("forwarded.slice/cgroup.procs"), "").unwrap();
+        root
+    }
+
     #[test]
-    fn rejects_missing_cgroup() {
-        let err = resolve_cgroup(Some(Path::new("/nonexistent-natbinder-cgroup"))).unwrap_err();
-        let text = format!("{err:#}");
-        assert!(text.contains("does not exist") || text.contains("cgroup2"), "{text}");
+    fn resolves_relative_and_absolute_cgroups_and_names_what_is_wrong() {
+        let root = scratch_hierarchy("resolve");
+        let mounts = format!("cgroup2 {} cgroup2 rw 0 0\n", root.display());
+        let whole = resolve_cgroup_in(&mounts, None).unwrap();
+        assert_eq!((whole.path.clone(), whole.is_root), (root.canonicalize().unwrap(), true));
+        let slice = resolve_cgroup_in(&mounts, Some(Path::new("forwarded.slice"))).unwrap();
+        assert_eq!((slice.path.clone(), slice.is_root), (root.join("forwarded.slice").canonicalize().unwrap(), false));
+        assert_eq!(resolve_cgroup_in(&mounts, Some(&root.join("forwarded.slice"))).unwrap(), slice);
+
+        let err = format!("{:#}", resolve_cgroup_in(&mounts, Some(Path::new("missing.slice"))).unwrap_err());
+        assert!(err.contains("missing.slice does not exist") && err.contains("--cgroup"), "{err}");
+        let err = format!("{:#}", resolve_cgroup_in(&mounts, Some(Path::new("plain-dir"))).unwrap_err());
+        assert!(err.contains("is not a cgroup directory"), "{err}");
+        let err = format!("{:#}", resolve_cgroup_in(&mounts, Some(Path::new("/tmp"))).unwrap_err());
+        assert!(err.contains("is not inside the cgroup2 hierarchy"), "{err}");
+        let err = format!("{:#}", resolve_cgroup_in("proc /proc proc rw 0 0\n", None).unwrap_err());
+        assert!(err.contains("no cgroup2 filesystem is mounted") && err.contains("mount -t cgroup2"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

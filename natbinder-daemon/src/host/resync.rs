@@ -2,15 +2,36 @@
 //!
 //! The hooks see every bind while the daemon runs. This covers the rest: sockets bound before the daemon
 //! started or while it was down (a crash), and releases lost when the ring buffer overflowed. It runs at
-//! start, whenever the kernel side reports lost events, and every reconcile interval.
+//! start, every reconcile interval, on SIGHUP, and every half second while kernel events are being
+//! lost, until a listing shows that none were lost while it was taken: then the table is exact again.
+//!
+//! The listings and the /proc walk block, so they run off the event loop; the scope (the watched
+//! cgroup's subtree) is computed afresh each time, so child cgroups created later are covered.
 use std::{
     collections::{HashMap, HashSet},
     ops::RangeInclusive,
     os::unix::fs::MetadataExt,
     path::Path,
+    sync::Arc,
+    time::Duration,
 };
 
-use crate::sockdiag::WildcardSocket;
+use anyhow::Result;
+use tokio::sync::{watch, Notify};
+use tracing::warn;
+
+use super::{
+    cgroup::WatchedCgroup,
+    sockdiag::{self, WildcardSocket},
+};
+use crate::{
+    outcome::{Found, Seen},
+    table::{Listener, Owner, Stack, TableHandle},
+    Family, Protocol,
+};
+
+/// How soon the sockets are listed again while kernel events are being lost.
+const STORM_RECHECK: Duration = Duration::from_millis(500);
 
 /// Which sockets the daemon is responsible for.
 #[derive(Clone, Debug)]
@@ -105,6 +126,135 @@ fn kernel_lists_bound_tcp_sockets() -> bool {
     let mut numbers = release.split(|c: char| !c.is_ascii_digit()).filter_map(|n| n.parse::<u32>().ok());
     let (major, minor) = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
     (major, minor) >= (6, 7)
+}
+
+/// Makes the release hook report a socket bound while nothing watched (the kernel's BOUND map).
+pub trait ReleaseTracker: Send + Sync + 'static {
+    fn track(&self, cookie: u64, family: Family, protocol: Protocol, port: u16) -> Result<()>;
+    fn untrack(&self, cookie: u64);
+}
+
+/// How many kernel events were lost so far (ring buffer or socket map full).
+pub trait LossCounter: Send + Sync + 'static {
+    fn total(&self) -> u64;
+}
+
+/// Runs resyncs: one at a time, when asked and every `interval`.
+pub struct Resynchronizer<T: ReleaseTracker> {
+    cgroup: WatchedCgroup,
+    table: TableHandle,
+    tracker: T,
+    resync: Resync,
+}
+
+impl<T: ReleaseTracker> Resynchronizer<T> {
+    pub fn new(cgroup: WatchedCgroup, table: TableHandle, tracker: T) -> Self {
+        Self { cgroup, table, tracker, resync: Resync::new() }
+    }
+
+    /// Lists the sockets and applies the plan: adopts live wildcard sockets the table lacks, drops
+    /// table sockets that no longer exist.
+    pub async fn run_once(&mut self) {
+        let (path, is_root) = (self.cgroup.path.clone(), self.cgroup.is_root);
+        let min_port = self.table.read(|t| t.config().min_port);
+        let listed = blocking(move || {
+            let scope = Scope::for_cgroup(&path, is_root, min_port, sockdiag::ephemeral_port_range());
+            Ok((scope, sockdiag::wildcard_sockets()?))
+        })
+        .await;
+        let (scope, live) = match listed {
+            Ok(listed) => listed,
+            Err(e) => {
+                warn!("could not list sockets for resynchronisation: {e:#}");
+                return;
+            }
+        };
+        let known = self.table.read(|t| t.socket_cookies());
+        let plan = self.resync.plan(&known, &live, &scope);
+        if plan.adopt.is_empty() && plan.gone.is_empty() {
+            return;
+        }
+        let inodes: HashSet<u32> = plan.adopt.iter().map(|s| s.inode).collect();
+        let owners = blocking(move || Ok(socket_owners(&inodes))).await.unwrap_or_default();
+        let mut adopted = Vec::new();
+        for socket in &plan.adopt {
+            if let Err(e) = self.tracker.track(socket.cookie, socket.family, socket.protocol, socket.port) {
+                warn!("{e:#}; not adopting it");
+                continue;
+            }
+            let (pid, comm) = owners.get(&socket.inode).cloned().unwrap_or((0, String::from("?")));
+            let listener = Listener {
+                cookie: socket.cookie,
+                protocol: socket.protocol,
+                port: socket.port,
+                family: socket.family,
+                owner: Owner { pid, uid: socket.uid, gid: 0, cgroup_id: socket.cgroup_id.unwrap_or(0), comm },
+            };
+            let stack = match (socket.family, socket.ipv6_only) {
+                (Family::Ipv4, _) => Stack::Ipv4,
+                (Family::Ipv6, true) => Stack::Ipv6Only,
+                (Family::Ipv6, false) => Stack::DualStack,
+            };
+            let now = std::time::Instant::now();
+            self.table.update(|t| t.socket_bound(listener, stack, Found::Adopted, now));
+            adopted.push(socket.cookie);
+        }
+        if !adopted.is_empty() {
+            // A socket closed between the listing and track() would never report its release.
+            if let Ok(again) = blocking(sockdiag::wildcard_sockets).await {
+                let still: HashSet<u64> = again.iter().map(|s| s.cookie).collect();
+                for cookie in adopted.into_iter().filter(|c| !still.contains(c)) {
+                    self.tracker.untrack(cookie);
+                    self.table.update(|t| t.socket_released(cookie, Seen::Missing, std::time::Instant::now()));
+                }
+            }
+        }
+        for cookie in plan.gone {
+            self.table.update(|t| t.socket_released(cookie, Seen::Missing, std::time::Instant::now()));
+            self.tracker.untrack(cookie);
+        }
+    }
+
+    /// Runs until `stop` turns true: every `interval`, when `requested`, and while the table pauses
+    /// new mappings for lost events, every half second until a listing saw no loss while it was taken.
+    pub async fn run(
+        mut self,
+        interval: Duration,
+        requested: Arc<Notify>,
+        losses: impl LossCounter,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut next = tokio::time::Instant::now() + interval;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(next) => {}
+                _ = requested.notified() => {
+                    // A storm that overflowed the buffer may still be going on: let it pass first.
+                    if self.table.read(|t| t.adds_paused()) {
+                        tokio::time::sleep(STORM_RECHECK).await;
+                    }
+                }
+                _ = stopped(&mut stop) => return,
+            }
+            let lost_before = losses.total();
+            self.run_once().await;
+            let paused = self.table.read(|t| t.adds_paused());
+            if paused && losses.total() == lost_before {
+                self.table.update(|t| t.resume_adds());
+            }
+            let again = if self.table.read(|t| t.adds_paused()) { STORM_RECHECK } else { interval };
+            next = tokio::time::Instant::now() + again;
+        }
+    }
+}
+
+/// Resolves once `stop` turns true (the guard wait_for returns must not live across an await).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+async fn blocking<R: Send + 'static>(work: impl FnOnce() -> Result<R> + Send + 'static) -> Result<R> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| anyhow::anyhow!("a blocking task failed: {e}"))?
 }
 
 /// Finds the processes holding sockets with these inodes (for logs): inode -> (pid, comm).

@@ -1,0 +1,438 @@
+//! The reconciler: turns the table's decisions into gateway calls, and the gateway's answers back
+//! into the table. It runs as one task, so calls to the gateway are serialised and never on the path of
+//! a bind(): the kernel hooks only record and report, the event loop only updates the table, and this
+//! task catches up.
+//!
+//! * This file: the run loop. It finds the gateway (a [`GatewaySession`] per gateway found), takes the
+//!   table's most urgent work one item at a time (so that a new mapping never waits behind deletes),
+//!   acts on [`Signal`]s, and runs the periodic check every `interval`.
+//! * [`audit`]: the periodic check, one of three kinds: reading the gateway's whole table, checking our
+//!   mappings entry by entry, or, where no table can be read (NAT-PMP, PCP), an exchange and a renewal
+//!   of every mapping, which is both the check and the repair.
+//! * [`ownership`]: which of the gateway's mappings are ours (the tag and the journal).
+use std::{future::Future, net::SocketAddrV4, time::Duration};
+
+use tokio::{sync::watch, time::Instant};
+use tracing::{debug, info, warn};
+
+use crate::{
+    gateway::{
+        session::GatewaySession,
+        signals::{Signal, Signals},
+        AddError, Gateway, GatewayEntry,
+    },
+    host::lan::LanInfo,
+    outcome::{Lease, Outcome, Removal},
+    table::{Grant, Learned, MappingKey, PortKey, TableHandle, Work},
+};
+
+pub mod audit;
+pub mod ownership;
+
+pub use ownership::{description, is_ours, Ownership, TAG_PREFIX};
+
+#[derive(Clone, Debug)]
+pub struct ReconcilerConfig {
+    pub lease: Duration,
+    /// Period of the full check against the gateway.
+    pub interval: Duration,
+    /// Time allowed for deleting our mappings at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+pub struct Reconciler {
+    pub config: ReconcilerConfig,
+    pub table: TableHandle,
+    pub signals: Signals,
+    pub ownership: Ownership,
+    sessions: u64,
+    /// Whether `Ready` was published since start (the first session's check, or the first search
+    /// that found nothing).
+    ready_published: bool,
+}
+
+/// Why a session ended.
+enum Ended {
+    /// The gateway stopped answering, or changed: find it again.
+    Rediscover(String),
+    /// A signal said the gateway or the network changed: find it again now, without a backoff.
+    Changed(String),
+    /// Shut down. `interrupted`: an add or renewal that was cut short, which the gateway may hold.
+    Stop { interrupted: Option<MappingKey> },
+}
+
+/// What handling a signal asks of the session.
+enum Flow {
+    Continue,
+    CheckNow,
+    Rediscover(String),
+}
+
+/// Resolves once `stop` turns true (the guard wait_for returns must not live across an await).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+fn std_now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+impl Reconciler {
+    pub fn new(config: ReconcilerConfig, table: TableHandle, signals: Signals, ownership: Ownership) -> Self {
+        Self { config, table, signals, ownership, sessions: 0, ready_published: false }
+    }
+
+    /// Runs until `stop` turns true, then deletes every mapping it made and returns. `discover(id)`
+    /// finds the gateway (and where this host is) for session `id`; it is called again whenever the
+    /// gateway stops answering or a signal says it changed.
+    pub async fn run<G, D, F>(mut self, mut discover: D, mut stop: watch::Receiver<bool>)
+    where
+        G: Gateway,
+        D: FnMut(u64) -> F,
+        F: Future<Output = Result<(G, LanInfo), String>>,
+    {
+        let mut discovery_delay = Duration::from_secs(1);
+        let mut last_discovery_error = String::new();
+        loop {
+            self.sessions += 1;
+            let id = self.sessions;
+            let search = discover(id);
+            tokio::pin!(search);
+            let found = loop {
+                tokio::select! {
+                    found = &mut search => break Some(found),
+                    signal = self.signals.next() => {
+                        // The gateway announced itself, or the network changed, while we searched: it
+                        // may just have come back, so search again now.
+                        if matches!(signal, Signal::Rediscover(_) | Signal::Announced(_)) {
+                            break None;
+                        }
+                    }
+                    _ = stopped(&mut stop) => return,
+                }
+            };
+            let Some(found) = found else { continue };
+            let (gateway, lan) = match found {
+                Ok(found) => found,
+                Err(e) => {
+                    if e != last_discovery_error {
+                        self.table.outcomes().publish(Outcome::GatewayNotFound { why: e.clone() });
+                        last_discovery_error = e;
+                    }
+                    self.publish_ready(None);
+                    if !self.wait_before_searching(discovery_delay, &mut stop).await {
+                        return;
+                    }
+                    discovery_delay = (discovery_delay * 2).min(Duration::from_secs(30));
+                    continue;
+                }
+            };
+            last_discovery_error.clear();
+            let mut session = GatewaySession::new(id, gateway, lan, self.table.outcomes().clone());
+            self.table.outcomes().publish(Outcome::GatewayFound {
+                gateway: session.describe(),
+                backend: session.backend(),
+                local: lan.local,
+            });
+            // Whatever we believed about the gateway's table is stale after (re)discovery.
+            self.table.update(|t| t.gateway_reset(lan.gateway, std_now()));
+            let _ = session.refresh_external_address().await;
+            let started = Instant::now();
+            match self.serve(&mut session, &mut stop).await {
+                Ended::Stop { interrupted } => {
+                    self.remove_all(&session, interrupted).await;
+                    return;
+                }
+                Ended::Rediscover(why) => {
+                    self.table.outcomes().publish(Outcome::GatewayLost { gateway: session.describe(), why });
+                }
+                Ended::Changed(why) => {
+                    self.table.outcomes().publish(Outcome::GatewayLost { gateway: session.describe(), why });
+                    continue;
+                }
+            }
+            // A gateway that is found but does not answer must not be rediscovered in a busy loop:
+            // back off unless the session was a healthy one.
+            if started.elapsed() >= self.config.interval {
+                discovery_delay = Duration::from_secs(1);
+            }
+            if !self.wait_before_searching(discovery_delay, &mut stop).await {
+                return;
+            }
+            discovery_delay = (discovery_delay * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Waits `delay` before the next search, or less if the gateway announces itself or the network
+    /// changes. False: stop.
+    async fn wait_before_searching(&self, delay: Duration, stop: &mut watch::Receiver<bool>) -> bool {
+        let until = Instant::now() + delay;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return true,
+                signal = self.signals.next() => {
+                    if matches!(signal, Signal::Rediscover(_) | Signal::Announced(_)) {
+                        return true;
+                    }
+                }
+                _ = stopped(stop) => return false,
+            }
+        }
+    }
+
+    fn publish_ready(&mut self, gateway: Option<String>) {
+        if gateway.is_none() && self.ready_published {
+            return;
+        }
+        self.ready_published = true;
+        let (sockets, mappings) = self.table.read(|t| (t.sockets().count(), t.mappings().count()));
+        self.table.outcomes().publish(Outcome::Ready { gateway, sockets, mappings });
+    }
+
+    async fn serve<G: Gateway>(&mut self, session: &mut GatewaySession<G>, stop: &mut watch::Receiver<bool>) -> Ended {
+        match self.audit(session, true).await {
+            Err(AddError::Unreachable(e)) => {
+                return Ended::Rediscover(format!("{} did not answer: {e}", session.describe()))
+            }
+            Err(e) => debug!("the first check of {} failed: {e}", session.describe()),
+            Ok(()) => {}
+        }
+        self.publish_ready(Some(session.describe()));
+        let mut next_check = Instant::now() + self.config.interval;
+        let mut deferred: Option<Signal> = None;
+        loop {
+            if *stop.borrow() {
+                return Ended::Stop { interrupted: None };
+            }
+            if let Some(signal) = deferred.take().or_else(|| self.signals.try_next()) {
+                match self.on_signal(session, signal).await {
+                    Flow::Continue => {}
+                    Flow::CheckNow => next_check = Instant::now(),
+                    Flow::Rediscover(why) => return Ended::Changed(why),
+                }
+                continue;
+            }
+            if let Some(work) = self.table.read(|t| t.next_work(std_now())) {
+                let key = work.key();
+                let adding = !matches!(work, Work::Delete { .. });
+                // NAT-PMP and PCP retransmit for up to two minutes to a silent gateway: a network change
+                // or a shutdown must not wait for that. Other signals wait for the call to end.
+                let signals = self.signals.clone();
+                let result = tokio::select! {
+                    result = self.perform(session, work) => result,
+                    why = signals.until_rediscover() => return Ended::Changed(why),
+                    _ = stopped(stop) => return Ended::Stop { interrupted: adding.then_some(key) },
+                };
+                if let Err(AddError::Unreachable(e)) = result {
+                    return Ended::Rediscover(format!("{} did not answer: {e}", session.describe()));
+                }
+                continue;
+            }
+            if Instant::now() >= next_check {
+                let signals = self.signals.clone();
+                let check = tokio::select! {
+                    check = self.periodic_check(session) => check,
+                    why = signals.until_rediscover() => return Ended::Changed(why),
+                    _ = stopped(stop) => return Ended::Stop { interrupted: None },
+                };
+                if let Flow::Rediscover(why) = check {
+                    return Ended::Rediscover(why);
+                }
+                next_check = Instant::now() + self.config.interval;
+                continue;
+            }
+            let next_due = self.table.read(|t| t.next_due()).map(Instant::from_std);
+            let wake_at = next_due.map_or(next_check, |d| d.min(next_check));
+            tokio::select! {
+                _ = self.table.changed() => {}
+                _ = tokio::time::sleep_until(wake_at) => {}
+                signal = self.signals.next() => deferred = Some(signal),
+                _ = stopped(stop) => return Ended::Stop { interrupted: None },
+            }
+        }
+    }
+
+    async fn periodic_check<G: Gateway>(&mut self, session: &mut GatewaySession<G>) -> Flow {
+        match self.audit(session, false).await {
+            Err(AddError::Unreachable(e)) => {
+                return Flow::Rediscover(format!("{} did not answer: {e}", session.describe()))
+            }
+            Err(e) => debug!("checking {} failed: {e}", session.describe()),
+            Ok(()) => {}
+        }
+        if session.gateway.can_read_table() {
+            if let Err(AddError::Unreachable(e)) = session.refresh_external_address().await {
+                return Flow::Rediscover(format!("{} did not answer: {e}", session.describe()));
+            }
+        }
+        if session.gateway.preferred_protocol_answers().await {
+            return Flow::Rediscover(format!(
+                "a protocol preferred to {} now answers at the gateway: choosing again",
+                session.backend()
+            ));
+        }
+        Flow::Continue
+    }
+
+    async fn on_signal<G: Gateway>(&mut self, session: &mut GatewaySession<G>, signal: Signal) -> Flow {
+        match signal {
+            Signal::Rediscover(why) => Flow::Rediscover(why),
+            Signal::CheckNow => Flow::CheckNow,
+            Signal::LostMappings { session: id, why } if id == session.id => {
+                self.gateway_lost_mappings(session, why);
+                Flow::Continue
+            }
+            Signal::LostMappings { session: id, why } => {
+                debug!("ignoring news of an earlier gateway session ({id}): {why}");
+                Flow::Continue
+            }
+            Signal::Announced(announcement) => {
+                if let Some(why) = session.observe_announcement(&announcement) {
+                    self.gateway_lost_mappings(session, why);
+                }
+                if session.gateway.can_read_table() {
+                    // Its table tells the rest.
+                    return Flow::CheckNow;
+                }
+                // A gateway that lost its mappings but kept its epoch (a firewall reload, an epoch that
+                // is the system's uptime) shows nothing else: renewing every mapping is the check and
+                // the repair. The exchange checks the epoch, and reads the external address.
+                self.table.update(|t| t.renew_all_now(std_now()));
+                if let Err(AddError::Unreachable(e)) = session.refresh_external_address().await {
+                    return Flow::Rediscover(format!("{} did not answer: {e}", session.describe()));
+                }
+                Flow::Continue
+            }
+        }
+    }
+
+    fn gateway_lost_mappings<G: Gateway>(&mut self, session: &GatewaySession<G>, why: String) {
+        self.table.outcomes().publish(Outcome::GatewayLostMappings { gateway: session.describe(), why });
+        self.table.update(|t| t.gateway_reset(session.address(), std_now()));
+    }
+
+    /// One piece of the table's work, as gateway calls; the answer goes back into the table.
+    async fn perform<G: Gateway>(&mut self, session: &mut GatewaySession<G>, work: Work) -> Result<(), AddError> {
+        let key = work.key();
+        let Some(port_key) = key.as_ipv4() else {
+            debug!("{key}: IPv6 pinholes are not made yet");
+            return Ok(());
+        };
+        let renewal = matches!(work, Work::Renew { .. });
+        match work {
+            Work::Add { comm, .. } | Work::Renew { comm, .. } => {
+                let started = Instant::now();
+                let description = self.ownership.description(&comm);
+                // Written ahead: a daemon killed while the request is on its way still knows to delete it.
+                let asked = if session.permanent_only() { Duration::ZERO } else { self.config.lease };
+                self.ownership.record(port_key, &session.lan, asked).await;
+                let result = session.add(port_key, &description, self.config.lease).await;
+                let now = std_now();
+                let held_before = self.table.read(|t| t.mapping(&key).is_some_and(|m| m.on_gateway));
+                match result {
+                    Ok(granted) => {
+                        self.ownership.record(port_key, &session.lan, granted.lease).await;
+                        let grant = Grant {
+                            lease: Lease::from_granted(granted.lease),
+                            internal: SocketAddrV4::new(session.lan.local, port_key.port),
+                            backend: session.backend(),
+                            renewal,
+                            took: started.elapsed(),
+                        };
+                        self.table.update(|t| t.record_mapped(key, grant, std_now()));
+                        Ok(())
+                    }
+                    Err(AddError::Conflict) => {
+                        let holder = self.holder_of(session, port_key).await;
+                        let learned = if session.gateway.can_read_table() {
+                            Learned::Listed
+                        } else {
+                            Learned::Refused { at: now }
+                        };
+                        let gateway = session.address();
+                        if !held_before {
+                            self.ownership.forget(port_key).await;
+                        }
+                        self.table.update(|t| t.record_conflict(port_key, holder, learned, gateway));
+                        Ok(())
+                    }
+                    Err(e @ AddError::BehindAnotherNat(_)) => {
+                        session.note_nat_in_between(&e.to_string());
+                        if !held_before {
+                            self.ownership.forget(port_key).await;
+                        }
+                        self.table.update(|t| t.record_failed(key, e.to_string(), now));
+                        Ok(())
+                    }
+                    // The request may have reached the gateway: the journal keeps it, to be deleted if unwanted.
+                    Err(AddError::Unreachable(e)) => {
+                        self.table.update(|t| t.record_failed(key, format!("the gateway did not answer: {e}"), now));
+                        Err(AddError::Unreachable(e))
+                    }
+                    Err(e) => {
+                        if !held_before {
+                            self.ownership.forget(port_key).await;
+                        }
+                        self.table.update(|t| t.record_failed(key, e.to_string(), now));
+                        Ok(())
+                    }
+                }
+            }
+            Work::Delete { .. } => match session.delete(port_key).await {
+                Ok(()) => {
+                    self.ownership.forget(port_key).await;
+                    self.table.update(|t| t.record_deleted(key, Removal::Released, std_now()));
+                    Ok(())
+                }
+                Err(AddError::Unreachable(e)) => Err(AddError::Unreachable(e)),
+                Err(e) => {
+                    self.table.update(|t| t.record_delete_failed(key, e.to_string(), std_now()));
+                    Ok(())
+                }
+            },
+        }
+    }
+
+    /// Who holds a port the gateway would not map for us, where its table says.
+    async fn holder_of<G: Gateway>(&self, session: &GatewaySession<G>, key: PortKey) -> Option<std::net::Ipv4Addr> {
+        if !session.gateway.can_read_table() {
+            return None;
+        }
+        let entries = session.gateway.list().await.ok()?;
+        entries
+            .iter()
+            .find(|e| e.protocol == key.protocol && e.external_port == key.port)
+            .and_then(GatewayEntry::internal_ipv4)
+            .filter(|ip| *ip != session.lan.local)
+    }
+
+    /// Shutdown: delete every mapping we hold, within the grace period, and `interrupted`, an add
+    /// that was cut short and may have reached the gateway.
+    async fn remove_all<G: Gateway>(&mut self, session: &GatewaySession<G>, interrupted: Option<MappingKey>) {
+        let mut keys = self.table.read(|t| t.on_gateway_keys());
+        if let Some(key) = interrupted.filter(|k| !keys.contains(k)) {
+            keys.push(key);
+        }
+        let deadline = Instant::now() + self.config.shutdown_grace;
+        for key in keys {
+            let Some(port_key) = key.as_ipv4() else { continue };
+            match tokio::time::timeout_at(deadline, session.delete(port_key)).await {
+                Ok(Ok(())) => {
+                    self.ownership.forget(port_key).await;
+                    self.table.update(|t| t.record_deleted(key, Removal::Shutdown, std_now()));
+                }
+                Ok(Err(e)) => {
+                    self.table.update(|t| t.record_delete_failed(key, format!("{e} (at shutdown)"), std_now()))
+                }
+                Err(_) => {
+                    warn!("shutdown grace period over; remaining mappings end with their leases");
+                    break;
+                }
+            }
+        }
+        info!("removed this host's mappings from {}", session.describe());
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,771 @@
+//! The ideal-state table: the heart of natbinder. It decides what the gateway should hold.
+//!
+//! Events go in: sockets bound, released, refused (from the kernel hooks), sockets adopted and found
+//! gone (from sock_diag listings), and the gateway's answers as the reconciler records them. The table
+//! decides, and owns what it decided:
+//! * which mappings are wanted (external port = internal port, IPv4; keys say their family, so IPv6
+//!   pinholes fit beside them), and which socket wants each;
+//! * why a wanted mapping is pending, its retries and their backoff;
+//! * conflicts, with the holder, and the one record of ports other hosts hold on the gateway, which
+//!   [`TableHandle`] mirrors into the kernel so that binds of them fail with EADDRINUSE;
+//! * mappings the gateway dropped, and what to do about leftovers an audit found;
+//! * the order of work: a new mapping never waits behind a delete.
+//!
+//! Every decision is published as an [`Outcome`]. The table does no I/O and knows nothing of the
+//! kernel's or the gateway's types, so each rule here is unit-tested (`tests.rs`).
+//!
+//! Several sockets may want one mapping (SO_REUSEPORT, a dual-stack and an IPv4 socket, sockets
+//! shared across fork have one cookie): the mapping lives while any of them does.
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, HashSet},
+    net::{Ipv4Addr, SocketAddrV4},
+    time::{Duration, Instant},
+};
+
+use crate::{
+    gateway::Backend,
+    outcome::{Found, Lease, Outcome, Removal, Seen},
+    Family, Protocol,
+};
+
+pub mod handle;
+pub mod key;
+
+pub use handle::{HeldPortsMirror, TableHandle};
+pub use key::{MappingKey, PinholeKey, PortKey};
+
+/// Who holds a socket, as far as natbinder could tell (pid 0: not known, e.g. adopted from sock_diag
+/// with no process found).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup_id: u64,
+    pub comm: String,
+}
+
+/// A socket listening on a wildcard address on an explicit port.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listener {
+    /// The kernel's socket cookie: what the release is reported by.
+    pub cookie: u64,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub family: Family,
+    pub owner: Owner,
+}
+
+/// Which address families a listener takes traffic for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stack {
+    /// AF_INET on 0.0.0.0.
+    Ipv4,
+    /// AF_INET6 on [::] with IPV6_V6ONLY off: IPv4 too.
+    DualStack,
+    /// AF_INET6 on [::] with IPV6_V6ONLY on.
+    Ipv6Only,
+    /// AF_INET6, and whether it is IPv6-only is still being read (sock_diag, off the event loop).
+    Unknown,
+}
+
+impl Stack {
+    /// Whether the socket takes IPv4 traffic, and so needs an IPv4 port mapping.
+    pub fn takes_ipv4(self) -> bool {
+        matches!(self, Stack::Ipv4 | Stack::DualStack)
+    }
+}
+
+/// Why a wanted mapping is not on the gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PendingReason {
+    /// Just wanted: the add is queued.
+    Queued,
+    /// Kernel events were lost: new mappings wait until a sock_diag listing has set the table right.
+    EventStorm,
+    /// A gateway was (re)found, or the gateway lost its state: it is made again.
+    GatewayChanged,
+    /// The gateway dropped it from its table (or a renewal showed it gone): it is made again.
+    Dropped,
+    /// The host that held the port let go of it: natbinder maps it now.
+    HolderLeft,
+    /// The port was held by another host, on a gateway that cannot list its table: asked again, in
+    /// case it came free.
+    RecheckHeld,
+    /// The gateway refused for a passing reason; tried again after a backoff.
+    Retrying { error: String, attempts: u32, retry_in: Duration },
+}
+
+/// Where a mapping stands on the gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MappingState {
+    /// Wanted but not (yet) on the gateway; the next attempt is at `retry_at`.
+    Pending { reason: PendingReason, attempts: u32, retry_at: Instant },
+    /// On the gateway; renewed at `renew_at` (half the lease). `expires_at` None: permanent.
+    Active { renew_at: Instant, expires_at: Option<Instant> },
+    /// Another host holds the port on the gateway (the holder is in [`Table::held`]). The socket is
+    /// bound but cannot be reached.
+    Conflict,
+}
+
+/// How the gateway names a mapping, where that is not what natbinder names it by: IGDv2 pinholes are
+/// addressed by the UniqueID the gateway returned when it made them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GatewayHandle {
+    PinholeId(u16),
+}
+
+#[derive(Clone, Debug)]
+pub struct Mapping {
+    /// Cookies of the sockets that want this mapping; empty means it should go.
+    pub sockets: BTreeSet<u64>,
+    pub state: MappingState,
+    /// Command name of the socket that made it wanted, for the mapping's description.
+    pub comm: String,
+    /// The gateway may hold this mapping for us (an add succeeded and no delete since): when no socket
+    /// needs it any more it must be deleted, whatever happened to later renewals.
+    pub on_gateway: bool,
+    /// When the last socket that wanted it went: its delete falls due [`TableConfig::delete_grace`]
+    /// later, unless a socket wants it again first.
+    pub unwanted_since: Option<Instant>,
+    pub handle: Option<GatewayHandle>,
+}
+
+#[derive(Clone, Debug)]
+pub struct SocketRecord {
+    pub listener: Listener,
+    pub stack: Stack,
+    /// The mapping this socket wants; None when it wants none (IPv6-only, below the minimum port, or
+    /// not classified yet).
+    pub mapping: Option<MappingKey>,
+}
+
+/// How the table learned that another host holds a port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Learned {
+    /// The gateway's table lists it (UPnP IGD): true until the next listing says otherwise.
+    Listed,
+    /// The gateway refused to map it to us (718, or another port offered by NAT-PMP/PCP), on a gateway
+    /// whose table cannot be listed: believed for [`HELD_ELSEWHERE_MEMORY`].
+    Refused { at: Instant },
+}
+
+/// A port another host holds on the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HeldElsewhere {
+    /// None when the gateway did not say who.
+    pub holder: Option<Ipv4Addr>,
+    pub learned: Learned,
+    /// The gateway that said so: what another gateway says does not count.
+    pub gateway: Ipv4Addr,
+}
+
+/// How long a port another host holds is believed on gateways that cannot list their table (NAT-PMP,
+/// PCP): binds of it fail with EADDRINUSE meanwhile. It is learned again, at the cost of one bind that
+/// cannot be reached, when a socket next wants it.
+pub const HELD_ELSEWHERE_MEMORY: Duration = Duration::from_secs(600);
+
+/// What the reconciler must do next for one mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Work {
+    Add { key: MappingKey, comm: String },
+    Renew { key: MappingKey, comm: String },
+    Delete { key: MappingKey },
+}
+
+impl Work {
+    pub fn key(&self) -> MappingKey {
+        match self {
+            Work::Add { key, .. } | Work::Renew { key, .. } | Work::Delete { key } => *key,
+        }
+    }
+}
+
+/// What the gateway granted, as the reconciler records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grant {
+    pub lease: Lease,
+    pub internal: SocketAddrV4,
+    pub backend: Backend,
+    pub renewal: bool,
+    pub took: Duration,
+}
+
+/// What a listing of the gateway's table showed, sorted by the reconciler's ownership rules.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Listing {
+    /// Ports other hosts hold, with the holder where the gateway names one.
+    pub held: Vec<(PortKey, Option<Ipv4Addr>)>,
+    /// Ours, pointing at this host and port.
+    pub ours_here: BTreeSet<PortKey>,
+    /// Ours (by tag or journal), but pointing at another internal client or port.
+    pub ours_drifted: BTreeSet<PortKey>,
+}
+
+/// Retry pacing for mappings the gateway refused for a passing reason.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableConfig {
+    /// Ports below this are never mapped (nor asked for).
+    pub min_port: u16,
+    /// How long a released mapping's delete waits. A program that closes one port and binds the next
+    /// (a port search, a restart) does it within microseconds, and its new mapping must not wait
+    /// behind the old one's delete: the delete is asynchronous in the paper's design and may wait.
+    pub delete_grace: Duration,
+}
+
+impl Default for TableConfig {
+    fn default() -> Self {
+        Self { min_port: 1024, delete_grace: DELETE_GRACE }
+    }
+}
+
+/// See [`TableConfig::delete_grace`].
+pub const DELETE_GRACE: Duration = Duration::from_millis(2);
+
+#[derive(Default)]
+pub struct Table {
+    config: TableConfig,
+    sockets: HashMap<u64, SocketRecord>,
+    mappings: BTreeMap<MappingKey, Mapping>,
+    held: BTreeMap<PortKey, HeldElsewhere>,
+    /// Set while kernel events are being lost: the table may hold sockets that are gone, so no new
+    /// mapping is made until a sock_diag listing has set it right (renewals and deletes go on).
+    adds_paused: bool,
+    /// Decisions not yet published ([`TableHandle`] publishes them after each change).
+    outbox: Vec<Outcome>,
+    /// The held-elsewhere record changed since it was last mirrored.
+    held_changed: bool,
+}
+
+impl Table {
+    pub fn new(config: TableConfig) -> Self {
+        Self { config, ..Self::default() }
+    }
+
+    pub fn config(&self) -> TableConfig {
+        self.config
+    }
+
+    fn publish(&mut self, outcome: Outcome) {
+        self.outbox.push(outcome);
+    }
+
+    /// What was decided since the last call, in order.
+    pub fn take_outcomes(&mut self) -> Vec<Outcome> {
+        std::mem::take(&mut self.outbox)
+    }
+
+    /// The held-elsewhere record, if it changed since the last call.
+    pub fn take_held_changes(&mut self) -> Option<Vec<(PortKey, HeldElsewhere)>> {
+        std::mem::take(&mut self.held_changed).then(|| self.held.iter().map(|(k, h)| (*k, *h)).collect())
+    }
+
+    // ---- sockets ------------------------------------------------------------------------------
+
+    /// A socket listens on a wildcard address. `stack`: what it takes (Unknown for an AF_INET6 socket
+    /// not classified yet; [`Table::socket_classified`] follows).
+    pub fn socket_bound(&mut self, listener: Listener, stack: Stack, found: Found, now: Instant) {
+        let cookie = listener.cookie;
+        if let Some(known) = self.sockets.get_mut(&cookie) {
+            // Adopted from sock_diag first and reported by the hook since: keep the richer record.
+            if known.listener.owner.pid == 0 && listener.owner.pid != 0 {
+                known.listener.owner = listener.owner;
+            }
+            return;
+        }
+        let key = self.wanted_key(&listener, stack);
+        self.publish(Outcome::SocketBound { listener: listener.clone(), stack, found });
+        let comm = listener.owner.comm.clone();
+        self.sockets.insert(cookie, SocketRecord { listener, stack, mapping: key });
+        if let Some(key) = key {
+            self.want(key, cookie, comm, now);
+        }
+    }
+
+    /// An AF_INET6 socket was found dual-stack or IPv6-only.
+    pub fn socket_classified(&mut self, cookie: u64, stack: Stack, now: Instant) {
+        let Some(record) = self.sockets.get_mut(&cookie) else { return };
+        if record.stack != Stack::Unknown || stack == Stack::Unknown {
+            return;
+        }
+        record.stack = stack;
+        let listener = record.listener.clone();
+        let key = self.wanted_key(&listener, stack);
+        self.publish(Outcome::SocketClassified { listener: listener.clone(), stack });
+        if let Some(key) = key {
+            self.sockets.get_mut(&cookie).unwrap().mapping = Some(key);
+            self.want(key, cookie, listener.owner.comm, now);
+        }
+    }
+
+    fn wanted_key(&self, listener: &Listener, stack: Stack) -> Option<MappingKey> {
+        (stack.takes_ipv4() && listener.port >= self.config.min_port && listener.port != 0)
+            .then(|| MappingKey::ipv4(listener.protocol, listener.port))
+    }
+
+    fn want(&mut self, key: MappingKey, cookie: u64, comm: String, now: Instant) {
+        let held = key.as_ipv4().and_then(|k| self.held.get(&k).copied());
+        let reason = if self.adds_paused { PendingReason::EventStorm } else { PendingReason::Queued };
+        let mut published = None;
+        match self.mappings.get_mut(&key) {
+            Some(m) => {
+                if m.sockets.is_empty() {
+                    m.comm = comm;
+                    m.unwanted_since = None;
+                    // Wanted again before its delete: it stays as it is on the gateway.
+                    if let MappingState::Pending { .. } = m.state {
+                        m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
+                        published = Some(Outcome::Pending { key, reason });
+                    }
+                }
+                m.sockets.insert(cookie);
+            }
+            None => {
+                let state = if held.is_some() {
+                    MappingState::Conflict
+                } else {
+                    MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now }
+                };
+                published = Some(match (held, key.as_ipv4()) {
+                    (Some(h), Some(port_key)) => Outcome::Conflict { key: port_key, holder: h.holder },
+                    _ => Outcome::Pending { key, reason },
+                });
+                let mapping = Mapping {
+                    sockets: BTreeSet::from([cookie]),
+                    state,
+                    comm,
+                    on_gateway: false,
+                    unwanted_since: None,
+                    handle: None,
+                };
+                self.mappings.insert(key, mapping);
+            }
+        }
+        if let Some(outcome) = published {
+            self.publish(outcome);
+        }
+    }
+
+    /// A socket is gone: released (the hook saw it) or missing from sock_diag listings.
+    pub fn socket_released(&mut self, cookie: u64, seen: Seen, now: Instant) {
+        let Some(record) = self.sockets.remove(&cookie) else { return };
+        self.publish(Outcome::SocketReleased { listener: record.listener, seen });
+        let Some(key) = record.mapping else { return };
+        let Some(mapping) = self.mappings.get_mut(&key) else { return };
+        mapping.sockets.remove(&cookie);
+        if !mapping.sockets.is_empty() {
+            return;
+        }
+        if mapping.on_gateway {
+            mapping.unwanted_since = Some(now);
+        } else {
+            // Never on the gateway: nothing to undo.
+            self.mappings.remove(&key);
+        }
+    }
+
+    /// A bind failed with EADDRINUSE in the kernel, because of the held-elsewhere record.
+    pub fn bind_refused(&mut self, listener: Listener) {
+        let holder = self.held.get(&PortKey::new(listener.protocol, listener.port)).and_then(|h| h.holder);
+        self.publish(Outcome::BindRefused { listener, holder });
+    }
+
+    // ---- storms -------------------------------------------------------------------------------
+
+    /// Kernel events were lost (`total` so far): pause new mappings until a listing sets things right.
+    pub fn pause_adds(&mut self, total: u64) {
+        if !self.adds_paused {
+            self.adds_paused = true;
+            self.publish(Outcome::EventsLost { total });
+        }
+    }
+
+    /// A listing found nothing lost since the previous one: the table is exact again.
+    pub fn resume_adds(&mut self) {
+        if std::mem::take(&mut self.adds_paused) {
+            for m in self.mappings.values_mut() {
+                if let MappingState::Pending { reason: reason @ PendingReason::EventStorm, .. } = &mut m.state {
+                    *reason = PendingReason::Queued;
+                }
+            }
+            self.publish(Outcome::StormOver);
+        }
+    }
+
+    pub fn adds_paused(&self) -> bool {
+        self.adds_paused
+    }
+
+    // ---- work ---------------------------------------------------------------------------------
+
+    /// The most urgent piece of work due at `now`. New mappings first (a program is waiting to be
+    /// reachable), then renewals (a lease is running down), then deletes (nobody waits for those),
+    /// each in the order it fell due.
+    pub fn next_work(&self, now: Instant) -> Option<Work> {
+        let mut add: Option<(Instant, MappingKey, &Mapping)> = None;
+        let mut renew: Option<(Instant, MappingKey, &Mapping)> = None;
+        let mut delete: Option<(Instant, MappingKey)> = None;
+        for (key, m) in &self.mappings {
+            if m.sockets.is_empty() {
+                if m.on_gateway {
+                    let due = m.unwanted_since.map_or(now, |since| since + self.config.delete_grace);
+                    if due <= now && delete.is_none_or(|(d, _)| due < d) {
+                        delete = Some((due, *key));
+                    }
+                }
+                continue;
+            }
+            match m.state {
+                MappingState::Pending { retry_at, .. }
+                    if !self.adds_paused && retry_at <= now && add.is_none_or(|(d, _, _)| retry_at < d) =>
+                {
+                    add = Some((retry_at, *key, m));
+                }
+                MappingState::Active { renew_at, .. }
+                    if renew_at <= now && renew.is_none_or(|(d, _, _)| renew_at < d) =>
+                {
+                    renew = Some((renew_at, *key, m));
+                }
+                _ => {}
+            }
+        }
+        if let Some((_, key, m)) = add {
+            return Some(Work::Add { key, comm: m.comm.clone() });
+        }
+        if let Some((_, key, m)) = renew {
+            return Some(Work::Renew { key, comm: m.comm.clone() });
+        }
+        delete.map(|(_, key)| Work::Delete { key })
+    }
+
+    /// When the next piece of work falls due, if any is scheduled.
+    pub fn next_due(&self) -> Option<Instant> {
+        self.mappings
+            .values()
+            .filter_map(|m| {
+                if m.sockets.is_empty() {
+                    return m.on_gateway.then(|| m.unwanted_since.map(|s| s + self.config.delete_grace)).flatten();
+                }
+                match m.state {
+                    MappingState::Active { renew_at, .. } => Some(renew_at),
+                    MappingState::Pending { retry_at, .. } if !self.adds_paused => Some(retry_at),
+                    MappingState::Pending { .. } | MappingState::Conflict => None,
+                }
+            })
+            .min()
+    }
+
+    // ---- the gateway's answers ----------------------------------------------------------------
+
+    /// The gateway accepted an add or renewal.
+    pub fn record_mapped(&mut self, key: MappingKey, grant: Grant, now: Instant) {
+        let (renew_at, expires_at) = match grant.lease {
+            Lease::For(lease) => (now + lease / 2, Some(now + lease)),
+            // Never renewed (the periodic check still verifies it).
+            Lease::Permanent => (now + Duration::from_secs(100 * 365 * 24 * 3600), None),
+        };
+        let state = MappingState::Active { renew_at, expires_at };
+        match self.mappings.get_mut(&key) {
+            Some(m) => {
+                m.state = state;
+                m.on_gateway = true;
+            }
+            // The last socket went while the add was in flight, and took the pending mapping with it:
+            // track it again so that it is deleted.
+            None => {
+                let mapping = Mapping {
+                    sockets: BTreeSet::new(),
+                    state,
+                    comm: String::new(),
+                    on_gateway: true,
+                    unwanted_since: Some(now),
+                    handle: None,
+                };
+                self.mappings.insert(key, mapping);
+            }
+        }
+        if let Some(port_key) = key.as_ipv4() {
+            // Ours now, whatever was believed before.
+            if self.held.remove(&port_key).is_some() {
+                self.held_changed = true;
+            }
+            self.publish(Outcome::Mapped {
+                key: port_key,
+                internal: grant.internal,
+                lease: grant.lease,
+                backend: grant.backend,
+                renewal: grant.renewal,
+                took: grant.took,
+            });
+        }
+    }
+
+    /// The gateway refused for a passing reason: keep it pending, retry with backoff.
+    /// A failed renewal keeps `on_gateway`: the old lease may still be running.
+    pub fn record_failed(&mut self, key: MappingKey, error: String, now: Instant) {
+        let Some(m) = self.mappings.get_mut(&key) else { return };
+        if m.sockets.is_empty() {
+            if !m.on_gateway {
+                self.mappings.remove(&key);
+            }
+            return;
+        }
+        let attempts = match &m.state {
+            MappingState::Pending { attempts, .. } => attempts + 1,
+            _ => 1,
+        };
+        let retry_in = FIRST_RETRY.saturating_mul(1 << (attempts - 1).min(16)).min(MAX_RETRY);
+        let reason = PendingReason::Retrying { error, attempts, retry_in };
+        m.state = MappingState::Pending { reason: reason.clone(), attempts, retry_at: now + retry_in };
+        self.publish(Outcome::Pending { key, reason });
+    }
+
+    /// Another host holds the port (the gateway said so when asked to map it).
+    pub fn record_conflict(&mut self, key: PortKey, holder: Option<Ipv4Addr>, learned: Learned, gateway: Ipv4Addr) {
+        self.held.insert(key, HeldElsewhere { holder, learned, gateway });
+        self.held_changed = true;
+        let mapping_key = MappingKey::Ipv4(key);
+        if let Some(m) = self.mappings.get_mut(&mapping_key) {
+            m.on_gateway = false;
+            if m.sockets.is_empty() {
+                self.mappings.remove(&mapping_key);
+            } else {
+                m.state = MappingState::Conflict;
+            }
+        }
+        self.publish(Outcome::Conflict { key, holder });
+    }
+
+    /// The mapping is gone from the gateway (a delete succeeded). If a socket wants it again by now,
+    /// it is made again.
+    pub fn record_deleted(&mut self, key: MappingKey, why: Removal, now: Instant) {
+        if let Some(port_key) = key.as_ipv4() {
+            self.publish(Outcome::Removed { key: port_key, why });
+        }
+        self.forget_gateway_copy(key, PendingReason::Queued, now);
+    }
+
+    /// A delete failed: the lease bounds how long the mapping outlives its socket.
+    pub fn record_delete_failed(&mut self, key: MappingKey, error: String, now: Instant) {
+        if let Some(port_key) = key.as_ipv4() {
+            self.publish(Outcome::RemoveFailed { key: port_key, error });
+        }
+        self.forget_gateway_copy(key, PendingReason::Queued, now);
+    }
+
+    fn forget_gateway_copy(&mut self, key: MappingKey, reason: PendingReason, now: Instant) {
+        let Some(m) = self.mappings.get_mut(&key) else { return };
+        m.on_gateway = false;
+        if m.sockets.is_empty() {
+            self.mappings.remove(&key);
+        } else if !matches!(m.state, MappingState::Conflict) {
+            m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
+            self.publish(Outcome::Pending { key, reason });
+        }
+    }
+
+    /// Mappings of ours the gateway no longer holds (an audit found them gone): made again.
+    pub fn record_dropped(&mut self, keys: &[PortKey], now: Instant) {
+        let dropped: Vec<PortKey> = keys
+            .iter()
+            .copied()
+            .filter(|k| self.mappings.get(&MappingKey::Ipv4(*k)).is_some_and(|m| !m.sockets.is_empty()))
+            .collect();
+        if dropped.is_empty() {
+            return;
+        }
+        let active = self.mappings.values().filter(|m| matches!(m.state, MappingState::Active { .. })).count();
+        let all = dropped.len() == active;
+        self.publish(Outcome::Dropped { keys: dropped.clone(), all });
+        for key in dropped {
+            self.forget_gateway_copy(MappingKey::Ipv4(key), PendingReason::Dropped, now);
+        }
+    }
+
+    /// The gateway already holds this mapping for us (found at start-up): adopt it if wanted, and
+    /// renew it now so that its lease and description are ours. Returns false if nothing wants it.
+    pub fn adopt_existing(&mut self, key: MappingKey, now: Instant) -> bool {
+        match self.mappings.get_mut(&key) {
+            Some(m) if !m.sockets.is_empty() => {
+                m.on_gateway = true;
+                if !matches!(m.state, MappingState::Active { .. }) {
+                    m.state = MappingState::Active { renew_at: now, expires_at: Some(now) };
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// What the gateway holds is unknown: a gateway was (re)found, or the gateway lost its state.
+    /// Every wanted mapping is made again, except where a port is still believed held by another host
+    /// on `gateway`; what other gateways said is forgotten. Unwanted mappings the gateway may still
+    /// hold stay, to be deleted (deleting what is not there is harmless).
+    pub fn gateway_reset(&mut self, gateway: Ipv4Addr, now: Instant) {
+        let before = self.held.len();
+        self.held.retain(|_, h| h.gateway == gateway);
+        self.held_changed |= self.held.len() != before;
+        let held = &self.held;
+        let mut pending = Vec::new();
+        self.mappings.retain(|_, m| !m.sockets.is_empty() || m.on_gateway);
+        for (key, m) in self.mappings.iter_mut().filter(|(_, m)| !m.sockets.is_empty()) {
+            let still_held = key.as_ipv4().is_some_and(|k| held.contains_key(&k));
+            if matches!(m.state, MappingState::Conflict) && still_held {
+                continue;
+            }
+            let reason = PendingReason::GatewayChanged;
+            m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
+            pending.push(Outcome::Pending { key: *key, reason });
+        }
+        self.outbox.extend(pending);
+    }
+
+    // ---- audits -------------------------------------------------------------------------------
+
+    /// What a listing of `gateway`'s table means. Returns the mappings to delete, and why: at
+    /// start-up, ours that no socket wants (an earlier run's); later, ours the table no longer tracks
+    /// (a delete that failed); and ours that point elsewhere (made again if wanted). Also:
+    /// * mappings the gateway lost are made again ([`Outcome::Dropped`]);
+    /// * the held-elsewhere record becomes exactly what the gateway lists: conflicts that ended are
+    ///   mapped, and wanted ports another host took become conflicts.
+    pub fn audit_listing(
+        &mut self,
+        gateway: Ipv4Addr,
+        listing: Listing,
+        startup: bool,
+        now: Instant,
+    ) -> Vec<(PortKey, Removal)> {
+        let mut stale: Vec<(PortKey, Removal)> = listing.ours_drifted.iter().map(|k| (*k, Removal::Drifted)).collect();
+        for key in &listing.ours_here {
+            let mapping_key = MappingKey::Ipv4(*key);
+            if startup {
+                if !self.adopt_existing(mapping_key, now) {
+                    stale.push((*key, Removal::Leftover));
+                }
+            } else if !self.mappings.contains_key(&mapping_key) {
+                stale.push((*key, Removal::Leftover));
+            }
+        }
+        if !startup {
+            let dropped: Vec<PortKey> = self
+                .mappings
+                .iter()
+                .filter(|(_, m)| matches!(m.state, MappingState::Active { .. }) && !m.sockets.is_empty())
+                .filter_map(|(k, _)| k.as_ipv4())
+                .filter(|k| !listing.ours_here.contains(k))
+                .collect();
+            self.record_dropped(&dropped, now);
+        }
+        let listed: BTreeMap<PortKey, HeldElsewhere> = listing
+            .held
+            .iter()
+            .map(|(k, holder)| (*k, HeldElsewhere { holder: *holder, learned: Learned::Listed, gateway }))
+            .collect();
+        if listed != self.held {
+            self.held = listed;
+            self.held_changed = true;
+        }
+        self.settle_conflicts(now, PendingReason::HolderLeft);
+        stale
+    }
+
+    /// For gateways that cannot list their table: ports learned to be held elsewhere are forgotten
+    /// after [`HELD_ELSEWHERE_MEMORY`], and every socket refused that way is tried again, in case the
+    /// port came free.
+    pub fn audit_unlisted(&mut self, now: Instant) {
+        let before = self.held.len();
+        self.held.retain(|_, h| match h.learned {
+            Learned::Listed => true,
+            Learned::Refused { at } => now.saturating_duration_since(at) < HELD_ELSEWHERE_MEMORY,
+        });
+        self.held_changed |= self.held.len() != before;
+        let mut retried = Vec::new();
+        for (key, m) in self.mappings.iter_mut() {
+            if matches!(m.state, MappingState::Conflict) && !m.sockets.is_empty() {
+                let reason = PendingReason::RecheckHeld;
+                m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
+                retried.push(Outcome::Pending { key: *key, reason });
+            }
+        }
+        self.outbox.extend(retried);
+    }
+
+    /// Every mapping on the gateway is renewed now. On gateways whose table cannot be read, a renewal
+    /// is the check and the repair at once: it is idempotent, and it makes again a mapping the gateway
+    /// lost without telling (a firewall reload, a restart with an epoch that kept counting).
+    pub fn renew_all_now(&mut self, now: Instant) {
+        for m in self.mappings.values_mut().filter(|m| !m.sockets.is_empty()) {
+            if let MappingState::Active { renew_at, .. } = &mut m.state {
+                *renew_at = (*renew_at).min(now);
+            }
+        }
+    }
+
+    /// Conflicts whose port is no longer held become pending; pending ports now held become conflicts.
+    fn settle_conflicts(&mut self, now: Instant, reason: PendingReason) {
+        let mut outcomes = Vec::new();
+        for (key, m) in self.mappings.iter_mut().filter(|(_, m)| !m.sockets.is_empty()) {
+            let Some(port_key) = key.as_ipv4() else { continue };
+            let held = self.held.get(&port_key);
+            match (&m.state, held) {
+                (MappingState::Conflict, None) => {
+                    m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
+                    outcomes.push(Outcome::Pending { key: *key, reason: reason.clone() });
+                }
+                (MappingState::Pending { .. }, Some(h)) => {
+                    m.state = MappingState::Conflict;
+                    outcomes.push(Outcome::Conflict { key: port_key, holder: h.holder });
+                }
+                _ => {}
+            }
+        }
+        self.outbox.extend(outcomes);
+    }
+
+    // ---- reading ------------------------------------------------------------------------------
+
+    pub fn socket(&self, cookie: u64) -> Option<&SocketRecord> {
+        self.sockets.get(&cookie)
+    }
+
+    pub fn mapping(&self, key: &MappingKey) -> Option<&Mapping> {
+        self.mappings.get(key)
+    }
+
+    pub fn mappings(&self) -> impl Iterator<Item = (&MappingKey, &Mapping)> {
+        self.mappings.iter()
+    }
+
+    pub fn sockets(&self) -> impl Iterator<Item = &SocketRecord> {
+        self.sockets.values()
+    }
+
+    pub fn socket_cookies(&self) -> HashSet<u64> {
+        self.sockets.keys().copied().collect()
+    }
+
+    /// The ports other hosts hold on the gateway, as far as natbinder knows.
+    pub fn held(&self) -> impl Iterator<Item = (&PortKey, &HeldElsewhere)> {
+        self.held.iter()
+    }
+
+    /// Mappings the gateway may hold for us (for shutdown).
+    pub fn on_gateway_keys(&self) -> Vec<MappingKey> {
+        self.mappings.iter().filter(|(_, m)| m.on_gateway).map(|(k, _)| *k).collect()
+    }
+
+    /// Wanted mappings the table believes are on the gateway.
+    pub fn active_wanted(&self) -> Vec<MappingKey> {
+        self.mappings
+            .iter()
+            .filter(|(_, m)| matches!(m.state, MappingState::Active { .. }) && !m.sockets.is_empty())
+            .map(|(k, _)| *k)
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests;

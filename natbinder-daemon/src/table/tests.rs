@@ -1,0 +1,389 @@
+//! The table's rules, one by one. No I/O and no clock but the one passed in.
+use std::net::SocketAddrV4;
+
+use super::*;
+
+const TCP8080: MappingKey = MappingKey::ipv4(Protocol::Tcp, 8080);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
+const OTHER: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 20);
+const GRACE: Duration = DELETE_GRACE;
+
+fn sock(cookie: u64, protocol: Protocol, port: u16) -> Listener {
+    Listener {
+        cookie,
+        protocol,
+        port,
+        family: Family::Ipv4,
+        owner: Owner { pid: 4242, uid: 1000, gid: 1000, cgroup_id: 1, comm: "server".into() },
+    }
+}
+
+fn table() -> Table {
+    Table::new(TableConfig::default())
+}
+
+fn bind(t: &mut Table, cookie: u64, protocol: Protocol, port: u16, now: Instant) {
+    t.socket_bound(sock(cookie, protocol, port), Stack::Ipv4, Found::Bind, now);
+}
+
+fn release(t: &mut Table, cookie: u64, now: Instant) {
+    t.socket_released(cookie, Seen::Released, now);
+}
+
+fn grant(lease: Duration) -> Grant {
+    Grant {
+        lease: Lease::from_granted(lease),
+        internal: SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 10), 8080),
+        backend: Backend::Upnp,
+        renewal: false,
+        took: Duration::from_millis(5),
+    }
+}
+
+fn add(key: MappingKey) -> Option<Work> {
+    Some(Work::Add { key, comm: "server".into() })
+}
+
+fn renew(key: MappingKey) -> Option<Work> {
+    Some(Work::Renew { key, comm: "server".into() })
+}
+
+fn delete(key: MappingKey) -> Option<Work> {
+    Some(Work::Delete { key })
+}
+
+#[test]
+fn bind_then_add_then_release_then_delete() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    assert_eq!(t.next_work(now), add(TCP8080));
+    t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
+    assert_eq!(t.next_work(now), None);
+    release(&mut t, 1, now);
+    assert_eq!(t.next_work(now), None, "the delete waits out the grace");
+    assert_eq!(t.next_due(), Some(now + GRACE));
+    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
+    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
+    assert!(t.mapping(&TCP8080).is_none());
+    assert_eq!(t.next_work(now + GRACE), None);
+}
+
+#[test]
+fn new_mappings_go_before_renewals_and_renewals_before_deletes() {
+    let now = Instant::now();
+    let mut t = table();
+    for (cookie, port) in [(1, 7000), (2, 7001)] {
+        bind(&mut t, cookie, Protocol::Tcp, port, now);
+        t.record_mapped(MappingKey::ipv4(Protocol::Tcp, port), grant(Duration::from_secs(100)), now);
+    }
+    release(&mut t, 1, now);
+    let later = now + Duration::from_secs(50);
+    bind(&mut t, 3, Protocol::Tcp, 9000, later - Duration::from_millis(1));
+    bind(&mut t, 4, Protocol::Tcp, 6000, later);
+    // The delete of 7000 fell due first, the renewal of 7001 next: both still wait for the adds, which
+    // go in the order they fell due, not in port order.
+    assert_eq!(t.next_work(later), add(MappingKey::ipv4(Protocol::Tcp, 9000)));
+    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 9000), grant(Duration::from_secs(100)), later);
+    assert_eq!(t.next_work(later), add(MappingKey::ipv4(Protocol::Tcp, 6000)));
+    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 6000), grant(Duration::from_secs(100)), later);
+    assert_eq!(t.next_work(later), renew(MappingKey::ipv4(Protocol::Tcp, 7001)));
+    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 7001), grant(Duration::from_secs(100)), later);
+    assert_eq!(t.next_work(later), delete(MappingKey::ipv4(Protocol::Tcp, 7000)));
+}
+
+#[test]
+fn a_port_wanted_again_within_the_grace_is_neither_deleted_nor_added() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
+    release(&mut t, 1, now);
+    bind(&mut t, 2, Protocol::Tcp, 8080, now + GRACE / 2);
+    assert_eq!(t.next_work(now + GRACE * 10), None);
+    assert!(matches!(t.mapping(&TCP8080).unwrap().state, MappingState::Active { .. }));
+}
+
+#[test]
+fn shared_port_lives_until_last_socket() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Udp, 9000, now);
+    bind(&mut t, 2, Protocol::Udp, 9000, now);
+    let key = MappingKey::ipv4(Protocol::Udp, 9000);
+    t.record_mapped(key, grant(Duration::from_secs(100)), now);
+    release(&mut t, 1, now);
+    assert_eq!(t.next_work(now + GRACE), None);
+    release(&mut t, 2, now);
+    assert_eq!(t.next_work(now + GRACE), delete(key));
+}
+
+#[test]
+fn tcp_and_udp_on_one_port_are_separate_mappings() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 7000, now);
+    bind(&mut t, 2, Protocol::Udp, 7000, now);
+    assert_eq!(t.mappings().count(), 2);
+}
+
+#[test]
+fn released_before_mapped_needs_no_delete() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    release(&mut t, 1, now);
+    assert_eq!(t.next_work(now + GRACE), None);
+    assert!(t.mapping(&TCP8080).is_none());
+}
+
+#[test]
+fn release_during_add_deletes_afterwards() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    let _work = t.next_work(now); // the reconciler starts the add...
+    release(&mut t, 1, now); // ...the socket goes meanwhile...
+    t.record_mapped(TCP8080, grant(Duration::from_secs(60)), now); // ...and the add lands.
+    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
+}
+
+#[test]
+fn rebind_during_delete_adds_again() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(60)), now);
+    release(&mut t, 1, now);
+    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
+    bind(&mut t, 2, Protocol::Tcp, 8080, now + GRACE);
+    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
+    assert_eq!(t.next_work(now + GRACE), add(TCP8080));
+}
+
+#[test]
+fn renews_at_half_lease_and_permanent_mappings_never() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(100)), now);
+    assert_eq!(t.next_work(now + Duration::from_secs(49)), None);
+    assert_eq!(t.next_due(), Some(now + Duration::from_secs(50)));
+    assert_eq!(t.next_work(now + Duration::from_secs(50)), renew(TCP8080));
+    t.record_mapped(TCP8080, grant(Duration::ZERO), now);
+    assert_eq!(t.next_work(now + Duration::from_secs(10 * 365 * 24 * 3600)), None);
+}
+
+#[test]
+fn failures_back_off_and_keep_the_reason() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_failed(TCP8080, "UPnP error 501".into(), now);
+    assert_eq!(t.next_work(now), None);
+    assert_eq!(t.next_work(now + FIRST_RETRY), add(TCP8080));
+    t.record_failed(TCP8080, "UPnP error 501".into(), now);
+    assert_eq!(t.next_work(now + FIRST_RETRY), None);
+    assert_eq!(t.next_work(now + FIRST_RETRY * 2), add(TCP8080));
+    let MappingState::Pending { reason: PendingReason::Retrying { error, attempts, retry_in }, .. } =
+        &t.mapping(&TCP8080).unwrap().state
+    else {
+        panic!()
+    };
+    assert_eq!((error.as_str(), *attempts, *retry_in), ("UPnP error 501", 2, FIRST_RETRY * 2));
+    for _ in 0..40 {
+        t.record_failed(TCP8080, "x".into(), now);
+    }
+    assert_eq!(t.next_due(), Some(now + MAX_RETRY));
+}
+
+#[test]
+fn ipv6_only_and_low_ports_want_nothing_and_an_unknown_stack_waits_for_its_class() {
+    let now = Instant::now();
+    let mut t = table();
+    let mut v6 = sock(1, Protocol::Tcp, 9090);
+    v6.family = Family::Ipv6;
+    t.socket_bound(v6.clone(), Stack::Ipv6Only, Found::Bind, now);
+    bind(&mut t, 2, Protocol::Tcp, 80, now);
+    t.socket_bound(Listener { cookie: 3, ..v6.clone() }, Stack::Unknown, Found::Bind, now);
+    assert_eq!(t.next_work(now), None);
+    assert_eq!(t.sockets().count(), 3, "every listener is known, mapped or not");
+    t.socket_classified(3, Stack::DualStack, now);
+    assert_eq!(t.next_work(now), add(MappingKey::ipv4(Protocol::Tcp, 9090)));
+    // A second classification (a late answer) changes nothing.
+    t.socket_classified(3, Stack::Ipv6Only, now);
+    assert_eq!(t.socket(3).unwrap().stack, Stack::DualStack);
+}
+
+#[test]
+fn a_conflict_is_recorded_once_mirrored_and_not_retried() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.take_outcomes();
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY);
+    assert_eq!(t.mapping(&TCP8080).unwrap().state, MappingState::Conflict);
+    assert_eq!(t.next_work(now + MAX_RETRY), None);
+    let held = t.take_held_changes().expect("the record changed");
+    assert_eq!(
+        held.iter().map(|(k, h)| (*k, h.holder)).collect::<Vec<_>>(),
+        vec![(PortKey::new(Protocol::Tcp, 8080), Some(OTHER))]
+    );
+    assert!(t.take_held_changes().is_none(), "reported once");
+    assert_eq!(
+        t.take_outcomes(),
+        vec![Outcome::Conflict { key: PortKey::new(Protocol::Tcp, 8080), holder: Some(OTHER) }]
+    );
+    // Another socket on a held port is a conflict at once, with no add.
+    bind(&mut t, 2, Protocol::Tcp, 8080, now);
+    assert_eq!(t.next_work(now), None);
+    t.bind_refused(sock(3, Protocol::Tcp, 8080));
+    assert!(t.take_outcomes().iter().any(|o| matches!(o, Outcome::BindRefused { holder: Some(h), .. } if *h == OTHER)));
+}
+
+#[test]
+fn a_listing_replaces_the_held_record_and_settles_conflicts() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    bind(&mut t, 2, Protocol::Udp, 6881, now);
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY);
+    let udp = PortKey::new(Protocol::Udp, 6881);
+    let listing = Listing { held: vec![(udp, None)], ..Listing::default() };
+    assert!(t.audit_listing(GATEWAY, listing, false, now).is_empty());
+    assert_eq!(t.held().map(|(k, _)| *k).collect::<Vec<_>>(), vec![udp]);
+    let outcomes = t.take_outcomes();
+    assert!(outcomes.contains(&Outcome::Pending { key: TCP8080, reason: PendingReason::HolderLeft }), "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Conflict { key: udp, holder: None }), "{outcomes:?}");
+    assert_eq!(t.next_work(now), add(TCP8080));
+}
+
+#[test]
+fn a_listing_decides_what_is_dropped_adopted_and_stale() {
+    let now = Instant::now();
+    let mut t = table();
+    for (cookie, port) in [(1, 7000), (2, 7001), (3, 7002)] {
+        bind(&mut t, cookie, Protocol::Tcp, port, now);
+    }
+    let k = |port| PortKey::new(Protocol::Tcp, port);
+    // At start-up: 7000 and 7001 are found ours and wanted (adopted, renewed now), 7005 ours and
+    // unwanted (an earlier run's), 7006 ours but pointing elsewhere.
+    let listing =
+        Listing { ours_here: [k(7000), k(7001), k(7005)].into(), ours_drifted: [k(7006)].into(), ..Listing::default() };
+    let mut stale = t.audit_listing(GATEWAY, listing, true, now);
+    stale.sort_by_key(|(k, _)| *k);
+    assert_eq!(stale, vec![(k(7005), Removal::Leftover), (k(7006), Removal::Drifted)]);
+    assert_eq!(t.next_work(now), add(MappingKey::Ipv4(k(7002))));
+    t.record_mapped(MappingKey::Ipv4(k(7002)), grant(Duration::from_secs(100)), now);
+    for port in [7000, 7001] {
+        t.record_mapped(MappingKey::Ipv4(k(port)), grant(Duration::from_secs(100)), now);
+    }
+    t.take_outcomes();
+    // Later the gateway lists only 7000: the other two are dropped and made again.
+    let listing = Listing { ours_here: [k(7000)].into(), ..Listing::default() };
+    assert!(t.audit_listing(GATEWAY, listing, false, now).is_empty());
+    assert!(t.take_outcomes().contains(&Outcome::Dropped { keys: vec![k(7001), k(7002)], all: false }));
+    assert_eq!(t.next_work(now), add(MappingKey::Ipv4(k(7001))));
+    // An empty table: all of them gone, as after a restart.
+    for port in [7001, 7002] {
+        t.record_mapped(MappingKey::Ipv4(k(port)), grant(Duration::from_secs(100)), now);
+    }
+    t.take_outcomes();
+    t.audit_listing(GATEWAY, Listing::default(), false, now);
+    assert!(t.take_outcomes().contains(&Outcome::Dropped { keys: vec![k(7000), k(7001), k(7002)], all: true }));
+}
+
+#[test]
+fn ports_learned_from_refusals_are_believed_for_ten_minutes_and_conflicts_rechecked() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 6881, now);
+    let key = PortKey::new(Protocol::Tcp, 6881);
+    t.record_conflict(key, None, Learned::Refused { at: now }, GATEWAY);
+    t.audit_unlisted(now + Duration::from_secs(60));
+    assert_eq!(t.held().count(), 1, "still believed");
+    assert_eq!(t.next_work(now + Duration::from_secs(60)), add(MappingKey::Ipv4(key)), "asked again");
+    t.record_conflict(key, None, Learned::Refused { at: now }, GATEWAY);
+    t.audit_unlisted(now + HELD_ELSEWHERE_MEMORY);
+    assert_eq!(t.held().count(), 0, "forgotten after ten minutes");
+}
+
+#[test]
+fn renewing_all_now_touches_active_wanted_mappings_only() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
+    bind(&mut t, 2, Protocol::Tcp, 8081, now);
+    let later = now + Duration::from_secs(60);
+    t.record_failed(MappingKey::ipv4(Protocol::Tcp, 8081), "x".into(), later);
+    t.renew_all_now(later);
+    assert_eq!(t.next_work(later), renew(TCP8080));
+}
+
+#[test]
+fn a_failed_renewal_still_deletes_after_release() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(100)), now);
+    t.record_failed(TCP8080, "timeout".into(), now + Duration::from_secs(50));
+    release(&mut t, 1, now + Duration::from_secs(51));
+    assert_eq!(t.next_work(now + Duration::from_secs(52)), delete(TCP8080));
+    assert_eq!(t.on_gateway_keys(), vec![TCP8080]);
+}
+
+#[test]
+fn gateway_reset_keeps_unwanted_mappings_for_deletion_and_makes_the_rest_pending() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(100)), now);
+    bind(&mut t, 2, Protocol::Tcp, 8081, now);
+    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 8081), grant(Duration::from_secs(100)), now);
+    release(&mut t, 1, now);
+    t.gateway_reset(GATEWAY, now);
+    assert_eq!(t.next_work(now + GRACE), add(MappingKey::ipv4(Protocol::Tcp, 8081)));
+    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 8081), grant(Duration::from_secs(100)), now);
+    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
+}
+
+#[test]
+fn a_new_gateway_forgets_what_another_said_was_held() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), None, Learned::Refused { at: now }, GATEWAY);
+    t.gateway_reset(GATEWAY, now);
+    assert_eq!(t.mapping(&TCP8080).unwrap().state, MappingState::Conflict, "the same gateway: still held");
+    t.gateway_reset(Ipv4Addr::new(10, 0, 0, 1), now);
+    assert_eq!(t.held().count(), 0);
+    assert_eq!(t.next_work(now), add(TCP8080));
+}
+
+#[test]
+fn lost_events_pause_new_mappings_until_resumed() {
+    let now = Instant::now();
+    let mut t = table();
+    t.pause_adds(7);
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    assert_eq!(t.next_work(now), None);
+    assert_eq!(t.next_due(), None);
+    t.resume_adds();
+    assert_eq!(t.next_work(now), add(TCP8080));
+    let outcomes = t.take_outcomes();
+    assert_eq!(outcomes.first(), Some(&Outcome::EventsLost { total: 7 }));
+    assert_eq!(outcomes.last(), Some(&Outcome::StormOver));
+}
+
+#[test]
+fn an_adopted_socket_reported_again_by_the_hook_keeps_one_record_with_its_owner() {
+    let now = Instant::now();
+    let mut t = table();
+    let mut unknown = sock(1, Protocol::Tcp, 8080);
+    unknown.owner = Owner::default();
+    t.socket_bound(unknown, Stack::Ipv4, Found::Adopted, now);
+    t.socket_bound(sock(1, Protocol::Tcp, 8080), Stack::Ipv4, Found::Bind, now);
+    assert_eq!(t.sockets().count(), 1);
+    assert_eq!(t.socket(1).unwrap().listener.owner.pid, 4242);
+}
