@@ -45,6 +45,41 @@ fn first_reachable(lab: &Lab, port: u16, bound: Instant) -> Option<Duration> {
     })
 }
 
+/// `natbinder-testapp churn`: `samples` steps from `from`, each "close this port, bind the next";
+/// returns each new port's bind-to-reachable in ms. `pause`: how long after a port is reachable the
+/// program takes its next step.
+fn churn(lab: &Lab, testapp: &std::path::Path, samples: usize, from: u16, pause: Duration) -> Result<Vec<f64>> {
+    let mut latencies = Vec::with_capacity(samples);
+    let mut cmd = lab.command(&lab.lan1, true, testapp)?;
+    cmd.args(["churn", &from.to_string(), &samples.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    let mut child = cmd.spawn()?;
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    for _ in 0..samples {
+        let mut line = String::new();
+        stdout.read_line(&mut line)?;
+        let bound = Instant::now();
+        let port: u16 = line
+            .trim()
+            .strip_prefix("bound ")
+            .and_then(|p| p.parse().ok())
+            .with_context(|| format!("churn printed {line:?}"))?;
+        let reached =
+            first_reachable(lab, port, bound).with_context(|| format!("churn port {port} never became reachable"))?;
+        latencies.push(reached.as_secs_f64() * 1e3);
+        std::thread::sleep(pause);
+        std::io::Write::write_all(&mut stdin, b"next\n")?;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    // Let the daemon remove the last mapping.
+    std::thread::sleep(Duration::from_millis(200));
+    Ok(latencies)
+}
+
 fn print_latencies(label: &str, latencies: &mut [f64]) {
     latencies.sort_by(f64::total_cmp);
     println!(
@@ -120,37 +155,17 @@ pub fn run(samples: usize, backend: &str, natbinder: Option<std::path::PathBuf>)
         single.push(reached.context("a server never became reachable")?.as_secs_f64() * 1e3);
     }
     //    Churn: one program closes its port and binds the next at once, so the previous port's
-    //    delete and the next port's add fall due together.
-    let mut churn = Vec::with_capacity(samples);
-    let mut cmd = lab.command(&lab.lan1, true, &testapp)?;
-    cmd.args(["churn", "24000", &samples.to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    let mut child = cmd.spawn()?;
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    for _ in 0..samples {
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let bound = Instant::now();
-        let port: u16 = line
-            .trim()
-            .strip_prefix("bound ")
-            .and_then(|p| p.parse().ok())
-            .with_context(|| format!("churn printed {line:?}"))?;
-        let reached =
-            first_reachable(&lab, port, bound).with_context(|| format!("churn port {port} never became reachable"))?;
-        churn.push(reached.as_secs_f64() * 1e3);
-        std::io::Write::write_all(&mut stdin, b"next\n")?;
-    }
-    let _ = child.kill();
-    let _ = child.wait();
+    //    delete and the next port's add fall due together. Settled: the next step comes 100 ms after
+    //    the port is reachable (a port search or a restart, now and then). Back to back: at once (a
+    //    program that never stops moving, which measures the gateway's add + delete throughput).
+    let settled = churn(&lab, &testapp, samples, 24000, Duration::from_millis(100))?;
+    let back_to_back = churn(&lab, &testapp, samples, 26000, Duration::ZERO)?;
     println!(
         "bind-to-reachable from the WAN peer, {samples} samples each (release build, miniupnpd 2.3 nftables, {backend}):"
     );
     print_latencies("one server at a time", &mut single);
-    print_latencies("churn: close one port, bind the next at once", &mut churn);
+    print_latencies("churn: close one port, bind the next, settled", &mut settled.clone());
+    print_latencies("churn: the same, back to back", &mut back_to_back.clone());
     println!("bind()+close() in a loop of {iterations}, median of 5 runs (same run, same machine):");
     for ((label, addr), base) in cases.iter().zip(&without) {
         let runs: Vec<f64> = (0..5).map(|_| bind_loop(&lab, &testapp, iterations, addr)).collect::<Result<_>>()?;

@@ -321,11 +321,13 @@ impl Reconciler {
         let renewal = matches!(work, Work::Renew { .. });
         match work {
             Work::Add { comm, .. } | Work::Renew { comm, .. } => {
-                let started = Instant::now();
                 let description = self.ownership.description(&comm);
                 // Written ahead: a daemon killed while the request is on its way still knows to delete it.
                 let asked = if session.permanent_only() { Duration::ZERO } else { self.config.lease };
+                let journalling = Instant::now();
                 self.ownership.record(port_key, &session.lan, asked).await;
+                debug!("journalled {key} in {:.2} ms", journalling.elapsed().as_secs_f64() * 1e3);
+                let started = Instant::now();
                 let result = session.add(port_key, &description, self.config.lease).await;
                 let now = std_now();
                 let held_before = self.table.read(|t| t.mapping(&key).is_some_and(|m| m.on_gateway));

@@ -210,9 +210,12 @@ const MAX_RETRY: Duration = Duration::from_secs(300);
 pub struct TableConfig {
     /// Ports below this are never mapped (nor asked for).
     pub min_port: u16,
-    /// How long a released mapping's delete waits. A program that closes one port and binds the next
-    /// (a port search, a restart) does it within microseconds, and its new mapping must not wait
-    /// behind the old one's delete: the delete is asynchronous in the paper's design and may wait.
+    /// How long a released mapping's delete waits. A program that closes one port binds the next at
+    /// once (a port search, a restart, a BitTorrent client moving on), and the gateway answers one
+    /// request at a time: the new port's add, which someone waits for, must go before the old port's
+    /// delete, which nobody waits for (it is asynchronous in the paper's design). Waiting longer than
+    /// that helps nothing: deletes held back pile up in the gateway's table, and miniupnpd's adds slow
+    /// down as its table grows.
     pub delete_grace: Duration,
 }
 
@@ -401,9 +404,11 @@ impl Table {
 
     // ---- work ---------------------------------------------------------------------------------
 
-    /// The most urgent piece of work due at `now`. New mappings first (a program is waiting to be
-    /// reachable), then renewals (a lease is running down), then deletes (nobody waits for those),
-    /// each in the order it fell due.
+    /// The most urgent piece of work due at `now`. New mappings (someone waits for them) before any
+    /// delete that fell due after them; a delete falls due [`TableConfig::delete_grace`] after its
+    /// socket went, so the add of a port bound as another closes goes first, while deletes never
+    /// starve behind a program that keeps moving. Then renewals (their leases have half their time
+    /// left), then the remaining deletes.
     pub fn next_work(&self, now: Instant) -> Option<Work> {
         let mut add: Option<(Instant, MappingKey, &Mapping)> = None;
         let mut renew: Option<(Instant, MappingKey, &Mapping)> = None;
@@ -411,7 +416,7 @@ impl Table {
         for (key, m) in &self.mappings {
             if m.sockets.is_empty() {
                 if m.on_gateway {
-                    let due = m.unwanted_since.map_or(now, |since| since + self.config.delete_grace);
+                    let due = self.delete_due(m);
                     if due <= now && delete.is_none_or(|(d, _)| due < d) {
                         delete = Some((due, *key));
                     }
@@ -432,7 +437,12 @@ impl Table {
                 _ => {}
             }
         }
-        if let Some((_, key, m)) = add {
+        if let Some((due, key, m)) = add {
+            // A delete that fell due before this add did goes first, so that deletes never starve
+            // behind a program that keeps moving (its table would grow, and every add slow down).
+            if let Some((_, key)) = delete.filter(|(d, _)| *d < due) {
+                return Some(Work::Delete { key });
+            }
             return Some(Work::Add { key, comm: m.comm.clone() });
         }
         if let Some((_, key, m)) = renew {
@@ -441,13 +451,19 @@ impl Table {
         delete.map(|(_, key)| Work::Delete { key })
     }
 
+    /// When an unwanted mapping's delete falls due.
+    fn delete_due(&self, m: &Mapping) -> Instant {
+        // Unwanted since before this table knew it (a release during its add): now.
+        m.unwanted_since.map_or_else(Instant::now, |since| since + self.config.delete_grace)
+    }
+
     /// When the next piece of work falls due, if any is scheduled.
     pub fn next_due(&self) -> Option<Instant> {
         self.mappings
             .values()
             .filter_map(|m| {
                 if m.sockets.is_empty() {
-                    return m.on_gateway.then(|| m.unwanted_since.map(|s| s + self.config.delete_grace)).flatten();
+                    return m.on_gateway.then(|| self.delete_due(m));
                 }
                 match m.state {
                     MappingState::Active { renew_at, .. } => Some(renew_at),

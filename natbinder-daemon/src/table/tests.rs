@@ -8,6 +8,10 @@ const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
 const OTHER: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 20);
 const GRACE: Duration = DELETE_GRACE;
 
+fn table() -> Table {
+    Table::new(TableConfig::default())
+}
+
 fn sock(cookie: u64, protocol: Protocol, port: u16) -> Listener {
     Listener {
         cookie,
@@ -16,10 +20,6 @@ fn sock(cookie: u64, protocol: Protocol, port: u16) -> Listener {
         family: Family::Ipv4,
         owner: Owner { pid: 4242, uid: 1000, gid: 1000, cgroup_id: 1, comm: "server".into() },
     }
-}
-
-fn table() -> Table {
-    Table::new(TableConfig::default())
 }
 
 fn bind(t: &mut Table, cookie: u64, protocol: Protocol, port: u16, now: Instant) {
@@ -70,26 +70,39 @@ fn bind_then_add_then_release_then_delete() {
 }
 
 #[test]
-fn new_mappings_go_before_renewals_and_renewals_before_deletes() {
+fn adds_go_before_deletes_that_fell_due_after_them_and_renewals_before_the_other_deletes() {
     let now = Instant::now();
     let mut t = table();
+    let key = |port| MappingKey::ipv4(Protocol::Tcp, port);
     for (cookie, port) in [(1, 7000), (2, 7001)] {
         bind(&mut t, cookie, Protocol::Tcp, port, now);
-        t.record_mapped(MappingKey::ipv4(Protocol::Tcp, port), grant(Duration::from_secs(100)), now);
+        t.record_mapped(key(port), grant(Duration::from_secs(100)), now);
     }
-    release(&mut t, 1, now);
+    // At +50 s 7001 falls due for renewal; 7000 is closed as 9000 is bound, and 6000 right after.
     let later = now + Duration::from_secs(50);
-    bind(&mut t, 3, Protocol::Tcp, 9000, later - Duration::from_millis(1));
-    bind(&mut t, 4, Protocol::Tcp, 6000, later);
-    // The delete of 7000 fell due first, the renewal of 7001 next: both still wait for the adds, which
-    // go in the order they fell due, not in port order.
-    assert_eq!(t.next_work(later), add(MappingKey::ipv4(Protocol::Tcp, 9000)));
-    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 9000), grant(Duration::from_secs(100)), later);
-    assert_eq!(t.next_work(later), add(MappingKey::ipv4(Protocol::Tcp, 6000)));
-    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 6000), grant(Duration::from_secs(100)), later);
-    assert_eq!(t.next_work(later), renew(MappingKey::ipv4(Protocol::Tcp, 7001)));
-    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 7001), grant(Duration::from_secs(100)), later);
-    assert_eq!(t.next_work(later), delete(MappingKey::ipv4(Protocol::Tcp, 7000)));
+    release(&mut t, 1, later);
+    bind(&mut t, 3, Protocol::Tcp, 9000, later);
+    bind(&mut t, 4, Protocol::Tcp, 6000, later + Duration::from_millis(1));
+    let at = later + Duration::from_millis(1);
+    // The adds in the order they fell due (not port order), before the renewal and the delete.
+    assert_eq!(t.next_work(at), add(key(9000)));
+    t.record_mapped(key(9000), grant(Duration::from_secs(100)), at);
+    assert_eq!(t.next_work(at), add(key(6000)));
+    t.record_mapped(key(6000), grant(Duration::from_secs(100)), at);
+    let at = later + GRACE;
+    assert_eq!(t.next_work(at), renew(key(7001)));
+    t.record_mapped(key(7001), grant(Duration::from_secs(100)), at);
+    assert_eq!(t.next_work(at), delete(key(7000)));
+    // A delete that fell due before an add (its socket went earlier) goes first: deletes never starve
+    // behind a program that keeps binding new ports.
+    release(&mut t, 3, at);
+    let after = at + GRACE + Duration::from_millis(1);
+    bind(&mut t, 5, Protocol::Tcp, 9001, after);
+    assert_eq!(t.next_work(after), delete(key(7000)));
+    t.record_deleted(key(7000), Removal::Released, after);
+    assert_eq!(t.next_work(after), delete(key(9000)));
+    t.record_deleted(key(9000), Removal::Released, after);
+    assert_eq!(t.next_work(after), add(key(9001)));
 }
 
 #[test]
@@ -386,4 +399,33 @@ fn an_adopted_socket_reported_again_by_the_hook_keeps_one_record_with_its_owner(
     t.socket_bound(sock(1, Protocol::Tcp, 8080), Stack::Ipv4, Found::Bind, now);
     assert_eq!(t.sockets().count(), 1);
     assert_eq!(t.socket(1).unwrap().listener.owner.pid, 4242);
+}
+
+#[test]
+fn a_program_that_never_stops_moving_still_has_its_old_ports_deleted() {
+    // Each port is closed and the next bound while the previous add is still in flight, step after
+    // step: there is always an add due, and yet no delete may wait for ever.
+    let mut now = Instant::now();
+    let mut t = table();
+    let key = |port| MappingKey::ipv4(Protocol::Tcp, port);
+    bind(&mut t, 0, Protocol::Tcp, 9000, now);
+    let mut gateway_calls = Vec::new();
+    for step in 1..=50u16 {
+        let work = t.next_work(now).expect("work is due");
+        now += Duration::from_millis(10); // the gateway call
+        release(&mut t, u64::from(step - 1), now);
+        bind(&mut t, u64::from(step), Protocol::Tcp, 9000 + step, now);
+        now += GRACE * 2;
+        match work {
+            Work::Add { key, .. } => t.record_mapped(key, grant(Duration::from_secs(3600)), now),
+            Work::Delete { key } => t.record_deleted(key, Removal::Released, now),
+            other => panic!("unexpected {other:?}"),
+        }
+        gateway_calls.push(work);
+    }
+    let deletes = gateway_calls.iter().filter(|w| matches!(w, Work::Delete { .. })).count();
+    assert!(deletes >= 20, "only {deletes} of 50 calls were deletes: they starve behind the adds");
+    let on_gateway = t.on_gateway_keys().len();
+    assert!(on_gateway <= 4, "{on_gateway} mappings on the gateway for one socket: deletes fall behind");
+    assert!(t.mapping(&key(9000)).is_none(), "the first port's mapping was deleted");
 }
