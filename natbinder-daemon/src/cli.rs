@@ -21,6 +21,16 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// The configuration `natbinder daemon ARGS...` would run with, reading `default_file` (if it
+    /// exists) when ARGS name no --config: for running the daemon in another program's process.
+    pub fn daemon_config(args: &[String], default_file: &Path) -> Result<DaemonConfig> {
+        let argv = ["natbinder", "daemon"].into_iter().map(String::from).chain(args.iter().cloned());
+        let Command::Daemon(daemon) = Cli::try_parse_from(argv)?.command;
+        daemon.into_config_with_default_file(default_file)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the daemon: watch binds in a cgroup and forward their ports on the LAN gateway.

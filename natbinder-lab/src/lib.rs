@@ -70,11 +70,23 @@ pub struct LabConfig {
     /// `Some(4)` with `min_lifetime: Some(1)` makes the gateway grant 4 s when a client asks 3600.
     /// NAT-PMP grants are not affected (miniupnpd 2.3.1 grants NAT-PMP lifetimes as asked).
     pub max_lifetime: Option<u32>,
+    /// miniupnpd's `system_uptime`: its NAT-PMP/PCP epoch is the system's uptime, not the time since
+    /// miniupnpd started, a common router setting. A restart that loses every mapping then keeps the
+    /// epoch counting, and the epoch rule sees nothing.
+    pub system_uptime: bool,
 }
 
 impl Default for LabConfig {
     fn default() -> Self {
-        Self { upnp: true, natpmp: false, http_port: 5555, miniupnpd: true, min_lifetime: None, max_lifetime: None }
+        Self {
+            upnp: true,
+            natpmp: false,
+            http_port: 5555,
+            miniupnpd: true,
+            min_lifetime: None,
+            max_lifetime: None,
+            system_uptime: false,
+        }
     }
 }
 
@@ -179,6 +191,13 @@ impl Cgroup {
         Ok(Self { path })
     }
 
+    /// Creates a cgroup under this one (a unit started later, a container); removed on drop.
+    pub fn child(&self, name: &str) -> Result<Cgroup> {
+        let path = self.path.join(name);
+        fs::create_dir(&path).with_context(|| format!("creating cgroup {}", path.display()))?;
+        Ok(Cgroup { path })
+    }
+
     pub fn pids(&self) -> Vec<i32> {
         fs::read_to_string(self.path.join("cgroup.procs"))
             .unwrap_or_default()
@@ -190,6 +209,14 @@ impl Cgroup {
     fn destroy(path: &Path) {
         // cgroup.kill (Linux 5.14+) kills every process in the subtree at once.
         let _ = fs::write(path.join("cgroup.kill"), "1");
+        // Children first: a cgroup with children cannot be removed.
+        if let Ok(entries) = fs::read_dir(path) {
+            for entry in entries.flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    Self::destroy(&entry.path());
+                }
+            }
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         while fs::remove_dir(path).is_err() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
@@ -450,12 +477,13 @@ impl Lab {
         let yn = |b: bool| if b { "yes" } else { "no" };
         let mut conf = format!(
             "ext_ifname=wan0\next_ip={EXTERNAL_IP_PLACEHOLDER}\nlistening_ip=br0\nhttp_port={}\n\
-             enable_upnp={}\nenable_natpmp={}\nsecure_mode=yes\nsystem_uptime=no\n\
+             enable_upnp={}\nenable_natpmp={}\nsecure_mode=yes\nsystem_uptime={}\n\
              lease_file={}\nuuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\nnotify_interval=60\n\
              clean_ruleset_interval=600\nipv6_disable=yes\n",
             self.config.http_port,
             yn(self.config.upnp),
             yn(self.config.natpmp),
+            yn(self.config.system_uptime),
             self.dir.join("miniupnpd.leases").display()
         );
         if let Some(seconds) = self.config.min_lifetime {
@@ -525,6 +553,27 @@ impl Lab {
             let _ = self.gw.exec("nft", &["flush", "chain", "inet", "filter", chain]);
         }
         let _ = fs::remove_file(self.dir.join("miniupnpd.leases"));
+    }
+
+    /// Empties miniupnpd's chains while it keeps running, as a firewall reload on a router does: every
+    /// mapping stops forwarding, miniupnpd is not told, and its epoch goes on counting.
+    pub fn flush_gateway_rules(&self) -> Result<()> {
+        for chain in ["miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"] {
+            self.gw.exec("nft", &["flush", "chain", "inet", "filter", chain])?;
+        }
+        Ok(())
+    }
+
+    /// Drops the gateway's NAT-PMP/PCP announcements on their way out (multicast lost on Wi-Fi).
+    pub fn drop_announcements(&self) -> Result<()> {
+        let rules = self.dir.join("drop-announcements.nft");
+        fs::write(
+            &rules,
+            "table ip drop_announcements {\n chain out {\n  type filter hook output priority 0; policy accept;\n  \
+             ip daddr 224.0.0.1 udp dport 5350 drop\n }\n}\n",
+        )?;
+        self.gw.exec("nft", &["-f", rules.to_str().unwrap()])?;
+        Ok(())
     }
 
     /// Restarts miniupnpd keeping its state, like a gateway whose daemon was restarted: its rules stay

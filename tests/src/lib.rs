@@ -11,6 +11,14 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 pub use natbinder_lab::*;
 
+pub mod inprocess;
+pub use inprocess::InProcessDaemon;
+pub use natbinder::{
+    outcome::{Outcome, Removal},
+    table::{MappingKey, PendingReason, PortKey},
+    Protocol,
+};
+
 /// A binary of this workspace built next to the test executable (target/<profile>/NAME).
 fn workspace_bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
@@ -124,6 +132,8 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 pub struct Harness {
     // Field order = drop order: the daemon stops before the lab is torn down, and the lock goes last.
     pub daemon: Option<Daemon>,
+    /// natbinder in this process, for tests that wait on its outcomes.
+    pub inproc: Option<InProcessDaemon>,
     pub lab: Lab,
     _serial: std::sync::MutexGuard<'static, ()>,
 }
@@ -143,7 +153,7 @@ impl Harness {
     pub fn lab_only(config: LabConfig) -> Result<Self> {
         let serial = serial();
         let lab = Lab::start(config)?;
-        Ok(Harness { daemon: None, lab, _serial: serial })
+        Ok(Harness { daemon: None, inproc: None, lab, _serial: serial })
     }
 
     /// Starts natbinder in lan1 (outside the watched cgroup) and waits until it is ready.
@@ -169,6 +179,31 @@ impl Harness {
 
     pub fn daemon(&mut self) -> &mut Daemon {
         self.daemon.as_mut().expect("daemon running")
+    }
+
+    /// The lab with natbinder running in this process in lan1 (see [`InProcessDaemon`]).
+    pub fn start_in_process(config: LabConfig, daemon_args: &[&str]) -> Result<Self> {
+        let mut h = Self::lab_only(config)?;
+        h.start_daemon_in_process(daemon_args)?;
+        Ok(h)
+    }
+
+    /// Starts natbinder in this process, in lan1, watching the lab's cgroup; waits until it is ready.
+    pub fn start_daemon_in_process(&mut self, extra: &[&str]) -> Result<()> {
+        let mut args = vec![
+            "--cgroup".to_string(),
+            self.lab.cgroup.path.display().to_string(),
+            "--state-dir".to_string(),
+            self.lab.dir.join("state").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        self.inproc = Some(InProcessDaemon::start(&self.lab.lan1, &args)?);
+        Ok(())
+    }
+
+    /// The in-process daemon.
+    pub fn natbinder(&mut self) -> &mut InProcessDaemon {
+        self.inproc.as_mut().expect("natbinder running in process")
     }
 
     /// Starts natbinder-testapp with `args` in `ns`, in the watched cgroup, and waits for "bound PORT".
@@ -225,10 +260,14 @@ impl Drop for Harness {
             if let Some(d) = &self.daemon {
                 eprintln!("---- natbinder log ----\n{}", d.log_text());
             }
+            if self.inproc.is_some() {
+                eprintln!("---- natbinder log (in process) ----\n{}", inprocess::log_text());
+            }
             eprintln!("---- miniupnpd log ----\n{}", self.lab.miniupnpd_log());
         }
         // The daemon goes first so that it cannot act on a half-removed lab.
         self.daemon = None;
+        self.inproc = None;
     }
 }
 

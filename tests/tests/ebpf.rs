@@ -183,7 +183,8 @@ fn detaching_restores_plain_bind_behaviour() {
     let f = Fixture::new();
     f.hooks.held_elsewhere().insert(Protocol::Udp, 7030, std::net::Ipv4Addr::new(10, 0, 0, 2)).unwrap();
     let (_c, refused) = f.bind(&["udp-echo", "0.0.0.0:7030"]);
-    assert!(refused.is_err());
+    let err = refused.expect_err("precondition: a port held elsewhere is refused while attached");
+    assert!(err.contains("Address already in use"), "refused for another reason: {err}");
     let Fixture { hooks, ns, cgroup, runtime, _serial, other_ns } = f;
     hooks.detach();
     let (mut c, port) = bind_in(&ns.0, &cgroup, &["udp-echo", "0.0.0.0:7030"]);

@@ -2,9 +2,12 @@
 //! (natbinder_lab::fake_igd): 725 and 402 (permanent leases only), 501, 606, 728, silence, garbage, and
 //! an external address that betrays a double NAT. Each test states what the user sees: bind() never
 //! waits, the daemon survives, what can be mapped is, and nothing is left behind.
+//!
+//! natbinder runs in the test process ([`InProcessDaemon`]): the tests wait on its outcomes.
 use std::time::{Duration, Instant};
 
-use natbinder_tests::{fake_igd::*, *};
+use natbinder::outcome::DoubleNat;
+use natbinder_tests::{fake_igd::*, inprocess::log_text, *};
 
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -17,7 +20,7 @@ struct FaultLab {
 fn start(script: FakeScript, daemon_args: &[&str]) -> FaultLab {
     let mut h = Harness::lab_only(LabConfig { miniupnpd: false, ..Default::default() }).unwrap();
     let fake = FakeIgd::start(&h.lab, script).unwrap();
-    h.start_daemon(daemon_args).unwrap();
+    h.start_daemon_in_process(daemon_args).unwrap();
     FaultLab { fake, h }
 }
 
@@ -44,6 +47,27 @@ impl FaultLab {
     fn journal(&self) -> String {
         std::fs::read_to_string(self.h.lab.dir.join("state/mappings.json")).unwrap_or_default()
     }
+
+    /// Waits until `port`'s mapping is refused with a reason that says `said`.
+    fn wait_refused(&mut self, port: u16, said: &str) {
+        let reason = self
+            .h
+            .natbinder()
+            .wait_for(LIMIT, |o| match o {
+                Outcome::Pending { key, reason: PendingReason::Retrying { error, .. } } if key.port() == port => {
+                    Some(error.clone())
+                }
+                _ => None,
+            })
+            .unwrap();
+        assert!(reason.contains(said), "port {port} refused for {reason:?}, not {said:?}");
+    }
+}
+
+/// Waits until the in-process daemon's log holds `needle` (for the session's own diagnostics).
+fn wait_log(needle: &str) {
+    let found = wait_for(LIMIT, || log_text().contains(needle).then_some(()));
+    assert!(found.is_some(), "natbinder never logged {needle:?}:\n{}", log_text());
 }
 
 #[test]
@@ -57,7 +81,7 @@ fn a_gateway_that_only_takes_permanent_leases_725_gets_journalled_permanent_mapp
     // The gateway holds it a moment before the daemon has its answer and writes the journal.
     let journalled = wait_for(LIMIT, || f.journal().contains("\"permanent\": true").then_some(()));
     assert!(journalled.is_some(), "the permanent mapping is not journalled: {}", f.journal());
-    f.h.daemon().wait_log("accepts only permanent mappings", LIMIT).unwrap();
+    wait_log("accepts only permanent mappings");
     drop(app);
     assert!(f.wait_unmapped("TCP", 9100), "a permanent mapping outlived its socket");
     let forgotten = wait_for(LIMIT, || (!f.journal().contains("9100")).then_some(()));
@@ -69,11 +93,12 @@ fn a_permanent_mapping_left_by_a_killed_daemon_is_deleted_by_the_next_from_its_j
     let mut f = start(FakeScript::new().invalid_args_402_on_lease(), &[]);
     let (app, _) = f.timed_app("perm", 9110);
     assert_eq!(f.wait_mapped("TCP", 9110).map(|m| m.lease), Some(0), "402 on a lease leads to a permanent mapping");
-    f.h.daemon().stop(libc::SIGKILL, LIMIT).unwrap();
+    // Killed: nothing deleted, the journal as the last write left it.
+    f.h.natbinder().crash().unwrap();
     drop(app);
     assert!(f.mapped("TCP", 9110).is_some(), "precondition: nobody deleted it yet");
     let restarted = Instant::now();
-    f.h.start_daemon(&[]).unwrap();
+    f.h.start_daemon_in_process(&[]).unwrap();
     assert!(f.wait_unmapped("TCP", 9110), "the journalled permanent mapping survived the restart");
     eprintln!("recovery: orphaned permanent mapping deleted {:?} after the daemon restarted", restarted.elapsed());
 }
@@ -83,7 +108,8 @@ fn permanent_mappings_are_refused_when_the_external_address_is_not_public() {
     let mut f = start(FakeScript::new().permanent_only_725().external_ip(std::net::Ipv4Addr::new(10, 0, 0, 1)), &[]);
     let (_app, took) = f.timed_app("perm", 9120);
     assert!(took < Duration::from_secs(1));
-    f.h.daemon().wait_log("not mapping permanently", LIMIT).unwrap();
+    wait_log("not mapping permanently");
+    f.wait_refused(9120, "accepts only permanent mappings");
     assert!(f.mapped("TCP", 9120).is_none(), "a permanent mapping was made behind a double NAT");
 }
 
@@ -105,10 +131,9 @@ fn not_authorized_606_leaves_the_socket_bound_and_says_why() {
     let mut f = start(FakeScript::new().not_authorized_606(), &[]);
     let (_app, took) = f.timed_app("denied", 9140);
     assert!(took < Duration::from_secs(1), "bind waited {took:?}");
-    f.h.daemon().wait_log("does not allow this mapping", LIMIT).unwrap();
+    f.wait_refused(9140, "does not allow this mapping");
     assert!(f.mapped("TCP", 9140).is_none());
-    let status = f.h.daemon().stop(libc::SIGTERM, LIMIT).unwrap();
-    assert!(status.success(), "the daemon did not shut down cleanly: {status}");
+    f.h.natbinder().stop().expect("the daemon did not shut down cleanly");
 }
 
 #[test]
@@ -117,7 +142,7 @@ fn a_full_table_728_keeps_the_mapping_pending_until_room_is_made() {
     let (first, _) = f.timed_app("first", 9150);
     assert!(f.wait_mapped("TCP", 9150).is_some());
     let (_second, _) = f.timed_app("second", 9151);
-    f.h.daemon().wait_log("no room for more mappings", LIMIT).unwrap();
+    f.wait_refused(9151, "no room for more mappings");
     assert!(f.mapped("TCP", 9151).is_none());
     drop(first);
     let freed = Instant::now();
@@ -160,18 +185,12 @@ fn garbage_from_the_gateway_never_crashes_the_daemon() {
         let (_app, took) = f.timed_app("garbage", port);
         assert!(took < Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(300));
-        assert!(
-            f.h.daemon().child.try_wait().unwrap().is_none(),
-            "the daemon died on {kind:?}:\n{}",
-            f.h.daemon().log_text()
-        );
         f.fake.set_script(FakeScript::new());
         let sane = Instant::now();
-        assert!(
-            f.wait_mapped("TCP", port).is_some(),
-            "nothing mapped after {kind:?} stopped:\n{}",
-            f.h.daemon().log_text()
-        );
+        // A daemon that died would publish nothing more: waiting fails with what it last said.
+        let mapped = |o: &Outcome| matches!(o, Outcome::Mapped { key, .. } if key.port == port);
+        f.h.natbinder().wait_for(LIMIT, |o| mapped(o).then_some(())).unwrap();
+        assert!(f.wait_mapped("TCP", port).is_some(), "nothing mapped after {kind:?} stopped:\n{}", log_text());
         eprintln!("recovery: garbage {kind:?} -> mapped {:?} after the gateway answered sanely", sane.elapsed());
     }
 }
@@ -183,13 +202,24 @@ fn a_double_nat_is_reported_plainly_once() {
     let (_app, _) = f.timed_app("cgnat", 9180);
     assert!(f.wait_mapped("TCP", 9180).is_some(), "mappings are still made on the first gateway");
     std::thread::sleep(Duration::from_secs(3)); // a few periodic checks
-    let log = f.h.daemon().log_text();
-    assert_eq!(log.matches("double NAT").count(), 1, "reported once per change:\n{log}");
-    assert!(log.contains("100.64.0.1"));
-    // The upstream NAT goes away: the new, public address is noticed and logged.
+    let reported = f.h.natbinder().seen(|o| match o {
+        Outcome::DoubleNat(what) => Some(what.clone()),
+        _ => None,
+    });
+    let cgnat: std::net::IpAddr = std::net::Ipv4Addr::new(100, 64, 0, 1).into();
+    assert_eq!(reported, vec![DoubleNat::UpstreamAddress(cgnat)], "reported once per change");
+    assert_eq!(log_text().matches("double NAT").count(), 1, "and logged once:\n{}", log_text());
+    // The upstream NAT goes away: the new, public address is noticed and published.
     f.fake.set_script(FakeScript::new());
     let changed = Instant::now();
-    f.h.daemon().wait_log(&format!("changed from 100.64.0.1 to {EXTERNAL_IP_PLACEHOLDER}"), LIMIT).unwrap();
-    eprintln!("recovery: external address change -> logged {:?} after (check interval 1 s)", changed.elapsed());
-    assert_eq!(f.h.daemon().log_text().matches("double NAT").count(), 1, "a public address is no double NAT");
+    let public: std::net::IpAddr = EXTERNAL_IP_PLACEHOLDER.into();
+    let (_, at) =
+        f.h.natbinder()
+            .wait_for_timed(LIMIT, |o| {
+                (*o == Outcome::ExternalAddress { address: public, previous: Some(cgnat) }).then_some(())
+            })
+            .unwrap();
+    eprintln!("recovery: external address change -> published {:?} after (check interval 1 s)", at - changed);
+    let again = f.h.natbinder().seen(|o| matches!(o, Outcome::DoubleNat(_)).then_some(()));
+    assert_eq!(again.len(), 1, "a public address is no double NAT");
 }

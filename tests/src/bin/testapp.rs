@@ -4,8 +4,9 @@
 //! natbinder-testapp tcp-echo ADDR [--close-on-stdin] [--v6only] [--reuseport]
 //! natbinder-testapp udp-echo ADDR [--close-on-stdin]
 //! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds)
-//! natbinder-testapp burst N FROM KEEP        (N UDP sockets on 0.0.0.0:FROM.., then closes all but the
-//!                                            first KEEP; prints "bound FROM" then "kept KEEP")
+//! natbinder-testapp burst N FROM KEEP [--keep-last]
+//!                                           (N UDP sockets on 0.0.0.0:FROM.., then closes all but the
+//!                                            first KEEP, or the last; prints "bound FROM" then "kept KEEP")
 //! natbinder-testapp bind-loop N [ADDR]      (benchmark: N x socket+bind(ADDR)+close, prints ns each)
 //! natbinder-testapp churn FROM N            (a port search or restart loop: listens on TCP 0.0.0.0:FROM,
 //!                                            and at each line on stdin closes it and at once listens
@@ -234,7 +235,11 @@ fn main() {
                 }
             }
             announce(format!("bound {from}"));
-            sockets.truncate(keep);
+            if args.iter().any(|a| a == "--keep-last") {
+                sockets.drain(..sockets.len().saturating_sub(keep));
+            } else {
+                sockets.truncate(keep);
+            }
             // The kept sockets answer like udp-echo, so a test can tell they are reachable.
             for socket in sockets {
                 let name = name.clone();
