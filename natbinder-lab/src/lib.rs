@@ -576,6 +576,26 @@ impl Lab {
         Ok(())
     }
 
+    /// Makes the gateway silent to NAT-PMP/PCP requests, as a router is while it reboots: requests to
+    /// port 5351 from the LAN are dropped on the way in, so no reply and no ICMP port unreachable comes
+    /// back. The lab's own readiness probe (from the gateway itself, over lo) still gets through.
+    pub fn silence_port_control(&self) -> Result<()> {
+        let rules = self.dir.join("silence-port-control.nft");
+        fs::write(
+            &rules,
+            "table ip silence_port_control {\n chain input {\n  type filter hook input priority -10; policy accept;\n  \
+             iifname != \"lo\" udp dport 5351 drop\n }\n}\n",
+        )?;
+        self.gw.exec("nft", &["-f", rules.to_str().unwrap()])?;
+        Ok(())
+    }
+
+    /// Ends [`Lab::silence_port_control`].
+    pub fn unsilence_port_control(&self) -> Result<()> {
+        self.gw.exec("nft", &["delete", "table", "ip", "silence_port_control"])?;
+        Ok(())
+    }
+
     /// Restarts miniupnpd keeping its state, like a gateway whose daemon was restarted: its rules stay
     /// in nftables and it reloads them from its lease file. The epoch starts again near 0 and, with
     /// NAT-PMP on, it multicasts one PCP ANNOUNCE; UPnP comes back on `config.http_port`.
