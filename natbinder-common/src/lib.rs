@@ -21,6 +21,8 @@ pub mod names {
     pub const BOUND: &str = "BOUND";
     pub const HELD_ELSEWHERE: &str = "HELD_ELSEWHERE";
     pub const COUNTERS: &str = "COUNTERS";
+    pub const POLICY: &str = "POLICY";
+    pub const UIDS_AT_LIMIT: &str = "UIDS_AT_LIMIT";
     pub const BIND4: &str = "natbinder_bind4";
     pub const BIND6: &str = "natbinder_bind6";
     pub const POST_BIND4: &str = "natbinder_post_bind4";
@@ -32,6 +34,10 @@ pub mod names {
 pub const CANDIDATES_CAPACITY: u32 = 4096;
 pub const BOUND_CAPACITY: u32 = 65536;
 pub const HELD_ELSEWHERE_CAPACITY: u32 = 8192;
+/// Entries of the POLICY array: the exposure policy as the kernel can evaluate it.
+pub const POLICY_CAPACITY: u32 = 64;
+/// Entries of UIDS_AT_LIMIT: users who hold as many mappings as they may.
+pub const UIDS_AT_LIMIT_CAPACITY: u32 = 4096;
 /// Ring buffer size in bytes (a power of two multiple of the page size).
 pub const EVENTS_BYTES: u32 = 256 * 1024;
 
@@ -45,7 +51,43 @@ pub struct Config {
     pub min_port: u16,
     /// 1 while the daemon wants binds reported; 0 makes every hook a no-op.
     pub enabled: u8,
-    pub _pad: [u8; 5],
+    pub _pad: u8,
+    /// How many POLICY entries are in use (at most POLICY_CAPACITY).
+    pub policy_len: u32,
+}
+
+/// What a POLICY entry says about the binds it matches.
+pub mod verdict {
+    /// The policy forwards it: a port another host holds fails the bind with EADDRINUSE.
+    pub const FORWARD: u8 = 1;
+    /// The policy does not forward it: the bind always succeeds.
+    pub const LOCAL: u8 = 2;
+    /// The policy decides on something the kernel cannot see (an executable, a cgroup pattern): the
+    /// kernel stops here and never refuses, and user space decides.
+    pub const UNKNOWN: u8 = 3;
+}
+
+/// One entry of the POLICY array. Entries are tried in order and the first that matches gives the
+/// verdict; none matching means LOCAL. This is the exposure policy compiled into what the kernel can
+/// check at bind time (cgroup ancestry, uid, primary gid, protocol, port), systemd socket-bind style.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyRule {
+    /// Matches binds whose cgroup is this one or below it (0: any cgroup).
+    pub cgroup_id: u64,
+    pub uid_min: u32,
+    pub uid_max: u32,
+    /// Primary gid to match; u32::MAX: any.
+    pub gid: u32,
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Depth of `cgroup_id` below the cgroup2 root (the root is level 0).
+    pub cgroup_level: u16,
+    /// IPPROTO_TCP or IPPROTO_UDP; 0: both.
+    pub protocol: u16,
+    /// A `verdict` value.
+    pub verdict: u8,
+    pub _pad: [u8; 11],
 }
 
 /// What happened to a socket. Values of `SocketEvent::kind`.
@@ -131,6 +173,7 @@ pub mod counters {
 }
 
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
+const _: () = assert!(core::mem::size_of::<PolicyRule>() == 40);
 const _: () = assert!(core::mem::size_of::<SocketEvent>() == 56);
 const _: () = assert!(core::mem::size_of::<BoundSocket>() == 8);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
@@ -144,4 +187,5 @@ mod pod {
     unsafe impl aya::Pod for super::BoundSocket {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::Holder {}
+    unsafe impl aya::Pod for super::PolicyRule {}
 }

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::{
     config::{self, BackendChoice, ConfigFile},
-    daemon::DaemonConfig,
+    daemon::{DaemonConfig, ReloadSource},
     gateway::select::{self, Backend},
 };
 
@@ -84,6 +84,11 @@ pub struct DaemonArgs {
     /// Preference order for `--backend auto`, comma-separated. [default: upnp,pcp,natpmp]
     #[arg(long, value_name = "LIST")]
     pub backend_order: Option<String>,
+
+    /// Concurrent mappings each user (uid) may hold; 0: no limit. Binds over the limit work locally and
+    /// are mapped when one of that user's mappings goes. [default: 32]
+    #[arg(long, value_name = "N")]
+    pub max_mappings_per_user: Option<u32>,
 }
 
 impl DaemonArgs {
@@ -94,10 +99,16 @@ impl DaemonArgs {
 
     /// As [`DaemonArgs::into_config`], reading `default_file` (if it exists) when no --config is given.
     pub fn into_config_with_default_file(self, default_file: &Path) -> Result<DaemonConfig> {
-        let file = match &self.config {
-            Some(path) => ConfigFile::load(path, true)?,
-            None => ConfigFile::load(default_file, false)?,
+        let (file_path, explicit) = match &self.config {
+            Some(path) => (path.clone(), true),
+            None => (default_file.to_path_buf(), false),
         };
+        let file = ConfigFile::load(&file_path, explicit)?;
+        let max_mappings_per_user = self
+            .max_mappings_per_user
+            .or(file.max_mappings_per_user)
+            .unwrap_or(crate::policy::DEFAULT_MAX_MAPPINGS_PER_USER);
+        let policy = file.policy_spec();
         let defaults = DaemonConfig::default();
         let min_port = self.min_port.or(file.min_port).unwrap_or(defaults.min_port);
         let lease = self.lease.or(file.lease_seconds).unwrap_or(defaults.lease.as_secs());
@@ -149,6 +160,9 @@ impl DaemonArgs {
             event_buffer_bytes: buffer_kib * 1024,
             state_dir: self.state_dir.or(file.state_dir).unwrap_or(defaults.state_dir),
             backends,
+            policy,
+            max_mappings_per_user,
+            reload: Some(ReloadSource { file: file_path, explicit, max_mappings_per_user: self.max_mappings_per_user }),
             ..defaults
         })
     }
@@ -223,6 +237,28 @@ mod tests {
         std::fs::write(&file, "backend-order = [\"upnp\", \"nat-pmp\"]\n").unwrap();
         let e = format!("{:#}", parse(&["natbinder", "daemon", "--config", f]).unwrap_err());
         assert!(e.contains("backend-order") && e.contains("nat-pmp"), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_limit_per_user_and_the_rules_come_from_the_file_and_the_command_line_wins() {
+        assert_eq!(parse(&["natbinder", "daemon"]).unwrap().max_mappings_per_user, 32);
+        let dir = std::env::temp_dir().join(format!("natbinder-cli-policy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("natbinder.toml");
+        let f = file.to_str().unwrap();
+        std::fs::write(&file, "max-mappings-per-user = 4\n[[rule]]\naction = \"deny\"\nports = 7000\n").unwrap();
+        let c = parse(&["natbinder", "daemon", "--config", f]).unwrap();
+        assert_eq!((c.max_mappings_per_user, c.policy.rules.len()), (4, 1));
+        let c = parse(&["natbinder", "daemon", "--config", f, "--max-mappings-per-user", "0"]).unwrap();
+        assert_eq!(c.max_mappings_per_user, 0);
+        // A reload reads the file again, and the command line still wins.
+        std::fs::write(&file, "max-mappings-per-user = 9\n").unwrap();
+        let (spec, max) = c.reload.as_ref().unwrap().read().unwrap();
+        assert_eq!((spec.rules.len(), max), (0, 0));
+        std::fs::write(&file, "[[rule]]\naction = \"alow\"\n").unwrap();
+        let e = format!("{:#}", c.reload.as_ref().unwrap().read().unwrap_err());
+        assert!(e.contains(&format!("{f} line 1")) && e.contains("\"alow\""), "{e}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

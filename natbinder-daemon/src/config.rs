@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use crate::policy::{PolicySpec, RuleSpec};
+
 pub const DEFAULT_PATH: &str = "/etc/natbinder/natbinder.toml";
 
 /// The file's contents; every key is optional.
@@ -22,6 +24,14 @@ pub struct ConfigFile {
     pub backend: Option<BackendChoice>,
     /// Names, checked when the configuration is validated: "upnp", "pcp", "natpmp".
     pub backend_order: Option<Vec<String>>,
+    /// Concurrent mappings each uid may hold; 0: no limit.
+    pub max_mappings_per_user: Option<u32>,
+    /// The exposure policy's own rules (`[[rule]]` tables), in order; see [`crate::policy::spec`].
+    #[serde(default)]
+    pub rule: Vec<toml::Spanned<RuleSpec>>,
+    /// Where `rule`'s entries were written ("FILE line N"), filled in by [`ConfigFile::parse`].
+    #[serde(skip)]
+    pub rule_origins: Vec<String>,
 }
 
 /// `backend`: which protocol maps ports.
@@ -36,8 +46,34 @@ pub enum BackendChoice {
 }
 
 impl ConfigFile {
+    /// Parses and checks `text`, read from `origin`: an error names the file, and the line where it
+    /// can tell.
     pub fn parse(text: &str, origin: &Path) -> Result<Self> {
-        toml::from_str(text).with_context(|| format!("{} is not a valid natbinder configuration", origin.display()))
+        let mut file: Self = toml::from_str(text)
+            .with_context(|| format!("{} is not a valid natbinder configuration", origin.display()))?;
+        file.rule_origins = file
+            .rule
+            .iter()
+            .map(|rule| {
+                let line = text[..rule.span().start.min(text.len())].matches('\n').count() + 1;
+                format!("{} line {line}", origin.display())
+            })
+            .collect();
+        // Rules are checked now, so that a bad one stops the start (or a reload) with its line.
+        file.policy_spec().validate()?;
+        Ok(file)
+    }
+
+    /// The rules with where each was written.
+    pub fn policy_spec(&self) -> PolicySpec {
+        PolicySpec {
+            rules: self
+                .rule
+                .iter()
+                .zip(&self.rule_origins)
+                .map(|(rule, origin)| (origin.clone(), rule.get_ref().clone()))
+                .collect(),
+        }
     }
 
     /// Reads `path`; `explicit` says the user named it, so a missing file is an error rather than
@@ -89,6 +125,21 @@ mod tests {
         let err = format!("{:#}", ConfigFile::parse("min-port = \"high\"", Path::new("n.toml")).unwrap_err());
         assert!(err.contains("min-port"), "{err}");
         assert!(ConfigFile::parse("min-port = 70000", Path::new("n.toml")).is_err());
+    }
+
+    #[test]
+    fn rules_parse_in_order_and_a_bad_one_names_its_file_and_line() {
+        let text = "max-mappings-per-user = 8\n\n[[rule]]\naction = \"allow\"\nports = 8000\n\n[[rule]]\naction = \"deny\"\nunit = \"docker-*.scope\"\n";
+        let c = ConfigFile::parse(text, Path::new("/etc/n.toml")).unwrap();
+        assert_eq!(c.max_mappings_per_user, Some(8));
+        let spec = c.policy_spec();
+        let origins: Vec<&str> = spec.rules.iter().map(|(o, _)| o.as_str()).collect();
+        assert_eq!(origins, ["/etc/n.toml line 3", "/etc/n.toml line 7"]);
+        let bad = "[[rule]]\naction = \"allow\"\n\n[[rule]]\naction = \"deny\"\nports = \"90-80\"\n";
+        let err = format!("{:#}", ConfigFile::parse(bad, Path::new("/etc/n.toml")).unwrap_err());
+        assert!(err.contains("/etc/n.toml line 4") && err.contains("empty range"), "{err}");
+        let err = format!("{:#}", ConfigFile::parse("[[rule]]\nacton = \"deny\"\n", Path::new("n.toml")).unwrap_err());
+        assert!(err.contains("acton") && err.contains("line"), "{err}");
     }
 
     #[test]

@@ -15,16 +15,18 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
+    config::ConfigFile,
     gateway::{
         announcements,
         pcp::NonceKey,
         select::{self, Backend},
         signals::{Signal, Signals},
     },
-    host::{self, cgroup, lan::LanWatch, netwatch, resync::Resynchronizer, sockdiag},
+    host::{self, cgroup, lan::LanWatch, netwatch, process::CgroupNames, resync::Resynchronizer, sockdiag},
     journal::Journal,
     kernel::{self, BoundSocket, KernelEvent, KernelHooks},
     outcome::{Found, Outcome, OutcomeBus, Seen},
+    policy::{self, exposure::Exposure, Policy, PolicySpec, Scope},
     reconcile::{Ownership, Reconciler, ReconcilerConfig},
     table::{Listener, Owner, Stack, TableConfig, TableHandle, DELETE_GRACE},
     Family, Protocol,
@@ -46,6 +48,33 @@ pub struct DaemonConfig {
     pub state_dir: PathBuf,
     /// The gateway protocols to use, best first (one: that one only).
     pub backends: Vec<Backend>,
+    /// The administrator's exposure rules.
+    pub policy: PolicySpec,
+    /// Concurrent mappings per uid; 0: no limit.
+    pub max_mappings_per_user: u32,
+    /// What SIGHUP reads again; None: nothing (a reload then keeps the policy).
+    pub reload: Option<ReloadSource>,
+}
+
+/// Where a reload reads the policy from: the configuration file, with the command line's settings
+/// still winning over it.
+#[derive(Clone, Debug)]
+pub struct ReloadSource {
+    pub file: PathBuf,
+    /// The user named the file (--config): it missing is an error, not "no configuration".
+    pub explicit: bool,
+    pub max_mappings_per_user: Option<u32>,
+}
+
+impl ReloadSource {
+    /// The rules and the limit the file says now; an error (with the file and line) leaves the
+    /// running policy as it is.
+    pub fn read(&self) -> Result<(PolicySpec, u32)> {
+        let file = ConfigFile::load(&self.file, self.explicit)?;
+        let max =
+            self.max_mappings_per_user.or(file.max_mappings_per_user).unwrap_or(policy::DEFAULT_MAX_MAPPINGS_PER_USER);
+        Ok((file.policy_spec(), max))
+    }
 }
 
 impl Default for DaemonConfig {
@@ -60,6 +89,9 @@ impl Default for DaemonConfig {
             event_buffer_bytes: natbinder_common::EVENTS_BYTES,
             state_dir: PathBuf::from("/var/lib/natbinder"),
             backends: select::DEFAULT_ORDER.to_vec(),
+            policy: PolicySpec::default(),
+            max_mappings_per_user: policy::DEFAULT_MAX_MAPPINGS_PER_USER,
+            reload: None,
         }
     }
 }
@@ -72,18 +104,39 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 /// As [`run`], publishing to `outcomes`.
 pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, outcomes: OutcomeBus) -> Result<()> {
     let cgroup = cgroup::resolve_cgroup(config.cgroup.as_deref())?;
+    let scope = match &config.cgroup {
+        Some(_) => Scope::Cgroup(cgroup.path.display().to_string()),
+        None => Scope::Sessions { user_slice: cgroup.root.join("user.slice").is_dir() },
+    };
+    let rules = config.policy.validate()?;
+    let exposure = Arc::new(Exposure::new(
+        Policy::new(rules, &scope, config.max_mappings_per_user),
+        CgroupNames::new(&cgroup.root),
+    ));
     let netns_cookie = kernel::current_netns_cookie()?;
     let mut hooks =
         KernelHooks::attach_with_buffer(&cgroup.path, netns_cookie, config.min_port, config.event_buffer_bytes)?;
+    let kernel_rules = exposure.kernel_rules();
+    hooks.set_policy(&kernel_rules)?;
     let table = TableHandle::new(
-        TableConfig { min_port: config.min_port, delete_grace: DELETE_GRACE },
+        TableConfig {
+            min_port: config.min_port,
+            delete_grace: DELETE_GRACE,
+            max_mappings_per_user: config.max_mappings_per_user,
+        },
         outcomes.clone(),
         hooks.held_elsewhere(),
     );
     outcomes.publish(Outcome::Watching { cgroup: cgroup.path.clone(), min_port: config.min_port, netns_cookie });
+    outcomes.publish(Outcome::PolicyApplied {
+        scope: scope.clone(),
+        rules: exposure.policy().rules().len(),
+        kernel_entries: kernel_rules.len(),
+        max_mappings_per_user: config.max_mappings_per_user,
+    });
 
     // Sockets bound before this start (or while an earlier daemon was down) need forwarding too.
-    let mut resync = Resynchronizer::new(cgroup, table.clone(), hooks.releases());
+    let mut resync = Resynchronizer::new(cgroup, table.clone(), exposure.clone(), hooks.releases());
     resync.run_once().await;
 
     let journal = Journal::open(&config.state_dir)?;
@@ -135,7 +188,8 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         tokio::select! {
             read = hooks.read_events(&mut events) => read?,
             _ = hangup.recv() => {
-                info!("SIGHUP: checking the sockets and the gateway now");
+                info!("SIGHUP: reloading the policy, and checking the sockets and the gateway now");
+                reload_policy(&config, &scope, &exposure, &mut hooks, &table, &outcomes);
                 resync_requested.notify_one();
                 hangups.send(Signal::CheckNow);
                 continue;
@@ -143,7 +197,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             _ = &mut shutdown => break,
         }
         for event in events.drain(..) {
-            handle_event(&table, &classify_tx, event);
+            handle_event(&table, &exposure, &classify_tx, event);
         }
         let lost = hooks.lost_events();
         if lost > lost_seen {
@@ -180,11 +234,55 @@ fn listener(socket: BoundSocket) -> Listener {
             gid: socket.gid,
             cgroup_id: socket.cgroup_id,
             comm: socket.comm,
+            ..Owner::default()
         },
     }
 }
 
-fn handle_event(table: &TableHandle, classify: &mpsc::UnboundedSender<(Protocol, u64)>, event: KernelEvent) {
+/// SIGHUP: the configuration file's rules and limit replace the running ones, in user space and in
+/// the kernel; every socket is decided again, and no mapping the new policy still allows moves. A bad
+/// file is refused with its error, and the running policy stays.
+fn reload_policy(
+    config: &DaemonConfig,
+    scope: &Scope,
+    exposure: &Exposure,
+    hooks: &mut KernelHooks,
+    table: &TableHandle,
+    outcomes: &OutcomeBus,
+) {
+    let Some(source) = &config.reload else {
+        info!("no configuration file to reload the policy from: it stays as it is");
+        return;
+    };
+    let read = source.read().and_then(|(spec, max)| Ok((spec.validate()?, max)));
+    let (rules, max) = match read {
+        Ok(read) => read,
+        Err(e) => {
+            outcomes.publish(Outcome::ReloadRefused { error: format!("{e:#}") });
+            return;
+        }
+    };
+    exposure.replace(Policy::new(rules, scope, max));
+    let kernel_rules = exposure.kernel_rules();
+    if let Err(e) = hooks.set_policy(&kernel_rules) {
+        warn!("{e:#}; the kernel refuses no bind until the next reload");
+    }
+    let now = std::time::Instant::now();
+    table.update(|t| t.apply_policy(|l| exposure.decide(l), max, now));
+    outcomes.publish(Outcome::PolicyApplied {
+        scope: scope.clone(),
+        rules: exposure.policy().rules().len(),
+        kernel_entries: kernel_rules.len(),
+        max_mappings_per_user: max,
+    });
+}
+
+fn handle_event(
+    table: &TableHandle,
+    exposure: &Exposure,
+    classify: &mpsc::UnboundedSender<(Protocol, u64)>,
+    event: KernelEvent,
+) {
     let now = std::time::Instant::now();
     match event {
         KernelEvent::Bound(socket) => {
@@ -194,7 +292,9 @@ fn handle_event(table: &TableHandle, classify: &mpsc::UnboundedSender<(Protocol,
                 // Whether a [::] socket also takes IPv4 is not in the event: sock_diag tells, off the loop.
                 Family::Ipv6 => Stack::Unknown,
             };
-            table.update(|t| t.socket_bound(listener(socket), stack, Found::Bind, now));
+            let mut listener = listener(socket);
+            let decision = exposure.admit(&mut listener);
+            table.update(|t| t.socket_bound(listener, stack, Found::Bind, decision, now));
             if stack == Stack::Unknown {
                 let _ = classify.send((protocol, cookie));
             }

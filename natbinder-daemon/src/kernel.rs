@@ -6,7 +6,7 @@
 //! The links are not pinned: they detach when the daemon exits, however it exits, so that with no
 //! daemon running every bind behaves exactly as it would without natbinder.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     fs::File,
     net::Ipv4Addr,
     os::fd::AsRawFd,
@@ -21,14 +21,15 @@ use aya::{
     Ebpf,
 };
 use natbinder_common::{
-    counters, names, Config, EventKind, Holder, PortKey, SocketEvent, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+    counters, names, Config, EventKind, Holder, PolicyRule, PortKey, SocketEvent, AF_INET6, IPPROTO_TCP, IPPROTO_UDP,
+    POLICY_CAPACITY,
 };
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, warn};
 
 use crate::{
     host::resync::{LossCounter, ReleaseTracker},
-    table::{HeldPortsMirror, PortKey as TablePortKey},
+    table::{KernelMirror, PortKey as TablePortKey},
     Family, Protocol,
 };
 
@@ -97,16 +98,19 @@ impl KernelEvent {
     }
 }
 
-/// Ports other hosts hold on the gateway: binds of them fail with EADDRINUSE.
+/// Ports other hosts hold on the gateway: binds of them fail with EADDRINUSE (when the policy
+/// forwards the binder); and the users at their mapping limit, whose binds never do.
 #[derive(Clone)]
 pub struct HeldElsewhere {
     map: Arc<Mutex<BpfHashMap<MapData, PortKey, Holder>>>,
     /// What the table's record looked like when it was last mirrored, so that a change writes only
     /// what changed.
     mirrored: Arc<Mutex<BTreeMap<TablePortKey, Option<Ipv4Addr>>>>,
+    uids_at_limit: Arc<Mutex<BpfHashMap<MapData, u32, u8>>>,
+    uids_mirrored: Arc<Mutex<BTreeSet<u32>>>,
 }
 
-impl HeldPortsMirror for HeldElsewhere {
+impl KernelMirror for HeldElsewhere {
     fn mirror(&self, held: &BTreeMap<TablePortKey, Option<Ipv4Addr>>) {
         let mut mirrored = self.mirrored.lock().unwrap_or_else(|e| e.into_inner());
         for key in mirrored.keys().filter(|k| !held.contains_key(k)) {
@@ -120,6 +124,21 @@ impl HeldPortsMirror for HeldElsewhere {
             }
         }
         *mirrored = held.clone();
+    }
+
+    fn mirror_uids_at_limit(&self, uids: &BTreeSet<u32>) {
+        let mut mirrored = self.uids_mirrored.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self.uids_at_limit.lock().unwrap_or_else(|e| e.into_inner());
+        for uid in mirrored.difference(uids) {
+            let _ = map.remove(uid);
+        }
+        for uid in uids.difference(&mirrored) {
+            if let Err(e) = map.insert(uid, 1, 0) {
+                // Full: that user's binds of held ports may fail while they are not forwarded.
+                warn!("marking uid {uid} as at its mapping limit in the kernel: {e}");
+            }
+        }
+        *mirrored = uids.clone();
     }
 }
 
@@ -191,6 +210,7 @@ impl LossCounter for Losses {
 pub struct KernelHooks {
     ebpf: Ebpf,
     config: Array<MapData, Config>,
+    policy: Array<MapData, PolicyRule>,
     events: AsyncFd<RingBuf<MapData>>,
     losses: Losses,
     held_elsewhere: HeldElsewhere,
@@ -248,14 +268,21 @@ impl KernelHooks {
         }
 
         let mut config: Array<MapData, Config> = Array::try_from(take_map(&mut ebpf, names::CONFIG)?)?;
-        let config_value = Config { netns_cookie, min_port, enabled: 1, _pad: [0; 5] };
+        let config_value = Config { netns_cookie, min_port, enabled: 1, _pad: 0, policy_len: 0 };
         config.set(0, config_value, 0).context("writing the hooks' configuration")?;
         let events = RingBuf::try_from(take_map(&mut ebpf, names::EVENTS)?)?;
         let events = register_readable(events).context("registering the event ring buffer with tokio")?;
         let counters = PerCpuArray::try_from(take_map(&mut ebpf, names::COUNTERS)?)?;
         let losses = Losses { counters: Arc::new(Mutex::new(counters)) };
         let held = BpfHashMap::try_from(take_map(&mut ebpf, names::HELD_ELSEWHERE)?)?;
-        let held_elsewhere = HeldElsewhere { map: Arc::new(Mutex::new(held)), mirrored: Default::default() };
+        let uids_at_limit = BpfHashMap::try_from(take_map(&mut ebpf, names::UIDS_AT_LIMIT)?)?;
+        let policy = Array::try_from(take_map(&mut ebpf, names::POLICY)?)?;
+        let held_elsewhere = HeldElsewhere {
+            map: Arc::new(Mutex::new(held)),
+            mirrored: Default::default(),
+            uids_at_limit: Arc::new(Mutex::new(uids_at_limit)),
+            uids_mirrored: Default::default(),
+        };
         let bound = BpfHashMap::try_from(take_map(&mut ebpf, names::BOUND)?)?;
         let releases = Releases { map: Arc::new(Mutex::new(bound)) };
 
@@ -275,7 +302,7 @@ impl KernelHooks {
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| explain(anyhow!(e).context(format!("attaching {name} to {}", cgroup.display()))))?;
         }
-        Ok(Self { ebpf, config, events, losses, held_elsewhere, releases, config_value })
+        Ok(Self { ebpf, config, policy, events, losses, held_elsewhere, releases, config_value })
     }
 
     pub fn held_elsewhere(&self) -> HeldElsewhere {
@@ -307,6 +334,21 @@ impl KernelHooks {
     /// Total events lost to a full ring buffer, and forwardable sockets not tracked for a full map.
     pub fn lost_events(&self) -> u64 {
         self.losses.total()
+    }
+
+    /// Gives the kernel programs the exposure policy ([`crate::policy::kernel`]). While it is being
+    /// written the kernel has none, and refuses no bind: never one it should not.
+    pub fn set_policy(&mut self, rules: &[PolicyRule]) -> Result<()> {
+        if rules.len() > POLICY_CAPACITY as usize {
+            bail!("the compiled policy has {} entries; the kernel's map holds {POLICY_CAPACITY}", rules.len());
+        }
+        self.config_value.policy_len = 0;
+        self.config.set(0, self.config_value, 0).context("clearing the kernel's policy")?;
+        for (i, rule) in rules.iter().enumerate() {
+            self.policy.set(i as u32, *rule, 0).with_context(|| format!("writing kernel policy entry {i}"))?;
+        }
+        self.config_value.policy_len = rules.len() as u32;
+        self.config.set(0, self.config_value, 0).context("writing the kernel's policy")
     }
 
     /// Turns every hook into a no-op without detaching (used at shutdown, before mappings are deleted).

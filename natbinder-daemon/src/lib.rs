@@ -6,6 +6,8 @@
 //! * [`host`]: facts about this host (cgroups, sock_diag, resync, LAN, rtnetlink, kernel probes);
 //! * [`table`]: the ideal-state table, the heart: it decides what the gateway should hold;
 //! * [`outcome`]: what happened, published as a typed stream (the log is one subscriber);
+//! * [`policy`]: which bound sockets are forwarded (rules, the deny list, the scope's default), and
+//!   the same policy compiled for the kernel programs;
 //! * [`gateway`]: wire protocols to the LAN gateway (UPnP IGD, PCP, NAT-PMP), which one serves, and
 //!   one session per gateway found;
 //! * [`reconcile`]: turns the table's decisions into gateway calls; [`journal`]: what it made;
@@ -18,6 +20,7 @@ pub mod host;
 pub mod journal;
 pub mod kernel;
 pub mod outcome;
+pub mod policy;
 pub mod reconcile;
 pub mod table;
 

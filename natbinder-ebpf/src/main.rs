@@ -4,8 +4,10 @@
 //!   sees the port the program *asked* for, so they note sockets that request an explicit, non-privileged
 //!   port on a wildcard address, in the daemon's network namespace, as candidates.
 //! * `post_bind4`/`post_bind6` (cgroup sock) run once the port is allocated. A candidate whose port
-//!   another host holds on the gateway fails with EADDRINUSE (as the paper's kernel did); any other
-//!   candidate is recorded in BOUND and reported.
+//!   another host holds on the gateway fails with EADDRINUSE (as the paper's kernel did), but only if
+//!   the exposure policy (POLICY, UIDS_AT_LIMIT) certainly forwards it: a program natbinder will not
+//!   forward must never lose a port to another host. Any other candidate is recorded in BOUND and
+//!   reported, and user space decides with the whole policy.
 //! * `sock_release` reports the release of a recorded socket, matched by cookie: it cannot read the port.
 //!
 //! Everything else costs one failed lookup at most, and nothing here ever waits for user space.
@@ -16,7 +18,10 @@ use aya_ebpf::{
     bindings::{bpf_sock, bpf_sock_addr},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
-        generated::{bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_set_retval},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_set_retval,
+        },
     },
     macros::{cgroup_sock, cgroup_sock_addr, map},
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -25,8 +30,9 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use natbinder_common::{
-    counters, BoundSocket, Config, EventKind, Holder, PortKey, SocketEvent, AF_INET, AF_INET6, BOUND_CAPACITY,
-    CANDIDATES_CAPACITY, EVENTS_BYTES, HELD_ELSEWHERE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP,
+    counters, verdict, BoundSocket, Config, EventKind, Holder, PolicyRule, PortKey, SocketEvent, AF_INET, AF_INET6,
+    BOUND_CAPACITY, CANDIDATES_CAPACITY, EVENTS_BYTES, HELD_ELSEWHERE_CAPACITY, IPPROTO_TCP, IPPROTO_UDP,
+    POLICY_CAPACITY, UIDS_AT_LIMIT_CAPACITY,
 };
 
 /// Return values of cgroup hooks: 1 lets the operation proceed, 0 fails it (with the errno set by
@@ -50,6 +56,14 @@ static BOUND: HashMap<u64, BoundSocket> = HashMap::with_max_entries(BOUND_CAPACI
 /// Ports other LAN hosts hold on the gateway: binding one fails with EADDRINUSE. Kept by the daemon.
 #[map(name = "HELD_ELSEWHERE")]
 static HELD_ELSEWHERE: HashMap<PortKey, Holder> = HashMap::with_max_entries(HELD_ELSEWHERE_CAPACITY, 0);
+
+/// The exposure policy as the kernel can check it (see [`PolicyRule`]); CONFIG.policy_len entries.
+#[map(name = "POLICY")]
+static POLICY: Array<PolicyRule> = Array::with_max_entries(POLICY_CAPACITY, 0);
+
+/// uids that hold as many mappings as they may: their binds are not forwarded, so never refused.
+#[map(name = "UIDS_AT_LIMIT")]
+static UIDS_AT_LIMIT: HashMap<u32, u8> = HashMap::with_max_entries(UIDS_AT_LIMIT_CAPACITY, 0);
 
 #[map(name = "EVENTS")]
 static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -118,6 +132,38 @@ pub fn natbinder_bind6(ctx: SockAddrContext) -> i32 {
     ALLOW
 }
 
+#[inline(always)]
+fn rule_matches(rule: &PolicyRule, uid: u32, gid: u32, protocol: u16, port: u16) -> bool {
+    if uid < rule.uid_min || uid > rule.uid_max || port < rule.port_min || port > rule.port_max {
+        return false;
+    }
+    if (rule.protocol != 0 && rule.protocol != protocol) || (rule.gid != u32::MAX && rule.gid != gid) {
+        return false;
+    }
+    // SAFETY: helper valid in cgroup programs; 0 when the bind's cgroup is not that deep.
+    rule.cgroup_id == 0 || unsafe { bpf_get_current_ancestor_cgroup_id(rule.cgroup_level as i32) } == rule.cgroup_id
+}
+
+/// Whether the exposure policy certainly forwards this bind: the first matching POLICY entry says
+/// FORWARD. An UNKNOWN entry, no entry, or a user at their limit: not certain, so never refused.
+#[inline(always)]
+fn policy_forwards(cfg: &Config, protocol: u16, port: u16) -> bool {
+    let uid_gid = bpf_get_current_uid_gid();
+    let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
+    if unsafe { UIDS_AT_LIMIT.get(&uid) }.is_some() {
+        return false;
+    }
+    let mut i = 0;
+    while i < POLICY_CAPACITY && i < cfg.policy_len {
+        let Some(rule) = POLICY.get(i) else { return false };
+        if rule_matches(rule, uid, gid, protocol, port) {
+            return rule.verdict == verdict::FORWARD;
+        }
+        i += 1;
+    }
+    false
+}
+
 /// post_bind4 and post_bind6: decide, record and report.
 #[inline(always)]
 fn post_bind(ctx: &SockContext, family: u16) -> i32 {
@@ -137,7 +183,8 @@ fn post_bind(ctx: &SockContext, family: u16) -> i32 {
     }
 
     let key = PortKey { protocol, port };
-    if unsafe { HELD_ELSEWHERE.get(&key) }.is_some() {
+    let held = unsafe { HELD_ELSEWHERE.get(&key) }.is_some();
+    if held && config().is_some_and(|cfg| policy_forwards(cfg, protocol, port)) {
         emit(cookie, EventKind::Refused, family, protocol, port);
         // SAFETY: cgroup hooks may set the syscall's return value; bind() then fails with EADDRINUSE
         // and the kernel releases the port it had just allocated.

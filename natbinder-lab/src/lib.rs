@@ -152,6 +152,18 @@ pub fn scratch_cgroup_name(role: &str) -> String {
 /// A command that runs in network namespace `ns` and, if given, in `cgroup`. Enters only the network
 /// namespace, so /sys/fs/cgroup stays visible inside (unlike `ip netns exec`).
 pub fn command_in(ns: &Netns, cgroup: Option<&Cgroup>, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    command_in_as(ns, cgroup, None, program)
+}
+
+/// As [`command_in`], the program running as `user` (uid, gid) with no supplementary groups. The
+/// switch happens after entering the namespace, which needs root; `program` must be executable by
+/// that user.
+pub fn command_in_as(
+    ns: &Netns,
+    cgroup: Option<&Cgroup>,
+    user: Option<(u32, u32)>,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Result<Command> {
     let netns = File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
     let procs = match cgroup {
         Some(c) => Some(OpenOptions::new().write(true).open(c.path.join("cgroup.procs"))?),
@@ -169,6 +181,11 @@ pub fn command_in(ns: &Netns, cgroup: Option<&Cgroup>, program: impl AsRef<std::
             }
             if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid)) = user {
+                if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

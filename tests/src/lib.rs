@@ -201,6 +201,40 @@ impl Harness {
         Ok(())
     }
 
+    /// Starts natbinder in this process, in lan1, watching the whole machine (no --cgroup), so that
+    /// the desktop default policy decides; waits until it is ready.
+    pub fn start_daemon_in_process_machine_wide(&mut self, extra: &[&str]) -> Result<()> {
+        let mut args = vec!["--state-dir".to_string(), self.lab.dir.join("state").display().to_string()];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        self.inproc = Some(InProcessDaemon::start(&self.lab.lan1, &args)?);
+        Ok(())
+    }
+
+    /// Starts natbinder-testapp in lan1, in `cgroup`, as `uid` (gid the same), and waits for "bound
+    /// PORT". The binary is copied where any user may run it.
+    pub fn app_as(
+        &mut self,
+        cgroup: &Cgroup,
+        uid: u32,
+        name: &str,
+        args: &[&str],
+    ) -> Result<(App, BufReader<std::process::ChildStdout>)> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin_dir = self.lab.dir.join("bin");
+        let bin = bin_dir.join("natbinder-testapp");
+        if !bin.exists() {
+            std::fs::create_dir_all(&bin_dir)?;
+            std::fs::copy(testapp_bin(), &bin)?;
+            for path in [&self.lab.dir, &bin_dir, &bin] {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        let ns = Netns { name: self.lab.lan1.name.clone() };
+        let mut cmd = natbinder_lab::command_in_as(&ns, Some(cgroup), Some((uid, uid)), &bin)?;
+        cmd.args(args).env("TESTAPP_NAME", name).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        spawn_app(cmd, name)
+    }
+
     /// The in-process daemon.
     pub fn natbinder(&mut self) -> &mut InProcessDaemon {
         self.inproc.as_mut().expect("natbinder running in process")
@@ -216,17 +250,7 @@ impl Harness {
     ) -> Result<(App, BufReader<std::process::ChildStdout>)> {
         let mut cmd = self.lab.command(ns, true, testapp_bin())?;
         cmd.args(args).env("TESTAPP_NAME", name).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let mut child = cmd.spawn()?;
-        let mut stdout = BufReader::new(child.stdout.take().unwrap());
-        let mut line = String::new();
-        stdout.read_line(&mut line)?;
-        let Some(port) = line.trim().strip_prefix("bound ").and_then(|p| p.parse().ok()) else {
-            let mut err = String::new();
-            let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
-            let _ = child.wait();
-            return Err(anyhow!("{name} did not bind: {}", err.trim()));
-        };
-        Ok((App { pid: child.id(), port, child }, stdout))
+        spawn_app(cmd, name)
     }
 
     pub fn app(&mut self, name: &str, args: &[&str]) -> Result<(App, BufReader<std::process::ChildStdout>)> {
@@ -276,4 +300,19 @@ impl Drop for App {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns a natbinder-testapp command and waits for its "bound PORT" line.
+fn spawn_app(mut cmd: std::process::Command, name: &str) -> Result<(App, BufReader<std::process::ChildStdout>)> {
+    let mut child = cmd.spawn()?;
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line)?;
+    let Some(port) = line.trim().strip_prefix("bound ").and_then(|p| p.parse().ok()) else {
+        let mut err = String::new();
+        let _ = std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err);
+        let _ = child.wait();
+        return Err(anyhow!("{name} did not bind: {}", err.trim()));
+    };
+    Ok((App { pid: child.id(), port, child }, stdout))
 }

@@ -9,9 +9,19 @@ use std::{
 
 use natbinder::{
     kernel::{current_netns_cookie, KernelEvent, KernelHooks},
+    policy::{
+        kernel::compile,
+        spec::{NumberOrText, Ports},
+        Policy, RuleSpec, Scope,
+    },
+    table::KernelMirror,
     Family, Protocol,
 };
 use natbinder_tests::*;
+
+fn scope(cgroup: &Cgroup) -> Scope {
+    Scope::Cgroup(cgroup.path.display().to_string())
+}
 
 struct Fixture {
     hooks: KernelHooks,
@@ -47,7 +57,9 @@ impl Fixture {
         let cgroup = Cgroup::create(&scratch_cgroup_name("ebpf")).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let cookie = ns.0.run(|| current_netns_cookie().unwrap());
-        let hooks = runtime.block_on(async { KernelHooks::attach(&cgroup.path, cookie, 1024) }).unwrap();
+        let mut hooks = runtime.block_on(async { KernelHooks::attach(&cgroup.path, cookie, 1024) }).unwrap();
+        // As with --cgroup: everything in it is forwarded, but the deny list.
+        hooks.set_policy(&compile(&Policy::new(Vec::new(), &scope(&cgroup), 0), |_| None)).unwrap();
         Fixture { hooks, ns, other_ns, cgroup, runtime, _serial: serial }
     }
 
@@ -192,4 +204,57 @@ fn detaching_restores_plain_bind_behaviour() {
     let _ = c.kill();
     let _ = c.wait();
     drop((runtime, other_ns));
+}
+
+/// EADDRINUSE only for binds the policy certainly forwards: a rule that denies the port, a rule the
+/// kernel cannot check (an executable), and a user at their limit all let the bind of a held port
+/// succeed, and the next policy puts the refusal back.
+#[test]
+fn a_held_port_fails_the_bind_only_for_programs_the_policy_forwards() {
+    let mut f = Fixture::new();
+    let holder = std::net::Ipv4Addr::new(192, 168, 77, 20);
+    for port in [7040, 7041] {
+        f.hooks.held_elsewhere().insert(Protocol::Tcp, port, holder).unwrap();
+    }
+    let rule = |spec: RuleSpec| spec.validate("test").unwrap();
+    let deny = |port: u64| RuleSpec {
+        action: Some("deny".into()),
+        ports: Some(Ports::One(NumberOrText::Number(port))),
+        ..RuleSpec::default()
+    };
+    let with_rules = |rules| compile(&Policy::new(rules, &scope(&f.cgroup), 0), |_| None);
+    let refused = |f: &Fixture, port: u16| {
+        let (mut child, result) = f.bind(&["tcp-echo", &format!("0.0.0.0:{port}")]);
+        let _ = child.kill();
+        let _ = child.wait();
+        match result {
+            Ok(_) => false,
+            Err(e) if e.contains("Address already in use") => true,
+            Err(e) => panic!("bind of {port} failed otherwise: {e}"),
+        }
+    };
+
+    let deny_7040 = with_rules(vec![rule(deny(7040))]);
+    f.hooks.set_policy(&deny_7040).unwrap();
+    assert!(!refused(&f, 7040), "a port the policy does not forward lost its bind to another host");
+    assert!(refused(&f, 7041), "a forwarded port another host holds was not refused");
+
+    // A rule on the executable: the kernel cannot tell, so it refuses nothing it matches.
+    let by_exe = with_rules(vec![rule(RuleSpec { exe: Some("/usr/bin/*".into()), ..deny(7041) })]);
+    f.hooks.set_policy(&by_exe).unwrap();
+    assert!(!refused(&f, 7041));
+    assert!(refused(&f, 7040), "the new policy forwards 7040 again");
+
+    // A user at the limit is not forwarded, so not refused.
+    f.hooks.set_policy(&with_rules(Vec::new())).unwrap();
+    let mirror = f.hooks.held_elsewhere();
+    mirror.mirror_uids_at_limit(&[0].into());
+    assert!(!refused(&f, 7041), "a user at the limit lost the port to another host");
+    mirror.mirror_uids_at_limit(&Default::default());
+    assert!(refused(&f, 7041));
+
+    // The desktop default does not forward root: never refused.
+    let desktop = compile(&Policy::new(Vec::new(), &Scope::Sessions { user_slice: true }, 0), |_| None);
+    f.hooks.set_policy(&desktop).unwrap();
+    assert!(!refused(&f, 7041));
 }

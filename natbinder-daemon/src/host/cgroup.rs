@@ -37,6 +37,8 @@ fn unescape_mount_path(s: &str) -> String {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WatchedCgroup {
     pub path: PathBuf,
+    /// Where the cgroup2 hierarchy is mounted.
+    pub root: PathBuf,
     /// The root of the cgroup2 hierarchy, i.e. the whole machine.
     pub is_root: bool,
 }
@@ -71,7 +73,7 @@ pub fn resolve_cgroup_in(mounts: &str, requested: Option<&Path>) -> Result<Watch
     if !canonical.join("cgroup.procs").exists() {
         bail!("{} is not a cgroup directory (it has no cgroup.procs)", canonical.display());
     }
-    Ok(WatchedCgroup { is_root: canonical == root, path: canonical })
+    Ok(WatchedCgroup { is_root: canonical == root, path: canonical, root })
 }
 
 #[cfg(test)]

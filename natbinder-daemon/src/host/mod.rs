@@ -5,7 +5,8 @@
 //! * [`lan`]: where this host sits on its LAN (default route, local address), and [`netwatch`], which
 //!   follows its changes over rtnetlink;
 //! * [`netlink`]: the one blocking netlink dump both of those use;
-//! * [`probes`]: what this kernel supports, probed rather than read from a version string.
+//! * [`probes`]: what this kernel supports, probed rather than read from a version string;
+//! * [`process`]: what the exposure policy needs about a bind's program (cgroup path, exe, groups).
 //!
 //! Everything here that blocks (socket dumps, the /proc walk, netlink dumps) is called from the async
 //! side through `spawn_blocking`, never on the event loop itself.
@@ -14,6 +15,7 @@ pub mod lan;
 pub mod netlink;
 pub mod netwatch;
 pub mod probes;
+pub mod process;
 pub mod resync;
 pub mod sockdiag;
 

@@ -22,10 +22,12 @@ use tracing::warn;
 
 use super::{
     cgroup::WatchedCgroup,
+    process,
     sockdiag::{self, WildcardSocket},
 };
 use crate::{
     outcome::{Found, Seen},
+    policy::exposure::Exposure,
     table::{Listener, Owner, Stack, TableHandle},
     Family, Protocol,
 };
@@ -143,13 +145,14 @@ pub trait LossCounter: Send + Sync + 'static {
 pub struct Resynchronizer<T: ReleaseTracker> {
     cgroup: WatchedCgroup,
     table: TableHandle,
+    exposure: Arc<Exposure>,
     tracker: T,
     resync: Resync,
 }
 
 impl<T: ReleaseTracker> Resynchronizer<T> {
-    pub fn new(cgroup: WatchedCgroup, table: TableHandle, tracker: T) -> Self {
-        Self { cgroup, table, tracker, resync: Resync::new() }
+    pub fn new(cgroup: WatchedCgroup, table: TableHandle, exposure: Arc<Exposure>, tracker: T) -> Self {
+        Self { cgroup, table, exposure, tracker, resync: Resync::new() }
     }
 
     /// Lists the sockets and applies the plan: adopts live wildcard sockets the table lacks, drops
@@ -183,20 +186,29 @@ impl<T: ReleaseTracker> Resynchronizer<T> {
                 continue;
             }
             let (pid, comm) = owners.get(&socket.inode).cloned().unwrap_or((0, String::from("?")));
-            let listener = Listener {
+            let owner = Owner {
+                pid,
+                uid: socket.uid,
+                gid: process::primary_gid(pid).unwrap_or(0),
+                cgroup_id: socket.cgroup_id.unwrap_or(0),
+                comm,
+                ..Owner::default()
+            };
+            let mut listener = Listener {
                 cookie: socket.cookie,
                 protocol: socket.protocol,
                 port: socket.port,
                 family: socket.family,
-                owner: Owner { pid, uid: socket.uid, gid: 0, cgroup_id: socket.cgroup_id.unwrap_or(0), comm },
+                owner,
             };
+            let decision = self.exposure.admit(&mut listener);
             let stack = match (socket.family, socket.ipv6_only) {
                 (Family::Ipv4, _) => Stack::Ipv4,
                 (Family::Ipv6, true) => Stack::Ipv6Only,
                 (Family::Ipv6, false) => Stack::DualStack,
             };
             let now = std::time::Instant::now();
-            self.table.update(|t| t.socket_bound(listener, stack, Found::Adopted, now));
+            self.table.update(|t| t.socket_bound(listener, stack, Found::Adopted, decision, now));
             adopted.push(socket.cookie);
         }
         if !adopted.is_empty() {

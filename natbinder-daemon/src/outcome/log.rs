@@ -38,6 +38,27 @@ pub fn log(outcome: &Outcome) {
         Outcome::SocketReleased { listener: l, seen: Seen::Missing } => {
             info!("{}/{} is gone (its release was not seen)", l.protocol, l.port)
         }
+        Outcome::PolicyApplied { scope, rules, kernel_entries, max_mappings_per_user } => {
+            let scope = match scope {
+                crate::policy::Scope::Sessions { user_slice: true } => {
+                    "programs in users' sessions (user.slice, uid >= 1000)".to_string()
+                }
+                crate::policy::Scope::Sessions { user_slice: false } => {
+                    "ordinary users' programs (uid >= 1000; no user.slice here)".to_string()
+                }
+                crate::policy::Scope::Cgroup(path) => format!("everything in {path}"),
+            };
+            let limit = match max_mappings_per_user {
+                0 => "no limit per user".to_string(),
+                n => format!("at most {n} mappings per user"),
+            };
+            info!("exposure policy: forwarding {scope}, but the deny list; {rules} rules, {kernel_entries} in the kernel; {limit}")
+        }
+        Outcome::ReloadRefused { error } => warn!("reload refused, the running policy stays: {error}"),
+        Outcome::NotForwarded { listener: l, rule } => info!(
+            "not forwarding {}/{} of pid {} ({}) uid {}: {rule}",
+            l.protocol, l.port, l.owner.pid, l.owner.comm, l.owner.uid
+        ),
         Outcome::BindRefused { listener: l, holder } => warn!(
             "refused bind of {}/{} by pid {} ({}) with EADDRINUSE: another host{} holds that port on the gateway",
             l.protocol,
@@ -81,6 +102,7 @@ pub fn log(outcome: &Outcome) {
                 info!("removed {key}, left on the gateway by an earlier natbinder run with no socket needing it")
             }
             Removal::Drifted => info!("removed {key}, which pointed elsewhere"),
+            Removal::Policy => info!("removed mapping {key}: the policy no longer forwards it"),
         },
         Outcome::RemoveFailed { key, error } => warn!("could not remove mapping {key}: {error}; its lease will end it"),
         Outcome::GatewayFound { gateway, backend, local } => {

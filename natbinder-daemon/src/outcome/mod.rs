@@ -57,6 +57,8 @@ pub enum Removal {
     Drifted,
     /// natbinder is shutting down.
     Shutdown,
+    /// The policy no longer forwards it (a reload).
+    Policy,
 }
 
 /// Why the host is not reachable from the internet through this gateway, although mappings work.
@@ -97,6 +99,19 @@ pub enum Outcome {
         min_port: u16,
         netns_cookie: u64,
     },
+    /// The exposure policy in force: at start, and after each reload.
+    PolicyApplied {
+        scope: crate::policy::Scope,
+        /// Rules in all: the administrator's, the deny list's and the scope's default.
+        rules: usize,
+        /// Entries the kernel programs check at bind time.
+        kernel_entries: usize,
+        max_mappings_per_user: u32,
+    },
+    /// A reload was refused (a bad configuration file); the running policy stays.
+    ReloadRefused {
+        error: String,
+    },
     /// A socket that listens on a wildcard address entered the table. `stack` is what it needs:
     /// [`Stack::Unknown`] for an AF_INET6 socket whose IPV6_V6ONLY is still being read.
     SocketBound {
@@ -112,6 +127,12 @@ pub enum Outcome {
     SocketReleased {
         listener: Listener,
         seen: Seen,
+    },
+    /// The exposure policy does not forward this socket (or not yet: its user is at their limit):
+    /// it stays bound, reachable on the LAN only. `rule` says which rule decided.
+    NotForwarded {
+        listener: Listener,
+        rule: std::sync::Arc<str>,
     },
     /// A bind failed with EADDRINUSE because another host holds the port on the gateway.
     BindRefused {

@@ -24,7 +24,7 @@ use crate::{
     },
     journal::Journal,
     outcome::{Event, Found, OutcomeBus, Seen},
-    table::{HeldPortsMirror, Listener, MappingState, Owner, PendingReason, Stack, TableConfig, HELD_ELSEWHERE_MEMORY},
+    table::{KernelMirror, Listener, MappingState, Owner, PendingReason, Stack, TableConfig, HELD_ELSEWHERE_MEMORY},
     Family, Protocol,
 };
 
@@ -338,7 +338,7 @@ impl FakeMirror {
     }
 }
 
-impl HeldPortsMirror for FakeMirror {
+impl KernelMirror for FakeMirror {
     fn mirror(&self, held: &BTreeMap<PortKey, Option<Ipv4Addr>>) {
         *self.0.lock().unwrap() = held.iter().map(|(k, h)| ((k.protocol, k.port), *h)).collect();
     }
@@ -363,7 +363,7 @@ fn sock(cookie: u64, protocol: Protocol, port: u16) -> Listener {
         protocol,
         port,
         family: Family::Ipv4,
-        owner: Owner { pid: 4242, uid: 1000, gid: 1000, cgroup_id: 1, comm: "server".into() },
+        owner: Owner { pid: 4242, uid: 1000, gid: 1000, cgroup_id: 1, comm: "server".into(), ..Owner::default() },
     }
 }
 
@@ -424,7 +424,9 @@ impl Harness {
         let mirror = FakeMirror::default();
         let table = TableHandle::new(TableConfig::default(), bus, mirror.clone());
         for socket in bound {
-            table.update(|t| t.socket_bound(socket.clone(), Stack::Ipv4, Found::Adopted, Instant::now().into_std()));
+            table.update(|t| {
+                t.socket_bound(socket.clone(), Stack::Ipv4, Found::Adopted, forwarded(), Instant::now().into_std())
+            });
         }
         let signals = Signals::new();
         let discoveries = Arc::new(AtomicUsize::new(0));
@@ -448,7 +450,7 @@ impl Harness {
 
     /// What the event loop does for a Bound event.
     fn bind_with(&self, socket: Listener, stack: Stack) {
-        self.table.update(|t| t.socket_bound(socket, stack, Found::Bind, Instant::now().into_std()));
+        self.table.update(|t| t.socket_bound(socket, stack, Found::Bind, forwarded(), Instant::now().into_std()));
     }
     fn bind(&self, cookie: u64, protocol: Protocol, port: u16) {
         self.bind_with(sock(cookie, protocol, port), Stack::Ipv4);
@@ -1183,4 +1185,8 @@ async fn a_sign_of_a_new_network_finds_the_gateway_again_and_an_earlier_sessions
     settle().await;
     assert_eq!(gw.adds(TCP, 8080).len(), 2);
     h.stop().await;
+}
+
+fn forwarded() -> crate::policy::Decision {
+    crate::policy::Decision::new(true, "allow everything (test)")
 }

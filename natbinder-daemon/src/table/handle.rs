@@ -2,11 +2,12 @@
 //! does three things in one step, in this order, so that nobody can observe them apart:
 //! 1. mirrors the held-elsewhere record into the kernel if the change touched it (the one component
 //!    that writes the kernel's EADDRINUSE map), so that by the time anyone hears of a conflict, binds
-//!    of that port already fail;
+//!    of that port already fail; and likewise the users at their mapping limit, whose binds the
+//!    kernel must never refuse (they are not forwarded);
 //! 2. publishes the change's outcomes;
 //! 3. wakes the reconciler.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     net::Ipv4Addr,
     sync::{Arc, Mutex, MutexGuard},
 };
@@ -16,21 +17,23 @@ use tokio::sync::Notify;
 use super::{HeldElsewhere, PortKey, Table, TableConfig};
 use crate::outcome::OutcomeBus;
 
-/// Where the held-elsewhere record is mirrored: the kernel's EADDRINUSE map in the daemon.
-pub trait HeldPortsMirror: Send + Sync + 'static {
-    /// Makes the mirror hold exactly `held`.
+/// Where the table's kernel-facing records are mirrored: the kernel's maps in the daemon.
+pub trait KernelMirror: Send + Sync + 'static {
+    /// Makes the mirror hold exactly `held` (the EADDRINUSE map).
     fn mirror(&self, held: &BTreeMap<PortKey, Option<Ipv4Addr>>);
+    /// Makes the mirror hold exactly `uids` as the users at their mapping limit.
+    fn mirror_uids_at_limit(&self, _uids: &BTreeSet<u32>) {}
 }
 
 /// A mirror that keeps nothing (unit tests that look at the table itself).
-impl HeldPortsMirror for () {
+impl KernelMirror for () {
     fn mirror(&self, _held: &BTreeMap<PortKey, Option<Ipv4Addr>>) {}
 }
 
 struct Inner {
     table: Mutex<Table>,
     outcomes: OutcomeBus,
-    mirror: Box<dyn HeldPortsMirror>,
+    mirror: Box<dyn KernelMirror>,
     changed: Notify,
 }
 
@@ -41,7 +44,7 @@ pub struct TableHandle {
 }
 
 impl TableHandle {
-    pub fn new(config: TableConfig, outcomes: OutcomeBus, mirror: impl HeldPortsMirror) -> Self {
+    pub fn new(config: TableConfig, outcomes: OutcomeBus, mirror: impl KernelMirror) -> Self {
         Self {
             inner: Arc::new(Inner {
                 table: Mutex::new(Table::new(config)),
@@ -66,6 +69,9 @@ impl TableHandle {
             let view: BTreeMap<PortKey, Option<Ipv4Addr>> =
                 held.into_iter().map(|(key, HeldElsewhere { holder, .. })| (key, holder)).collect();
             self.inner.mirror.mirror(&view);
+        }
+        if let Some(uids) = table.take_uids_at_limit_changes() {
+            self.inner.mirror.mirror_uids_at_limit(&uids);
         }
         // Published under the lock, so that outcomes of two changes are never interleaved out of order.
         for outcome in table.take_outcomes() {

@@ -19,19 +19,22 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
     net::{Ipv4Addr, SocketAddrV4},
+    path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use crate::{
     gateway::Backend,
     outcome::{Found, Lease, Outcome, Removal, Seen},
+    policy::Decision,
     Family, Protocol,
 };
 
 pub mod handle;
 pub mod key;
 
-pub use handle::{HeldPortsMirror, TableHandle};
+pub use handle::{KernelMirror, TableHandle};
 pub use key::{MappingKey, PinholeKey, PortKey};
 
 /// Who holds a socket, as far as natbinder could tell (pid 0: not known, e.g. adopted from sock_diag
@@ -43,6 +46,12 @@ pub struct Owner {
     pub gid: u32,
     pub cgroup_id: u64,
     pub comm: String,
+    /// The cgroup, relative to the cgroup2 root; None if it could not be told.
+    pub cgroup: Option<String>,
+    /// The program's executable, if it could be read before the program went.
+    pub exe: Option<PathBuf>,
+    /// Supplementary groups, where the policy needs them.
+    pub groups: Vec<u32>,
 }
 
 /// A socket listening on a wildcard address on an explicit port.
@@ -129,12 +138,21 @@ pub struct Mapping {
     /// later, unless a socket wants it again first.
     pub unwanted_since: Option<Instant>,
     pub handle: Option<GatewayHandle>,
+    /// The user the mapping counts against (the uid of the socket that made it wanted).
+    pub uid: u32,
+    /// Why it became unwanted, when that was not its last socket's release (a reload's policy).
+    pub unwanted_by: Option<Removal>,
 }
 
 #[derive(Clone, Debug)]
 pub struct SocketRecord {
     pub listener: Listener,
     pub stack: Stack,
+    /// What the exposure policy decided for it, and which rule.
+    pub decision: Decision,
+    /// Forwarded by the policy but waiting: its user holds as many mappings as they may. It is
+    /// mapped when one of theirs goes.
+    pub over_limit: bool,
     /// The mapping this socket wants; None when it wants none (IPv6-only, below the minimum port, or
     /// not classified yet).
     pub mapping: Option<MappingKey>,
@@ -217,11 +235,13 @@ pub struct TableConfig {
     /// that helps nothing: deletes held back pile up in the gateway's table, and miniupnpd's adds slow
     /// down as its table grows.
     pub delete_grace: Duration,
+    /// Concurrent mappings one uid may hold; 0: no limit.
+    pub max_mappings_per_user: u32,
 }
 
 impl Default for TableConfig {
     fn default() -> Self {
-        Self { min_port: 1024, delete_grace: DELETE_GRACE }
+        Self { min_port: 1024, delete_grace: DELETE_GRACE, max_mappings_per_user: 0 }
     }
 }
 
@@ -241,6 +261,8 @@ pub struct Table {
     outbox: Vec<Outcome>,
     /// The held-elsewhere record changed since it was last mirrored.
     held_changed: bool,
+    /// The users at their limit, as last mirrored.
+    uids_at_limit: BTreeSet<u32>,
 }
 
 impl Table {
@@ -261,6 +283,32 @@ impl Table {
         std::mem::take(&mut self.outbox)
     }
 
+    /// The users at their mapping limit, if that changed since the last call.
+    pub fn take_uids_at_limit_changes(&mut self) -> Option<BTreeSet<u32>> {
+        let now = self.uids_at_limit();
+        (now != self.uids_at_limit).then(|| {
+            self.uids_at_limit = now.clone();
+            now
+        })
+    }
+
+    /// Users who hold as many mappings as they may.
+    pub fn uids_at_limit(&self) -> BTreeSet<u32> {
+        let max = self.config.max_mappings_per_user;
+        if max == 0 {
+            return BTreeSet::new();
+        }
+        let mut counts: HashMap<u32, u32> = HashMap::new();
+        for m in self.mappings.values().filter(|m| !m.sockets.is_empty()) {
+            *counts.entry(m.uid).or_default() += 1;
+        }
+        counts.into_iter().filter(|(_, n)| *n >= max).map(|(uid, _)| uid).collect()
+    }
+
+    fn mappings_of(&self, uid: u32) -> u32 {
+        self.mappings.values().filter(|m| m.uid == uid && !m.sockets.is_empty()).count() as u32
+    }
+
     /// The held-elsewhere record, if it changed since the last call.
     pub fn take_held_changes(&mut self) -> Option<Vec<(PortKey, HeldElsewhere)>> {
         std::mem::take(&mut self.held_changed).then(|| self.held.iter().map(|(k, h)| (*k, *h)).collect())
@@ -269,8 +317,8 @@ impl Table {
     // ---- sockets ------------------------------------------------------------------------------
 
     /// A socket listens on a wildcard address. `stack`: what it takes (Unknown for an AF_INET6 socket
-    /// not classified yet; [`Table::socket_classified`] follows).
-    pub fn socket_bound(&mut self, listener: Listener, stack: Stack, found: Found, now: Instant) {
+    /// not classified yet; [`Table::socket_classified`] follows). `decision`: the exposure policy's.
+    pub fn socket_bound(&mut self, listener: Listener, stack: Stack, found: Found, decision: Decision, now: Instant) {
         let cookie = listener.cookie;
         if let Some(known) = self.sockets.get_mut(&cookie) {
             // Adopted from sock_diag first and reported by the hook since: keep the richer record.
@@ -281,10 +329,13 @@ impl Table {
         }
         let key = self.wanted_key(&listener, stack);
         self.publish(Outcome::SocketBound { listener: listener.clone(), stack, found });
-        let comm = listener.owner.comm.clone();
-        self.sockets.insert(cookie, SocketRecord { listener, stack, mapping: key });
+        if !decision.forward && self.wanted_key(&listener, Stack::Ipv4).is_some() {
+            self.publish(Outcome::NotForwarded { listener: listener.clone(), rule: decision.rule.clone() });
+        }
+        let key = key.filter(|_| decision.forward);
+        self.sockets.insert(cookie, SocketRecord { listener, stack, decision, over_limit: false, mapping: None });
         if let Some(key) = key {
-            self.want(key, cookie, comm, now);
+            self.want(key, cookie, now);
         }
     }
 
@@ -296,11 +347,11 @@ impl Table {
         }
         record.stack = stack;
         let listener = record.listener.clone();
-        let key = self.wanted_key(&listener, stack);
+        let forward = record.decision.forward;
+        let key = self.wanted_key(&listener, stack).filter(|_| forward);
         self.publish(Outcome::SocketClassified { listener: listener.clone(), stack });
         if let Some(key) = key {
-            self.sockets.get_mut(&cookie).unwrap().mapping = Some(key);
-            self.want(key, cookie, listener.owner.comm, now);
+            self.want(key, cookie, now);
         }
     }
 
@@ -309,7 +360,29 @@ impl Table {
             .then(|| MappingKey::ipv4(listener.protocol, listener.port))
     }
 
-    fn want(&mut self, key: MappingKey, cookie: u64, comm: String, now: Instant) {
+    /// Socket `cookie` wants mapping `key`: the socket's record says so, and the mapping is wanted,
+    /// unless it would be one more than its user may hold.
+    fn want(&mut self, key: MappingKey, cookie: u64, now: Instant) {
+        let Some(record) = self.sockets.get(&cookie) else { return };
+        let (uid, comm) = (record.listener.owner.uid, record.listener.owner.comm.clone());
+        let max = self.config.max_mappings_per_user;
+        let new_for_user = self.mappings.get(&key).is_none_or(|m| m.sockets.is_empty());
+        if max > 0 && new_for_user && self.mappings_of(uid) >= max {
+            let record = self.sockets.get_mut(&cookie).expect("looked up above");
+            if !record.over_limit {
+                record.over_limit = true;
+                let listener = record.listener.clone();
+                let rule: Arc<str> = format!(
+                    "max-mappings-per-user: uid {uid} already holds {max} mappings; mapped when one of them goes"
+                )
+                .into();
+                self.publish(Outcome::NotForwarded { listener, rule });
+            }
+            return;
+        }
+        let record = self.sockets.get_mut(&cookie).expect("looked up above");
+        record.over_limit = false;
+        record.mapping = Some(key);
         let held = key.as_ipv4().and_then(|k| self.held.get(&k).copied());
         let reason = if self.adds_paused { PendingReason::EventStorm } else { PendingReason::Queued };
         let mut published = None;
@@ -317,7 +390,9 @@ impl Table {
             Some(m) => {
                 if m.sockets.is_empty() {
                     m.comm = comm;
+                    m.uid = uid;
                     m.unwanted_since = None;
+                    m.unwanted_by = None;
                     // Wanted again before its delete: it stays as it is on the gateway.
                     if let MappingState::Pending { .. } = m.state {
                         m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
@@ -343,6 +418,8 @@ impl Table {
                     on_gateway: false,
                     unwanted_since: None,
                     handle: None,
+                    uid,
+                    unwanted_by: None,
                 };
                 self.mappings.insert(key, mapping);
             }
@@ -352,11 +429,26 @@ impl Table {
         }
     }
 
-    /// A socket is gone: released (the hook saw it) or missing from sock_diag listings.
-    pub fn socket_released(&mut self, cookie: u64, seen: Seen, now: Instant) {
-        let Some(record) = self.sockets.remove(&cookie) else { return };
-        self.publish(Outcome::SocketReleased { listener: record.listener, seen });
-        let Some(key) = record.mapping else { return };
+    /// Sockets that waited for their user's limit get the mappings that freed up, oldest first.
+    fn admit_over_limit(&mut self, now: Instant) {
+        if self.config.max_mappings_per_user == 0 {
+            return;
+        }
+        let mut waiting: Vec<(u64, MappingKey)> = self
+            .sockets
+            .values()
+            .filter(|r| r.over_limit)
+            .filter_map(|r| self.wanted_key(&r.listener, r.stack).map(|k| (r.listener.cookie, k)))
+            .collect();
+        waiting.sort_unstable();
+        for (cookie, key) in waiting {
+            self.want(key, cookie, now);
+        }
+    }
+
+    /// The socket no longer wants its mapping: released, or (`why` = Policy) the policy no longer
+    /// forwards it.
+    fn unwant(&mut self, cookie: u64, key: MappingKey, why: Removal, now: Instant) {
         let Some(mapping) = self.mappings.get_mut(&key) else { return };
         mapping.sockets.remove(&cookie);
         if !mapping.sockets.is_empty() {
@@ -364,9 +456,56 @@ impl Table {
         }
         if mapping.on_gateway {
             mapping.unwanted_since = Some(now);
+            mapping.unwanted_by = (why != Removal::Released).then_some(why);
         } else {
             // Never on the gateway: nothing to undo.
             self.mappings.remove(&key);
+        }
+        self.admit_over_limit(now);
+    }
+
+    /// A socket is gone: released (the hook saw it) or missing from sock_diag listings.
+    pub fn socket_released(&mut self, cookie: u64, seen: Seen, now: Instant) {
+        let Some(record) = self.sockets.remove(&cookie) else { return };
+        self.publish(Outcome::SocketReleased { listener: record.listener, seen });
+        if let Some(key) = record.mapping {
+            self.unwant(cookie, key, Removal::Released, now);
+        }
+    }
+
+    /// The policy changed (a reload): every socket is decided again with `decide`, and the limit is
+    /// now `max_mappings_per_user`. Mappings the new policy no longer allows are removed (their
+    /// sockets stay bound, locally); sockets it now allows are mapped. Nothing else moves.
+    pub fn apply_policy(&mut self, decide: impl Fn(&Listener) -> Decision, max_mappings_per_user: u32, now: Instant) {
+        self.config.max_mappings_per_user = max_mappings_per_user;
+        let mut cookies: Vec<u64> = self.sockets.keys().copied().collect();
+        cookies.sort_unstable();
+        for cookie in &cookies {
+            let record = self.sockets.get_mut(cookie).expect("listed above");
+            let decision = decide(&record.listener);
+            let was = std::mem::replace(&mut record.decision, decision.clone());
+            if was == decision {
+                continue;
+            }
+            let listener = record.listener.clone();
+            if !decision.forward {
+                record.over_limit = false;
+                if let Some(key) = record.mapping.take() {
+                    self.unwant(*cookie, key, Removal::Policy, now);
+                }
+                if self.wanted_key(&listener, Stack::Ipv4).is_some() {
+                    self.publish(Outcome::NotForwarded { listener, rule: decision.rule });
+                }
+            }
+        }
+        // Then those now allowed, and those the new limit lets in, in the order they were bound.
+        for cookie in cookies {
+            let Some(record) = self.sockets.get(&cookie) else { continue };
+            if record.decision.forward && record.mapping.is_none() {
+                if let Some(key) = self.wanted_key(&record.listener, record.stack) {
+                    self.want(key, cookie, now);
+                }
+            }
         }
     }
 
@@ -499,6 +638,8 @@ impl Table {
                     on_gateway: true,
                     unwanted_since: Some(now),
                     handle: None,
+                    uid: 0,
+                    unwanted_by: None,
                 };
                 self.mappings.insert(key, mapping);
             }
@@ -558,6 +699,10 @@ impl Table {
     /// The mapping is gone from the gateway (a delete succeeded). If a socket wants it again by now,
     /// it is made again.
     pub fn record_deleted(&mut self, key: MappingKey, why: Removal, now: Instant) {
+        let why = match (why, self.mappings.get(&key).and_then(|m| m.unwanted_by)) {
+            (Removal::Released, Some(by)) => by,
+            _ => why,
+        };
         if let Some(port_key) = key.as_ipv4() {
             self.publish(Outcome::Removed { key: port_key, why });
         }

@@ -18,12 +18,12 @@ fn sock(cookie: u64, protocol: Protocol, port: u16) -> Listener {
         protocol,
         port,
         family: Family::Ipv4,
-        owner: Owner { pid: 4242, uid: 1000, gid: 1000, cgroup_id: 1, comm: "server".into() },
+        owner: Owner { pid: 4242, uid: 1000, gid: 1000, cgroup_id: 1, comm: "server".into(), ..Owner::default() },
     }
 }
 
 fn bind(t: &mut Table, cookie: u64, protocol: Protocol, port: u16, now: Instant) {
-    t.socket_bound(sock(cookie, protocol, port), Stack::Ipv4, Found::Bind, now);
+    t.socket_bound(sock(cookie, protocol, port), Stack::Ipv4, Found::Bind, forwarded(), now);
 }
 
 fn release(t: &mut Table, cookie: u64, now: Instant) {
@@ -216,9 +216,9 @@ fn ipv6_only_and_low_ports_want_nothing_and_an_unknown_stack_waits_for_its_class
     let mut t = table();
     let mut v6 = sock(1, Protocol::Tcp, 9090);
     v6.family = Family::Ipv6;
-    t.socket_bound(v6.clone(), Stack::Ipv6Only, Found::Bind, now);
+    t.socket_bound(v6.clone(), Stack::Ipv6Only, Found::Bind, forwarded(), now);
     bind(&mut t, 2, Protocol::Tcp, 80, now);
-    t.socket_bound(Listener { cookie: 3, ..v6.clone() }, Stack::Unknown, Found::Bind, now);
+    t.socket_bound(Listener { cookie: 3, ..v6.clone() }, Stack::Unknown, Found::Bind, forwarded(), now);
     assert_eq!(t.next_work(now), None);
     assert_eq!(t.sockets().count(), 3, "every listener is known, mapped or not");
     t.socket_classified(3, Stack::DualStack, now);
@@ -395,8 +395,8 @@ fn an_adopted_socket_reported_again_by_the_hook_keeps_one_record_with_its_owner(
     let mut t = table();
     let mut unknown = sock(1, Protocol::Tcp, 8080);
     unknown.owner = Owner::default();
-    t.socket_bound(unknown, Stack::Ipv4, Found::Adopted, now);
-    t.socket_bound(sock(1, Protocol::Tcp, 8080), Stack::Ipv4, Found::Bind, now);
+    t.socket_bound(unknown, Stack::Ipv4, Found::Adopted, forwarded(), now);
+    t.socket_bound(sock(1, Protocol::Tcp, 8080), Stack::Ipv4, Found::Bind, forwarded(), now);
     assert_eq!(t.sockets().count(), 1);
     assert_eq!(t.socket(1).unwrap().listener.owner.pid, 4242);
 }
@@ -428,4 +428,111 @@ fn a_program_that_never_stops_moving_still_has_its_old_ports_deleted() {
     let on_gateway = t.on_gateway_keys().len();
     assert!(on_gateway <= 4, "{on_gateway} mappings on the gateway for one socket: deletes fall behind");
     assert!(t.mapping(&key(9000)).is_none(), "the first port's mapping was deleted");
+}
+
+fn forwarded() -> crate::policy::Decision {
+    crate::policy::Decision::new(true, "allow everything (test)")
+}
+
+fn not_forwarded_rules(outcomes: &[Outcome]) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Outcome::NotForwarded { listener, rule } => {
+                Some(format!("{}/{}: {rule}", listener.protocol, listener.port))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_socket_the_policy_does_not_forward_is_kept_with_its_rule_and_never_becomes_a_conflict() {
+    let now = Instant::now();
+    let mut t = table();
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY);
+    let _ = t.take_outcomes();
+    let denied = crate::policy::Decision::new(false, "deny everything (default: system services)");
+    t.socket_bound(sock(1, Protocol::Tcp, 8080), Stack::Ipv4, Found::Bind, denied.clone(), now);
+    let outcomes = t.take_outcomes();
+    assert_eq!(not_forwarded_rules(&outcomes), ["tcp/8080: deny everything (default: system services)"]);
+    assert!(!outcomes.iter().any(|o| matches!(o, Outcome::Conflict { .. })), "{outcomes:?}");
+    assert!(t.mapping(&TCP8080).is_none());
+    assert_eq!(t.next_work(now), None);
+    assert_eq!(t.socket(1).unwrap().decision, denied);
+}
+
+#[test]
+fn a_user_at_the_limit_waits_and_is_mapped_when_one_of_theirs_goes() {
+    let now = Instant::now();
+    let mut t = Table::new(TableConfig { max_mappings_per_user: 2, ..TableConfig::default() });
+    let key = |port| MappingKey::ipv4(Protocol::Tcp, port);
+    bind(&mut t, 1, Protocol::Tcp, 7000, now);
+    bind(&mut t, 2, Protocol::Tcp, 7001, now);
+    assert_eq!(t.take_uids_at_limit_changes(), Some(BTreeSet::from([1000])));
+    let _ = t.take_outcomes();
+    bind(&mut t, 3, Protocol::Tcp, 7002, now);
+    let rules = not_forwarded_rules(&t.take_outcomes());
+    assert!(
+        rules.len() == 1 && rules[0].contains("max-mappings-per-user") && rules[0].contains("uid 1000"),
+        "{rules:?}"
+    );
+    assert!(t.mapping(&key(7002)).is_none() && t.socket(3).unwrap().over_limit);
+    // A second socket on a port the user already has costs nothing.
+    bind(&mut t, 4, Protocol::Tcp, 7001, now);
+    assert_eq!(t.mapping(&key(7001)).unwrap().sockets.len(), 2);
+    // Another user is not affected.
+    let mut other = sock(5, Protocol::Tcp, 7003);
+    other.owner.uid = 1001;
+    t.socket_bound(other, Stack::Ipv4, Found::Bind, forwarded(), now);
+    assert!(t.mapping(&key(7003)).is_some());
+    release(&mut t, 1, now);
+    assert!(t.mapping(&key(7002)).is_some_and(|m| matches!(m.state, MappingState::Pending { .. })));
+    assert!(!t.socket(3).unwrap().over_limit);
+    assert_eq!(t.take_uids_at_limit_changes(), None, "still at the limit: 7001 and 7002");
+    release(&mut t, 2, now);
+    assert_eq!(t.mapping(&key(7001)).unwrap().sockets.len(), 1, "socket 4 still wants 7001");
+    release(&mut t, 4, now);
+    assert_eq!(t.take_uids_at_limit_changes(), Some(BTreeSet::new()));
+}
+
+#[test]
+fn a_reload_removes_what_the_policy_no_longer_allows_and_maps_what_it_now_allows() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
+    bind(&mut t, 2, Protocol::Tcp, 9000, now);
+    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 9000), grant(Duration::from_secs(3600)), now);
+    let _ = t.take_outcomes();
+    let deny_8080 = |l: &Listener| {
+        if l.port == 8080 {
+            crate::policy::Decision::new(false, "deny tcp/8080 (t.toml line 3)")
+        } else {
+            forwarded()
+        }
+    };
+    t.apply_policy(deny_8080, 0, now);
+    assert_eq!(not_forwarded_rules(&t.take_outcomes()), ["tcp/8080: deny tcp/8080 (t.toml line 3)"]);
+    assert_eq!(t.next_work(now + GRACE), delete(TCP8080), "the mapping comes off the gateway");
+    assert!(t.socket(1).is_some(), "the socket stays, bound locally");
+    // The same policy again changes nothing.
+    t.apply_policy(deny_8080, 0, now);
+    assert!(t.take_outcomes().is_empty());
+    // Allowed again (before the delete went out): it stays on the gateway as it was.
+    t.apply_policy(|_| forwarded(), 0, now);
+    assert!(matches!(t.mapping(&TCP8080).unwrap().state, MappingState::Active { .. }));
+    assert_eq!(t.next_work(now + GRACE), None, "nothing to do: both are on the gateway and wanted");
+    // Denied, deleted, then allowed: made again.
+    t.apply_policy(deny_8080, 0, now);
+    let _ = t.take_outcomes();
+    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
+    let removed = t.take_outcomes();
+    assert!(
+        removed.contains(&Outcome::Removed { key: PortKey::new(Protocol::Tcp, 8080), why: Removal::Policy }),
+        "{removed:?}"
+    );
+    assert!(t.mapping(&TCP8080).is_none());
+    t.apply_policy(|_| forwarded(), 0, now + GRACE);
+    assert_eq!(t.next_work(now + GRACE), add(TCP8080));
 }
