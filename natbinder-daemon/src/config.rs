@@ -26,6 +26,12 @@ pub struct ConfigFile {
     pub backend_order: Option<Vec<String>>,
     /// Concurrent mappings each uid may hold; 0: no limit.
     pub max_mappings_per_user: Option<u32>,
+    /// Where the control socket lives.
+    pub control_socket: Option<PathBuf>,
+    /// Members of this group may change things over the control socket ("" for none).
+    pub operator_group: Option<String>,
+    /// These uids may too.
+    pub operator_uids: Option<Vec<u32>>,
     /// The exposure policy's own rules (`[[rule]]` tables), in order; see [`crate::policy::spec`].
     #[serde(default)]
     pub rule: Vec<toml::Spanned<RuleSpec>>,

@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 
 use crate::{
     config::ConfigFile,
+    control::{views::Facts, ControlConfig, ControlSocket, ControlState, Operators},
     gateway::{
         announcements,
         pcp::NonceKey,
@@ -54,6 +55,8 @@ pub struct DaemonConfig {
     pub max_mappings_per_user: u32,
     /// What SIGHUP reads again; None: nothing (a reload then keeps the policy).
     pub reload: Option<ReloadSource>,
+    /// The control socket and who may change things through it.
+    pub control: ControlConfig,
 }
 
 /// Where a reload reads the policy from: the configuration file, with the command line's settings
@@ -92,6 +95,7 @@ impl Default for DaemonConfig {
             policy: PolicySpec::default(),
             max_mappings_per_user: policy::DEFAULT_MAX_MAPPINGS_PER_USER,
             reload: None,
+            control: ControlConfig::default(),
         }
     }
 }
@@ -103,6 +107,11 @@ pub async fn run(config: DaemonConfig, shutdown: impl Future<Output = ()>) -> Re
 
 /// As [`run`], publishing to `outcomes`.
 pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, outcomes: OutcomeBus) -> Result<()> {
+    // What `natbinder status` shows is followed from the first outcome on.
+    let facts = Arc::new(std::sync::Mutex::new(Facts::default()));
+    let mut facts_feed = outcomes.subscribe();
+    // First, so that a second daemon stops here, before it touches the kernel or the gateway.
+    let control = ControlSocket::bind(&config.control.socket)?;
     let cgroup = cgroup::resolve_cgroup(config.cgroup.as_deref())?;
     let scope = match &config.cgroup {
         Some(_) => Scope::Cgroup(cgroup.path.display().to_string()),
@@ -170,7 +179,35 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             }
         }
     };
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
+    let control_state = Arc::new(ControlState {
+        table: table.clone(),
+        facts: facts.clone(),
+        outcomes: outcomes.clone(),
+        reload: reload_tx,
+        operators: Operators::resolve(&config.control),
+    });
+    info!("control socket: {}", control.path().display());
+    let follow_facts = {
+        let (facts, mut stop) = (facts.clone(), stop_rx.clone());
+        async move {
+            loop {
+                let event = tokio::select! {
+                    event = facts_feed.recv() => event,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                match event {
+                    Ok(event) => facts.lock().unwrap_or_else(|e| e.into_inner()).observe(&event.outcome),
+                    // The facts are latest values: what was missed is superseded by what follows.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        }
+    };
     let tasks = vec![
+        tokio::spawn(follow_facts),
+        tokio::spawn(control.serve(control_state, stop_rx.clone())),
         tokio::spawn(netwatch::watch(lan.clone(), signals.sender(), stop_rx.clone())),
         tokio::spawn(announcements::listen(lan.clone(), signals.sender(), stop_rx.clone())),
         tokio::spawn(resync.run(config.reconcile_interval, resync_requested.clone(), hooks.losses(), stop_rx.clone())),
@@ -189,7 +226,14 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             read = hooks.read_events(&mut events) => read?,
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the policy, and checking the sockets and the gateway now");
-                reload_policy(&config, &scope, &exposure, &mut hooks, &table, &outcomes);
+                let _ = reload_policy(&config, &scope, &exposure, &mut hooks, &table, &outcomes);
+                resync_requested.notify_one();
+                hangups.send(Signal::CheckNow);
+                continue;
+            }
+            Some(answer) = reload_rx.recv() => {
+                info!("reload asked on the control socket: reloading the policy, and checking the sockets and the gateway now");
+                let _ = answer.send(reload_policy(&config, &scope, &exposure, &mut hooks, &table, &outcomes));
                 resync_requested.notify_one();
                 hangups.send(Signal::CheckNow);
                 continue;
@@ -249,17 +293,18 @@ fn reload_policy(
     hooks: &mut KernelHooks,
     table: &TableHandle,
     outcomes: &OutcomeBus,
-) {
+) -> std::result::Result<(), String> {
     let Some(source) = &config.reload else {
         info!("no configuration file to reload the policy from: it stays as it is");
-        return;
+        return Ok(());
     };
     let read = source.read().and_then(|(spec, max)| Ok((spec.validate()?, max)));
     let (rules, max) = match read {
         Ok(read) => read,
         Err(e) => {
-            outcomes.publish(Outcome::ReloadRefused { error: format!("{e:#}") });
-            return;
+            let error = format!("{e:#}");
+            outcomes.publish(Outcome::ReloadRefused { error: error.clone() });
+            return Err(error);
         }
     };
     exposure.replace(Policy::new(rules, scope, max));
@@ -275,6 +320,7 @@ fn reload_policy(
         kernel_entries: kernel_rules.len(),
         max_mappings_per_user: max,
     });
+    Ok(())
 }
 
 fn handle_event(

@@ -11,9 +11,11 @@
 //! * [`gateway`]: wire protocols to the LAN gateway (UPnP IGD, PCP, NAT-PMP), which one serves, and
 //!   one session per gateway found;
 //! * [`reconcile`]: turns the table's decisions into gateway calls; [`journal`]: what it made;
+//! * [`control`]: the control socket (Varlink, io.natbinder), its service and the CLI's client;
 //! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`] and [`config`]: the command line.
 pub mod cli;
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod gateway;
 pub mod host;

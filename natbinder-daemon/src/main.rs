@@ -1,30 +1,67 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use natbinder::cli::{Cli, Command};
+use natbinder::cli::{
+    show::{self, exit},
+    Cli, Command,
+};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // Bad arguments exit with 2 (clap's usage error).
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_env("NATBINDER_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_target(false)
-        .init();
-    // aya-log forwards the eBPF programs' messages through the `log` facade.
-    let _ = tracing_log::LogTracer::init();
+    match cli.command {
+        Command::Daemon(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(EnvFilter::try_from_env("NATBINDER_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
+                .with_target(false)
+                .init();
+            // aya-log forwards the eBPF programs' messages through the `log` facade.
+            let _ = tracing_log::LogTracer::init();
+            let result = args.into_config().and_then(|config| {
+                let runtime =
+                    tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
+                runtime.block_on(natbinder::daemon::run(config, shutdown_signal()))
+            });
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("natbinder: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        command => client(command),
+    }
+}
 
-    let result = match cli.command {
-        Command::Daemon(args) => args.into_config().and_then(|config| {
-            let runtime =
-                tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from)?;
-            runtime.block_on(natbinder::daemon::run(config, shutdown_signal()))
-        }),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+/// The commands that talk to a running daemon.
+fn client(command: Command) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
         Err(e) => {
-            eprintln!("natbinder: {e:#}");
-            ExitCode::FAILURE
+            eprintln!("natbinder: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let result = runtime.block_on(async {
+        match &command {
+            Command::Status(output) => show::status(output).await.map(|()| true),
+            Command::List { all, output } => show::list(output, *all).await.map(|()| true),
+            Command::Get { protocol, port, output } => show::get(output, *protocol, *port).await.map(|()| true),
+            Command::ExternalIp(output) => show::external_ip(output).await,
+            Command::Watch(output) => show::watch(output).await.map(|()| true),
+            Command::Reload(output) => show::reload(output).await.map(|()| true),
+            Command::Daemon(_) => unreachable!("handled in main"),
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(exit::FAILED),
+        Err(e) => {
+            let (code, text) = show::failure(&e);
+            eprintln!("natbinder: {text}");
+            ExitCode::from(code)
         }
     }
 }

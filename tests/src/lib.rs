@@ -166,6 +166,8 @@ impl Harness {
             .arg(&self.lab.cgroup.path)
             .arg("--state-dir")
             .arg(self.lab.dir.join("state"))
+            .arg("--control-socket")
+            .arg(self.control_socket())
             .args(extra)
             .env("NATBINDER_LOG", "natbinder=debug,info")
             .stdout(log.try_clone()?)
@@ -195,6 +197,8 @@ impl Harness {
             self.lab.cgroup.path.display().to_string(),
             "--state-dir".to_string(),
             self.lab.dir.join("state").display().to_string(),
+            "--control-socket".to_string(),
+            self.control_socket().display().to_string(),
         ];
         args.extend(extra.iter().map(|a| a.to_string()));
         self.inproc = Some(InProcessDaemon::start(&self.lab.lan1, &args)?);
@@ -204,7 +208,12 @@ impl Harness {
     /// Starts natbinder in this process, in lan1, watching the whole machine (no --cgroup), so that
     /// the desktop default policy decides; waits until it is ready.
     pub fn start_daemon_in_process_machine_wide(&mut self, extra: &[&str]) -> Result<()> {
-        let mut args = vec!["--state-dir".to_string(), self.lab.dir.join("state").display().to_string()];
+        let mut args = vec![
+            "--state-dir".to_string(),
+            self.lab.dir.join("state").display().to_string(),
+            "--control-socket".to_string(),
+            self.control_socket().display().to_string(),
+        ];
         args.extend(extra.iter().map(|a| a.to_string()));
         self.inproc = Some(InProcessDaemon::start(&self.lab.lan1, &args)?);
         Ok(())
@@ -219,20 +228,58 @@ impl Harness {
         name: &str,
         args: &[&str],
     ) -> Result<(App, BufReader<std::process::ChildStdout>)> {
-        use std::os::unix::fs::PermissionsExt;
-        let bin_dir = self.lab.dir.join("bin");
-        let bin = bin_dir.join("natbinder-testapp");
-        if !bin.exists() {
-            std::fs::create_dir_all(&bin_dir)?;
-            std::fs::copy(testapp_bin(), &bin)?;
-            for path in [&self.lab.dir, &bin_dir, &bin] {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
-            }
-        }
+        let bin = self.runnable_by_anyone(&testapp_bin())?;
         let ns = Netns { name: self.lab.lan1.name.clone() };
         let mut cmd = natbinder_lab::command_in_as(&ns, Some(cgroup), Some((uid, uid)), &bin)?;
         cmd.args(args).env("TESTAPP_NAME", name).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
         spawn_app(cmd, name)
+    }
+
+    /// A copy of `program` that every user may run (the build's own directory may be private).
+    fn runnable_by_anyone(&self, program: &std::path::Path) -> Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let bin_dir = self.lab.dir.join("bin");
+        let bin = bin_dir.join(program.file_name().context("a program's file name")?);
+        if !bin.exists() {
+            std::fs::create_dir_all(&bin_dir)?;
+            std::fs::copy(program, &bin)?;
+            for path in [&self.lab.dir, &bin_dir, &bin] {
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755))?;
+            }
+        }
+        Ok(bin)
+    }
+
+    /// The daemon's control socket in this lab.
+    pub fn control_socket(&self) -> PathBuf {
+        self.lab.dir.join("io.natbinder")
+    }
+
+    /// Runs `natbinder ARGS --socket <this lab's>` as `uid` (None: root) and returns its exit code,
+    /// stdout and stderr.
+    pub fn cli_as(&self, uid: Option<u32>, args: &[&str]) -> Result<(i32, String, String)> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = match uid {
+            // std drops root's supplementary groups when it switches uid.
+            Some(uid) => {
+                let mut cmd = std::process::Command::new(self.runnable_by_anyone(&natbinder_bin())?);
+                cmd.uid(uid).gid(uid);
+                cmd
+            }
+            None => std::process::Command::new(natbinder_bin()),
+        };
+        cmd.args(args).arg("--socket").arg(self.control_socket());
+        let out = cmd.output().context("running the natbinder CLI")?;
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// As [`Harness::cli_as`], as root.
+    pub fn cli(&self, args: &[&str]) -> Result<(i32, String, String)> {
+        self.cli_as(None, args)
     }
 
     /// The in-process daemon.

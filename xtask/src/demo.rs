@@ -113,6 +113,8 @@ pub fn run() -> Result<()> {
         .arg(&lab.cgroup.path)
         .arg("--state-dir")
         .arg(lab.dir.join("state"))
+        .arg("--control-socket")
+        .arg(lab.dir.join("io.natbinder"))
         .env("NO_COLOR", "1");
     let mut daemon = Narrated::spawn(cmd, "natbinder")?;
     daemon.wait_for_output("ready:", Duration::from_secs(30))?;
@@ -153,6 +155,30 @@ pub fn run() -> Result<()> {
     .context("the UDP echo never became reachable from the WAN")?;
     say(&format!("UDP answer: {echo:?}"));
     show_gateway_table(&lab)?;
+
+    step("A `python3 -m http.server` on its default port 8000 stays local: that port is on the deny list");
+    let mut files = lab.command(&lab.lan1, true, "python3")?;
+    files.args(["-u", "-m", "http.server", "8000", "--bind", "0.0.0.0"]).current_dir(&lab.dir);
+    let mut files = Narrated::spawn(files, "http.server 8000")?;
+    std::thread::sleep(Duration::from_millis(500));
+    match tcp_from_wan(&lab, 8000, "") {
+        Reach::Refused => say("the WAN peer's connection to port 8000 is refused: nothing forwards it"),
+        other => bail!("port 8000 was forwarded: the WAN peer got {other:?}"),
+    }
+    step("What natbinder says about it: `natbinder status` and `natbinder list` (anyone may run them)");
+    let socket = lab.dir.join("io.natbinder");
+    for command in ["status", "list"] {
+        let out = std::process::Command::new(&natbinder).args([command, "--socket"]).arg(&socket).output()?;
+        if !out.status.success() {
+            bail!("natbinder {command} failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        say(&format!("$ natbinder {command}"));
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            say(&format!("  {line}"));
+        }
+    }
+    files.child.kill()?;
+    files.child.wait()?;
 
     step("The HTTP server crashes (SIGKILL) and the UDP echo is stopped (SIGTERM)");
     let killed = Instant::now();

@@ -1,18 +1,29 @@
 //! The log as a subscriber of the outcome stream: one line per outcome, worded for the person reading
 //! the journal. Protocol diagnostics (a malformed packet, a retransmission) are logged where they
 //! happen, in the gateway modules; everything that changes what the user gets is logged here.
-use tracing::{debug, info, warn};
+//! [`describe`] words each outcome once, for the log and for `natbinder watch`.
+use tracing::{debug, info, warn, Level};
 
 use super::{DoubleNat, Found, Lease, Outcome, Removal, Seen};
 use crate::table::{PendingReason, Stack};
 
 pub fn log(outcome: &Outcome) {
+    let (level, text) = describe(outcome);
+    match level {
+        Level::WARN | Level::ERROR => warn!("{text}"),
+        Level::INFO => info!("{text}"),
+        _ => debug!("{text}"),
+    }
+}
+
+/// The outcome in words, and how loudly the log says it.
+pub fn describe(outcome: &Outcome) -> (Level, String) {
     match outcome {
-        Outcome::Watching { cgroup, min_port, netns_cookie } => info!(
+        Outcome::Watching { cgroup, min_port, netns_cookie } => (Level::INFO, format!(
             "watching binds of ports >= {min_port} on 0.0.0.0 and [::] in cgroup {} (network namespace cookie {netns_cookie})",
             cgroup.display()
-        ),
-        Outcome::SocketBound { listener: l, stack, found: Found::Bind } => info!(
+        )),
+        Outcome::SocketBound { listener: l, stack, found: Found::Bind } => (Level::INFO, format!(
             "pid {} ({}) uid {} bound {}/{} on {}{}",
             l.owner.pid,
             l.owner.comm,
@@ -21,22 +32,22 @@ pub fn log(outcome: &Outcome) {
             l.port,
             l.family,
             if *stack == Stack::Ipv6Only { " (IPv6-only: no IPv4 mapping)" } else { "" }
-        ),
-        Outcome::SocketBound { listener: l, found: Found::Adopted, .. } => info!(
+        )),
+        Outcome::SocketBound { listener: l, found: Found::Adopted, .. } => (Level::INFO, format!(
             "adopted {}/{} on {} held by pid {} ({}), bound while natbinder was not watching",
             l.protocol, l.port, l.family, l.owner.pid, l.owner.comm
-        ),
+        )),
         Outcome::SocketClassified { listener: l, stack: Stack::Ipv6Only } => {
-            info!("{}/{} on [::] (pid {}) is IPv6-only: no IPv4 mapping", l.protocol, l.port, l.owner.pid)
+            (Level::INFO, format!("{}/{} on [::] (pid {}) is IPv6-only: no IPv4 mapping", l.protocol, l.port, l.owner.pid))
         }
         Outcome::SocketClassified { listener: l, stack } => {
-            debug!("{}/{} on [::] (pid {}) is {stack:?}", l.protocol, l.port, l.owner.pid)
+            (Level::DEBUG, format!("{}/{} on [::] (pid {}) is {stack:?}", l.protocol, l.port, l.owner.pid))
         }
         Outcome::SocketReleased { listener: l, seen: Seen::Released } => {
-            info!("released {}/{} (pid {}, {})", l.protocol, l.port, l.owner.pid, l.owner.comm)
+            (Level::INFO, format!("released {}/{} (pid {}, {})", l.protocol, l.port, l.owner.pid, l.owner.comm))
         }
         Outcome::SocketReleased { listener: l, seen: Seen::Missing } => {
-            info!("{}/{} is gone (its release was not seen)", l.protocol, l.port)
+            (Level::INFO, format!("{}/{} is gone (its release was not seen)", l.protocol, l.port))
         }
         Outcome::PolicyApplied { scope, rules, kernel_entries, max_mappings_per_user } => {
             let scope = match scope {
@@ -52,92 +63,91 @@ pub fn log(outcome: &Outcome) {
                 0 => "no limit per user".to_string(),
                 n => format!("at most {n} mappings per user"),
             };
-            info!("exposure policy: forwarding {scope}, but the deny list; {rules} rules, {kernel_entries} in the kernel; {limit}")
+            (Level::INFO, format!("exposure policy: forwarding {scope}, but the deny list; {rules} rules, {kernel_entries} in the kernel; {limit}"))
         }
-        Outcome::ReloadRefused { error } => warn!("reload refused, the running policy stays: {error}"),
-        Outcome::NotForwarded { listener: l, rule } => info!(
+        Outcome::ReloadRefused { error } => (Level::WARN, format!("reload refused, the running policy stays: {error}")),
+        Outcome::NotForwarded { listener: l, rule } => (Level::INFO, format!(
             "not forwarding {}/{} of pid {} ({}) uid {}: {rule}",
             l.protocol, l.port, l.owner.pid, l.owner.comm, l.owner.uid
-        ),
-        Outcome::BindRefused { listener: l, holder } => warn!(
+        )),
+        Outcome::BindRefused { listener: l, holder } => (Level::WARN, format!(
             "refused bind of {}/{} by pid {} ({}) with EADDRINUSE: another host{} holds that port on the gateway",
             l.protocol,
             l.port,
             l.owner.pid,
             l.owner.comm,
             holder.map(|h| format!(" ({h})")).unwrap_or_default()
-        ),
+        )),
         Outcome::Mapped { key, internal, lease, backend, renewal, took } => {
             let lease = match lease {
                 Lease::Permanent => "permanent".to_string(),
                 Lease::For(d) => format!("lease {}s", d.as_secs()),
             };
             let renewal = if *renewal { ", a renewal" } else { "" };
-            info!("mapped {key} -> {internal} via {backend} ({lease}) in {:.1} ms{renewal}", took.as_secs_f64() * 1e3)
+            (Level::INFO, format!("mapped {key} -> {internal} via {backend} ({lease}) in {:.1} ms{renewal}", took.as_secs_f64() * 1e3))
         }
         Outcome::Pending { key, reason } => match reason {
             PendingReason::Retrying { error, retry_in, .. } => {
-                warn!("could not map {key}: {error}; will retry in {:.0} s", retry_in.as_secs_f64())
+                (Level::WARN, format!("could not map {key}: {error}; will retry in {:.0} s", retry_in.as_secs_f64()))
             }
-            PendingReason::HolderLeft => info!("{key} is no longer held by another host; mapping it"),
-            PendingReason::RecheckHeld => debug!("{key} was held by another host: trying again"),
-            other => debug!("{key} pending: {other:?}"),
+            PendingReason::HolderLeft => (Level::INFO, format!("{key} is no longer held by another host; mapping it")),
+            PendingReason::RecheckHeld => (Level::DEBUG, format!("{key} was held by another host: trying again")),
+            other => (Level::DEBUG, format!("{key} pending: {other:?}")),
         },
-        Outcome::Conflict { key, holder } => warn!(
+        Outcome::Conflict { key, holder } => (Level::WARN, format!(
             "{key} is held on the gateway by {}: the socket is bound but not reachable from outside; \
              further binds of this port will fail with EADDRINUSE",
             holder.map_or("another host".to_string(), |h| h.to_string())
-        ),
+        )),
         Outcome::Dropped { keys, all } if *all && keys.len() > 1 => {
-            warn!("the gateway lost all {} of our mappings (did it restart?); adding them again", keys.len())
+            (Level::WARN, format!("the gateway lost all {} of our mappings (did it restart?); adding them again", keys.len()))
         }
         Outcome::Dropped { keys, .. } => {
-            for key in keys {
-                warn!("the gateway dropped mapping {key}; adding it again");
-            }
+            let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+            (Level::WARN, format!("the gateway dropped mapping {}; adding it again", keys.join(", ")))
         }
         Outcome::Removed { key, why } => match why {
-            Removal::Released | Removal::Shutdown => info!("removed mapping {key}"),
+            Removal::Released | Removal::Shutdown => (Level::INFO, format!("removed mapping {key}")),
             Removal::Leftover => {
-                info!("removed {key}, left on the gateway by an earlier natbinder run with no socket needing it")
+                (Level::INFO, format!("removed {key}, left on the gateway by an earlier natbinder run with no socket needing it"))
             }
-            Removal::Drifted => info!("removed {key}, which pointed elsewhere"),
-            Removal::Policy => info!("removed mapping {key}: the policy no longer forwards it"),
+            Removal::Drifted => (Level::INFO, format!("removed {key}, which pointed elsewhere")),
+            Removal::Policy => (Level::INFO, format!("removed mapping {key}: the policy no longer forwards it")),
         },
-        Outcome::RemoveFailed { key, error } => warn!("could not remove mapping {key}: {error}; its lease will end it"),
+        Outcome::RemoveFailed { key, error } => (Level::WARN, format!("could not remove mapping {key}: {error}; its lease will end it")),
         Outcome::GatewayFound { gateway, backend, local } => {
-            info!("gateway: {gateway} ({backend}); this host is {local} on its LAN")
+            (Level::INFO, format!("gateway: {gateway} ({backend}); this host is {local} on its LAN"))
         }
         Outcome::GatewayNotFound { why } => {
-            warn!("{why}; retrying in the background (bound sockets wait in the table)")
+            (Level::WARN, format!("{why}; retrying in the background (bound sockets wait in the table)"))
         }
-        Outcome::GatewayLost { gateway, why } => warn!("{why}; looking for the gateway again (was {gateway})"),
+        Outcome::GatewayLost { gateway, why } => (Level::WARN, format!("{why}; looking for the gateway again (was {gateway})")),
         Outcome::GatewayLostMappings { gateway, why } => {
-            info!("{gateway} lost its mappings ({why}); making them all again")
+            (Level::INFO, format!("{gateway} lost its mappings ({why}); making them all again"))
         }
         Outcome::Ready { gateway: Some(gateway), sockets, mappings } => {
-            info!("ready: {sockets} bound sockets, {mappings} mappings to keep on {gateway}")
+            (Level::INFO, format!("ready: {sockets} bound sockets, {mappings} mappings to keep on {gateway}"))
         }
         Outcome::Ready { gateway: None, sockets, .. } => {
-            info!("ready: no gateway found yet; {sockets} bound sockets wait for one")
+            (Level::INFO, format!("ready: no gateway found yet; {sockets} bound sockets wait for one"))
         }
-        Outcome::ExternalAddress { address, previous: None } => info!("gateway's external address: {address}"),
+        Outcome::ExternalAddress { address, previous: None } => (Level::INFO, format!("gateway's external address: {address}")),
         Outcome::ExternalAddress { address, previous: Some(old) } => {
-            warn!("the gateway's external address changed from {old} to {address}")
+            (Level::WARN, format!("the gateway's external address changed from {old} to {address}"))
         }
-        Outcome::DoubleNat(DoubleNat::UpstreamAddress(ip)) => warn!(
+        Outcome::DoubleNat(DoubleNat::UpstreamAddress(ip)) => (Level::WARN, format!(
             "the gateway's external address {ip} is not a public one: there is another NAT upstream (double NAT, or \
              carrier-grade NAT). Mappings are still made on this gateway, but they will not make this host \
              reachable from the internet"
-        ),
-        Outcome::DoubleNat(DoubleNat::InBetween { gateway, detail }) => warn!(
+        )),
+        Outcome::DoubleNat(DoubleNat::InBetween { gateway, detail }) => (Level::WARN, format!(
             "{detail}. The gateway at {gateway} is not on this host's LAN side of every NAT (double NAT): its \
              mappings would not reach this host. Will retry in case the network changes"
-        ),
-        Outcome::EventsLost { total } => warn!(
+        )),
+        Outcome::EventsLost { total } => (Level::WARN, format!(
             "socket events were lost (ring buffer or socket map full; {total} so far): pausing new mappings and \
              resynchronising from sock_diag until the storm settles"
-        ),
-        Outcome::StormOver => info!("event storm over: the table matches the sockets again; resuming new mappings"),
+        )),
+        Outcome::StormOver => (Level::INFO, "event storm over: the table matches the sockets again; resuming new mappings".to_string()),
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! Subscribers:
 //! * the log ([`log`]), called in line, so that no line is ever lost or reordered;
-//! * anyone holding a [`tokio::sync::broadcast`] receiver from [`OutcomeBus::subscribe`]: the tests
-//!   today, the control socket's `watch` and `natbinder run --wait` next. A receiver that falls more
-//!   than [`CAPACITY`] events behind is told so (`RecvError::Lagged`) and must read the state afresh.
+//! * anyone holding a [`tokio::sync::broadcast`] receiver from [`OutcomeBus::subscribe`]: the tests,
+//!   the control socket (its `Watch`, and the facts behind `Status`), and `natbinder run --wait`
+//!   next. A receiver that falls more than [`CAPACITY`] events behind is told so
+//!   (`RecvError::Lagged`) and must read the state afresh.
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddrV4},
     path::PathBuf,

@@ -142,6 +142,8 @@ pub struct Mapping {
     pub uid: u32,
     /// Why it became unwanted, when that was not its last socket's release (a reload's policy).
     pub unwanted_by: Option<Removal>,
+    /// The protocol that last mapped it.
+    pub backend: Option<Backend>,
 }
 
 #[derive(Clone, Debug)]
@@ -420,6 +422,7 @@ impl Table {
                     handle: None,
                     uid,
                     unwanted_by: None,
+                    backend: None,
                 };
                 self.mappings.insert(key, mapping);
             }
@@ -627,6 +630,7 @@ impl Table {
             Some(m) => {
                 m.state = state;
                 m.on_gateway = true;
+                m.backend = Some(grant.backend);
             }
             // The last socket went while the add was in flight, and took the pending mapping with it:
             // track it again so that it is deleted.
@@ -640,6 +644,7 @@ impl Table {
                     handle: None,
                     uid: 0,
                     unwanted_by: None,
+                    backend: None,
                 };
                 self.mappings.insert(key, mapping);
             }

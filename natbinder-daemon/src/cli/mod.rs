@@ -1,5 +1,8 @@
 //! The `natbinder` command line. Each subcommand validates its input into a typed configuration and
-//! says, on bad input, what was wrong and what to do.
+//! says, on bad input, what was wrong and what to do. `daemon` runs the daemon; the others talk to it
+//! over the control socket ([`show`]).
+//!
+//! Exit codes: 0 done, 1 failed, 2 bad arguments, 3 the daemon is not running, 4 not permitted.
 use std::{
     path::{Path, PathBuf},
     time::Duration,
@@ -8,8 +11,11 @@ use std::{
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
+pub mod show;
+
 use crate::{
     config::{self, BackendChoice, ConfigFile},
+    control::ControlConfig,
     daemon::{DaemonConfig, ReloadSource},
     gateway::select::{self, Backend},
 };
@@ -26,8 +32,10 @@ impl Cli {
     /// exists) when ARGS name no --config: for running the daemon in another program's process.
     pub fn daemon_config(args: &[String], default_file: &Path) -> Result<DaemonConfig> {
         let argv = ["natbinder", "daemon"].into_iter().map(String::from).chain(args.iter().cloned());
-        let Command::Daemon(daemon) = Cli::try_parse_from(argv)?.command;
-        daemon.into_config_with_default_file(default_file)
+        match Cli::try_parse_from(argv)?.command {
+            Command::Daemon(daemon) => daemon.into_config_with_default_file(default_file),
+            _ => unreachable!("parsed as `natbinder daemon`"),
+        }
     }
 }
 
@@ -35,6 +43,32 @@ impl Cli {
 pub enum Command {
     /// Run the daemon: watch binds in a cgroup and forward their ports on the LAN gateway.
     Daemon(DaemonArgs),
+    /// The daemon, its gateway, the external address, and counts of mappings by state.
+    Status(show::Output),
+    /// One line per forwarded port and per bound socket that is not forwarded, and why.
+    List {
+        /// Also the ports other LAN hosts hold on the gateway (read-only).
+        #[arg(long)]
+        all: bool,
+        #[command(flatten)]
+        output: show::Output,
+    },
+    /// One port, as `list` shows it.
+    Get {
+        #[arg(value_enum)]
+        protocol: show::ProtocolArg,
+        #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+        port: u16,
+        #[command(flatten)]
+        output: show::Output,
+    },
+    /// The gateway's external (public) address.
+    ExternalIp(show::Output),
+    /// What happens, as it happens: mappings made and removed, binds refused, the gateway found or
+    /// lost. One line each (JSON lines with --json), until interrupted.
+    Watch(show::Output),
+    /// Apply the configuration file's policy and limits again, as SIGHUP does (root or operators).
+    Reload(show::Output),
 }
 
 /// Options of `natbinder daemon`. Each can also be set in the configuration file; the command line wins.
@@ -89,6 +123,11 @@ pub struct DaemonArgs {
     /// are mapped when one of that user's mappings goes. [default: 32]
     #[arg(long, value_name = "N")]
     pub max_mappings_per_user: Option<u32>,
+
+    /// Where the control socket lives (`natbinder status`, `list`, `watch` talk to it).
+    /// [default: /run/natbinder/io.natbinder]
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
 }
 
 impl DaemonArgs {
@@ -162,6 +201,15 @@ impl DaemonArgs {
             backends,
             policy,
             max_mappings_per_user,
+            control: ControlConfig {
+                socket: self.control_socket.or(file.control_socket).unwrap_or(defaults.control.socket),
+                operator_group: match file.operator_group {
+                    Some(group) if group.is_empty() => None,
+                    Some(group) => Some(group),
+                    None => defaults.control.operator_group,
+                },
+                operator_uids: file.operator_uids.unwrap_or_default(),
+            },
             reload: Some(ReloadSource { file: file_path, explicit, max_mappings_per_user: self.max_mappings_per_user }),
             ..defaults
         })
@@ -176,7 +224,7 @@ mod tests {
     /// default file is one that does not exist.
     fn parse(args: &[&str]) -> Result<DaemonConfig> {
         let cli = Cli::try_parse_from(args)?;
-        let Command::Daemon(args) = cli.command;
+        let Command::Daemon(args) = cli.command else { panic!("not a daemon command") };
         args.into_config_with_default_file(Path::new("/nonexistent/natbinder-test/natbinder.toml"))
     }
 
@@ -208,7 +256,9 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("natbinder.toml");
         std::fs::write(&file, "reconcile-interval-seconds = 7\n").unwrap();
-        let Command::Daemon(args) = Cli::try_parse_from(["natbinder", "daemon"]).unwrap().command;
+        let Command::Daemon(args) = Cli::try_parse_from(["natbinder", "daemon"]).unwrap().command else {
+            panic!("not a daemon command")
+        };
         assert_eq!(args.into_config_with_default_file(&file).unwrap().reconcile_interval.as_secs(), 7);
         std::fs::remove_dir_all(&dir).unwrap();
     }

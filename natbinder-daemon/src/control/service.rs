@@ -1,0 +1,243 @@
+//! What each io.natbinder method does, and one connection's life: calls read one at a time, each
+//! checked before it is served, with the limits of [`super`].
+use std::{sync::Arc, time::Instant};
+
+use serde_json::{json, Map, Value};
+use tokio::{
+    io::{AsyncBufReadExt, BufReader},
+    net::{unix::OwnedWriteHalf, UnixStream},
+    sync::{broadcast, oneshot, watch},
+    time::timeout,
+};
+use tracing::debug;
+
+use super::{
+    peer_of,
+    varlink::{self, errors, Call, ReadError, Reply},
+    views, ControlState, Peer, INTERFACE, READ_TIMEOUT, WRITE_TIMEOUT,
+};
+use crate::Protocol;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const SERVICE_INTERFACE: &str = "\
+interface org.varlink.service
+method GetInfo() -> (vendor: string, product: string, version: string, url: string, interfaces: []string)
+method GetInterfaceDescription(interface: string) -> (description: string)
+error InterfaceNotFound (interface: string)
+error MethodNotFound (method: string)
+error MethodNotImplemented (method: string)
+error InvalidParameter (parameter: string)
+error PermissionDenied ()
+error ExpectedMore ()
+";
+
+/// One connection, until the peer closes it, breaks a limit, or the daemon stops.
+pub async fn connection(stream: UnixStream, state: Arc<ControlState>, mut stop: watch::Receiver<bool>) {
+    let peer = match peer_of(&stream) {
+        Ok(peer) => peer,
+        Err(e) => {
+            debug!("control socket: no peer credentials ({e}); closing");
+            return;
+        }
+    };
+    let (read, mut write) = stream.into_split();
+    let mut reader = BufReader::new(read);
+    let mut buffer = Vec::new();
+    loop {
+        let read = tokio::select! {
+            read = timeout(READ_TIMEOUT, varlink::read_message(&mut reader, &mut buffer)) => read,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let call = match read {
+            Err(_) => {
+                return debug!("control socket: uid {} sent nothing whole in {READ_TIMEOUT:?}; closing", peer.uid)
+            }
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(()))) => varlink::parse_call(&buffer),
+            Ok(Err(e)) => Err(e),
+        };
+        let call = match call {
+            Ok(call) => call,
+            Err(ReadError::Io(_)) => return,
+            Err(e) => {
+                debug!("control socket: uid {}: {e}; closing", peer.uid);
+                let reply = Reply::error("io.natbinder.InvalidMessage", json!({"problem": e.to_string()}));
+                let _ = send(&mut write, &reply).await;
+                return;
+            }
+        };
+        if call.method == "io.natbinder.Watch" && call.more {
+            return watch_stream(&mut reader, &mut write, &state, &mut stop).await;
+        }
+        let reply = handle(&call, &peer, &state).await;
+        if !call.oneway && send(&mut write, &reply).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A connection over a limit (`limit`): told so, and closed.
+pub async fn turn_away(stream: UnixStream, limit: usize) {
+    let (_, mut write) = stream.into_split();
+    let reply = Reply::error("io.natbinder.TooManyClients", json!({ "limit": limit }));
+    let _ = send(&mut write, &reply).await;
+}
+
+async fn send(write: &mut OwnedWriteHalf, reply: &Reply) -> Result<(), ()> {
+    match timeout(WRITE_TIMEOUT, varlink::write_message(write, reply)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(()),
+    }
+}
+
+fn invalid(parameter: &str) -> Reply {
+    Reply::error(errors::INVALID_PARAMETER, json!({"parameter": parameter}))
+}
+
+/// The parameters, refusing any that `known` does not list.
+fn parameters(call: &Call, known: &[&str]) -> Result<Map<String, Value>, Reply> {
+    let parameters = call.parameters();
+    match parameters.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(unknown) => Err(invalid(unknown)),
+        None => Ok(parameters),
+    }
+}
+
+/// `protocol` and `port`, checked.
+pub fn protocol_port(parameters: &Map<String, Value>) -> Result<(Protocol, u16), Reply> {
+    let protocol = match parameters.get("protocol").and_then(Value::as_str) {
+        Some("tcp") => Protocol::Tcp,
+        Some("udp") => Protocol::Udp,
+        _ => return Err(invalid("protocol")),
+    };
+    let port = match parameters.get("port").and_then(Value::as_u64) {
+        Some(port @ 1..=65535) => port as u16,
+        _ => return Err(invalid("port")),
+    };
+    Ok((protocol, port))
+}
+
+/// Serves one call (all but Watch's stream).
+pub async fn handle(call: &Call, peer: &Peer, state: &ControlState) -> Reply {
+    match serve(call, peer, state).await {
+        Ok(reply) | Err(reply) => reply,
+    }
+}
+
+async fn serve(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, Reply> {
+    let now = Instant::now();
+    let reply = match call.method.as_str() {
+        "io.natbinder.Status" => {
+            parameters(call, &[])?;
+            let views = state.table.read(|t| views::list(t, false, now));
+            let facts = state.facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            Reply::ok(facts.status(VERSION, &views))
+        }
+        "io.natbinder.List" => {
+            let p = parameters(call, &["all"])?;
+            let all = match p.get("all") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(all)) => *all,
+                Some(_) => return Err(invalid("all")),
+            };
+            let views = state.table.read(|t| views::list(t, all, now));
+            Reply::ok(json!({ "mappings": views }))
+        }
+        "io.natbinder.Get" => {
+            let (protocol, port) = protocol_port(&parameters(call, &["protocol", "port"])?)?;
+            match state.table.read(|t| views::get(t, protocol, port, now)) {
+                Some(view) => Reply::ok(json!({ "mapping": view })),
+                None => {
+                    Reply::error("io.natbinder.NoSuchMapping", json!({"protocol": protocol.to_string(), "port": port}))
+                }
+            }
+        }
+        "io.natbinder.ExternalAddress" => {
+            parameters(call, &[])?;
+            let address = state.facts.lock().unwrap_or_else(|e| e.into_inner()).external_address;
+            Reply::ok(json!({ "address": address.map(|a| a.to_string()) }))
+        }
+        "io.natbinder.Watch" => Reply::error(errors::EXPECTED_MORE, Value::Null),
+        "io.natbinder.Reload" => {
+            parameters(call, &[])?;
+            may_change(peer, state, "reload the configuration")?;
+            let (tx, rx) = oneshot::channel();
+            if state.reload.send(tx).is_err() {
+                return Err(Reply::error("io.natbinder.ReloadFailed", json!({"error": "natbinder is shutting down"})));
+            }
+            match rx.await {
+                Ok(Ok(())) => Reply::ok(Value::Null),
+                Ok(Err(error)) => Reply::error("io.natbinder.ReloadFailed", json!({ "error": error })),
+                Err(_) => Reply::error("io.natbinder.ReloadFailed", json!({"error": "natbinder is shutting down"})),
+            }
+        }
+        "org.varlink.service.GetInfo" => {
+            parameters(call, &[])?;
+            Reply::ok(json!({
+                "vendor": "natbinder",
+                "product": "natbinder",
+                "version": VERSION,
+                "url": "",
+                "interfaces": ["org.varlink.service", "io.natbinder"],
+            }))
+        }
+        "org.varlink.service.GetInterfaceDescription" => {
+            let p = parameters(call, &["interface"])?;
+            match p.get("interface").and_then(Value::as_str) {
+                Some("io.natbinder") => Reply::ok(json!({ "description": INTERFACE })),
+                Some("org.varlink.service") => Reply::ok(json!({ "description": SERVICE_INTERFACE })),
+                Some(other) => Reply::error(errors::INTERFACE_NOT_FOUND, json!({ "interface": other })),
+                None => return Err(invalid("interface")),
+            }
+        }
+        method => match method.rsplit_once('.') {
+            Some(("io.natbinder" | "org.varlink.service", _)) => {
+                Reply::error(errors::METHOD_NOT_FOUND, json!({ "method": method }))
+            }
+            Some((interface, _)) => Reply::error(errors::INTERFACE_NOT_FOUND, json!({ "interface": interface })),
+            None => Reply::error(errors::METHOD_NOT_FOUND, json!({ "method": method })),
+        },
+    };
+    Ok(reply)
+}
+
+fn may_change(peer: &Peer, state: &ControlState, what: &str) -> Result<(), Reply> {
+    state.operators.may_change(peer).map_err(|(rule, fix)| {
+        debug!("control socket: uid {} may not {what}", peer.uid);
+        Reply::error("io.natbinder.NotPermitted", json!({"what": what, "rule": rule, "fix": fix}))
+    })
+}
+
+/// Watch with "more": every outcome from now on, one reply each, until the peer goes. A peer that
+/// falls [`crate::outcome::CAPACITY`] outcomes behind is told how many it missed, and closed.
+async fn watch_stream(
+    reader: &mut BufReader<tokio::net::unix::OwnedReadHalf>,
+    write: &mut OwnedWriteHalf,
+    state: &ControlState,
+    stop: &mut watch::Receiver<bool>,
+) {
+    let mut outcomes = state.outcomes.subscribe();
+    loop {
+        let event = tokio::select! {
+            event = outcomes.recv() => event,
+            // Anything the peer sends now, or its going, ends the stream.
+            _ = reader.fill_buf() => return,
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let reply = match event {
+            Ok(event) => {
+                let event = views::watch_event(&event, Instant::now());
+                Reply { continues: true, ..Reply::ok(event) }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                let _ = send(write, &Reply::error("io.natbinder.WatchLagged", json!({ "missed": missed }))).await;
+                return;
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if send(write, &reply).await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! What the control interface shows, in the shapes io.natbinder.varlink documents: the table as
+//! `Mapping` objects, the daemon's facts for `Status`, and outcomes as `Watch` events. The JSON is
+//! stable: fields are only ever added.
+use std::{
+    net::IpAddr,
+    path::PathBuf,
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::{
+    gateway::Backend,
+    outcome::{log::describe, DoubleNat, Event, Lease, Outcome},
+    policy::Scope,
+    table::{Listener, MappingKey, MappingState, PendingReason, Table},
+    Protocol,
+};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OwnerView {
+    pub pid: u32,
+    pub program: String,
+    pub uid: u32,
+    pub cgroup: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MappingView {
+    pub protocol: String,
+    pub external_port: u16,
+    pub internal_port: u16,
+    pub state: &'static str,
+    pub reason: Option<String>,
+    pub holder: Option<String>,
+    pub owners: Vec<OwnerView>,
+    pub lease_left_seconds: Option<u64>,
+    pub permanent: bool,
+    pub backend: Option<String>,
+}
+
+fn owner(l: &Listener) -> OwnerView {
+    OwnerView { pid: l.owner.pid, program: l.owner.comm.clone(), uid: l.owner.uid, cgroup: l.owner.cgroup.clone() }
+}
+
+pub fn pending_reason(reason: &PendingReason) -> String {
+    match reason {
+        PendingReason::Queued => "queued".into(),
+        PendingReason::EventStorm => "kernel events were lost: waiting for a listing of the sockets".into(),
+        PendingReason::GatewayChanged => "the gateway changed or lost its state: being made again".into(),
+        PendingReason::Dropped => "the gateway dropped it: being made again".into(),
+        PendingReason::HolderLeft => "the host that held the port let go of it".into(),
+        PendingReason::RecheckHeld => "was held by another host: asking again".into(),
+        PendingReason::Retrying { error, attempts, retry_in } => {
+            format!("{error} (attempt {attempts}; next in {} s)", retry_in.as_secs())
+        }
+    }
+}
+
+/// Every mapping the table wants or is removing, and every bound socket it does not forward, sorted
+/// by protocol and port. `all`: also the ports other hosts hold on the gateway.
+pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
+    let mut views = Vec::new();
+    for (key, m) in table.mappings() {
+        let Some(port_key) = key.as_ipv4() else { continue };
+        let owners: Vec<OwnerView> =
+            m.sockets.iter().filter_map(|c| table.socket(*c)).map(|r| owner(&r.listener)).collect();
+        let (state, reason, lease_left, permanent) = match (&m.state, m.sockets.is_empty()) {
+            (_, true) => ("removing", Some("no socket needs it any more".to_string()), None, false),
+            (MappingState::Active { expires_at, .. }, false) => match expires_at {
+                Some(at) => ("mapped", None, Some(at.saturating_duration_since(now).as_secs()), false),
+                None => ("mapped", None, None, true),
+            },
+            (MappingState::Pending { reason, .. }, false) => ("pending", Some(pending_reason(reason)), None, false),
+            (MappingState::Conflict, false) => {
+                ("conflict", Some("another host holds the port on the gateway".into()), None, false)
+            }
+        };
+        let holder = table.held().find(|(k, _)| **k == port_key).and_then(|(_, h)| h.holder).map(|h| h.to_string());
+        views.push(MappingView {
+            protocol: port_key.protocol.to_string(),
+            external_port: port_key.port,
+            internal_port: port_key.port,
+            state,
+            reason,
+            holder: if state == "conflict" { holder } else { None },
+            owners,
+            lease_left_seconds: lease_left,
+            permanent,
+            backend: m.backend.filter(|_| state == "mapped").map(|b| b.to_string()),
+        });
+    }
+    let min_port = table.config().min_port;
+    for record in table.sockets() {
+        let l = &record.listener;
+        if record.mapping.is_some() || l.port < min_port || !record.stack.takes_ipv4() {
+            continue;
+        }
+        let reason = if record.decision.forward && record.over_limit {
+            format!("max-mappings-per-user: uid {} holds as many mappings as it may", l.owner.uid)
+        } else {
+            record.decision.rule.to_string()
+        };
+        // Several sockets on one port that is not forwarded: one entry, every owner.
+        let protocol = l.protocol.to_string();
+        if let Some(v) =
+            views.iter_mut().find(|v| v.state == "not-forwarded" && v.protocol == protocol && v.external_port == l.port)
+        {
+            v.owners.push(owner(l));
+            continue;
+        }
+        views.push(MappingView {
+            protocol,
+            external_port: l.port,
+            internal_port: l.port,
+            state: "not-forwarded",
+            reason: Some(reason),
+            holder: None,
+            owners: vec![owner(l)],
+            lease_left_seconds: None,
+            permanent: false,
+            backend: None,
+        });
+    }
+    if all {
+        for (key, held) in table.held() {
+            if views.iter().any(|v| v.protocol == key.protocol.to_string() && v.external_port == key.port) {
+                continue;
+            }
+            views.push(MappingView {
+                protocol: key.protocol.to_string(),
+                external_port: key.port,
+                internal_port: key.port,
+                state: "other-host",
+                reason: None,
+                holder: held.holder.map(|h| h.to_string()),
+                owners: Vec::new(),
+                lease_left_seconds: None,
+                permanent: false,
+                backend: None,
+            });
+        }
+    }
+    views.sort_by(|a, b| (&a.protocol, a.external_port, a.state).cmp(&(&b.protocol, b.external_port, b.state)));
+    views
+}
+
+/// The entry for `protocol`/`port`, if the table has one.
+pub fn get(table: &Table, protocol: Protocol, port: u16, now: Instant) -> Option<MappingView> {
+    let name = protocol.to_string();
+    list(table, true, now).into_iter().find(|v| v.protocol == name && v.external_port == port)
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Counts {
+    pub mapped: usize,
+    pub pending: usize,
+    pub conflict: usize,
+    pub not_forwarded: usize,
+    pub removing: usize,
+}
+
+pub fn counts(views: &[MappingView]) -> Counts {
+    let mut c = Counts::default();
+    for v in views {
+        match v.state {
+            "mapped" => c.mapped += 1,
+            "pending" => c.pending += 1,
+            "conflict" => c.conflict += 1,
+            "not-forwarded" => c.not_forwarded += 1,
+            "removing" => c.removing += 1,
+            _ => {}
+        }
+    }
+    c
+}
+
+/// What the daemon knows of its situation, kept up to date from the outcome stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub gateway: Option<(String, Backend)>,
+    pub gateway_problem: Option<String>,
+    pub external_address: Option<IpAddr>,
+    pub double_nat: Option<String>,
+    pub cgroup: Option<PathBuf>,
+    pub policy_scope: Option<Scope>,
+    pub max_mappings_per_user: u32,
+    pub lost_events: u64,
+}
+
+impl Facts {
+    pub fn observe(&mut self, outcome: &Outcome) {
+        match outcome {
+            Outcome::Watching { cgroup, .. } => self.cgroup = Some(cgroup.clone()),
+            Outcome::PolicyApplied { scope, max_mappings_per_user, .. } => {
+                self.policy_scope = Some(scope.clone());
+                self.max_mappings_per_user = *max_mappings_per_user;
+            }
+            Outcome::GatewayFound { gateway, backend, .. } => {
+                self.gateway = Some((gateway.clone(), *backend));
+                self.gateway_problem = None;
+                self.double_nat = None;
+            }
+            Outcome::GatewayNotFound { why } => {
+                self.gateway = None;
+                self.gateway_problem = Some(why.clone());
+            }
+            Outcome::GatewayLost { why, .. } => {
+                self.gateway = None;
+                self.gateway_problem = Some(why.clone());
+                self.external_address = None;
+            }
+            Outcome::ExternalAddress { address, .. } => self.external_address = Some(*address),
+            Outcome::DoubleNat(d) => {
+                self.double_nat = Some(match d {
+                    DoubleNat::UpstreamAddress(ip) => {
+                        format!("the gateway's external address {ip} is not public: another NAT is upstream")
+                    }
+                    DoubleNat::InBetween { detail, .. } => detail.clone(),
+                })
+            }
+            Outcome::EventsLost { total } => self.lost_events = *total,
+            _ => {}
+        }
+    }
+
+    pub fn status(&self, version: &str, views: &[MappingView]) -> Value {
+        let scope = match &self.policy_scope {
+            Some(Scope::Sessions { user_slice: true }) => "sessions",
+            Some(Scope::Sessions { user_slice: false }) => "users",
+            Some(Scope::Cgroup(_)) => "cgroup",
+            None => "unknown",
+        };
+        json!({
+            "version": version,
+            "gateway": self.gateway.as_ref().map(|(g, _)| g),
+            "backend": self.gateway.as_ref().map(|(_, b)| b.to_string()),
+            "gateway_problem": self.gateway_problem,
+            "external_address": self.external_address.map(|a| a.to_string()),
+            "double_nat": self.double_nat,
+            "cgroup": self.cgroup.as_ref().map(|c| c.display().to_string()).unwrap_or_default(),
+            "policy_scope": scope,
+            "max_mappings_per_user": self.max_mappings_per_user,
+            "counts": counts(views),
+            "lost_events": self.lost_events,
+        })
+    }
+}
+
+/// The outcome's kind, as `Watch` names it.
+pub fn kind(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Watching { .. } => "watching",
+        Outcome::PolicyApplied { .. } => "policy-applied",
+        Outcome::ReloadRefused { .. } => "reload-refused",
+        Outcome::SocketBound { .. } => "socket-bound",
+        Outcome::SocketClassified { .. } => "socket-classified",
+        Outcome::SocketReleased { .. } => "socket-released",
+        Outcome::NotForwarded { .. } => "not-forwarded",
+        Outcome::BindRefused { .. } => "bind-refused",
+        Outcome::Mapped { .. } => "mapped",
+        Outcome::Pending { .. } => "pending",
+        Outcome::Conflict { .. } => "conflict",
+        Outcome::Dropped { .. } => "dropped",
+        Outcome::Removed { .. } => "removed",
+        Outcome::RemoveFailed { .. } => "remove-failed",
+        Outcome::GatewayFound { .. } => "gateway-found",
+        Outcome::GatewayNotFound { .. } => "gateway-not-found",
+        Outcome::GatewayLost { .. } => "gateway-lost",
+        Outcome::GatewayLostMappings { .. } => "gateway-lost-mappings",
+        Outcome::Ready { .. } => "ready",
+        Outcome::ExternalAddress { .. } => "external-address",
+        Outcome::DoubleNat(_) => "double-nat",
+        Outcome::EventsLost { .. } => "events-lost",
+        Outcome::StormOver => "storm-over",
+    }
+}
+
+fn listener_json(l: &Listener) -> Value {
+    json!({
+        "protocol": l.protocol.to_string(),
+        "port": l.port,
+        "family": l.family.to_string(),
+        "owner": owner(l),
+    })
+}
+
+fn key_json(key: &MappingKey) -> Value {
+    match key.as_ipv4() {
+        Some(k) => json!({"protocol": k.protocol.to_string(), "external_port": k.port, "internal_port": k.port}),
+        None => json!({}),
+    }
+}
+
+/// The outcome's fields, for `Watch`'s `details`.
+pub fn details(outcome: &Outcome) -> Value {
+    match outcome {
+        Outcome::SocketBound { listener, .. }
+        | Outcome::SocketClassified { listener, .. }
+        | Outcome::SocketReleased { listener, .. } => listener_json(listener),
+        Outcome::NotForwarded { listener, rule } => {
+            let mut v = listener_json(listener);
+            v["rule"] = json!(rule.to_string());
+            v
+        }
+        Outcome::BindRefused { listener, holder } => {
+            let mut v = listener_json(listener);
+            v["holder"] = json!(holder.map(|h| h.to_string()));
+            v
+        }
+        Outcome::Mapped { key, internal, lease, backend, renewal, took } => json!({
+            "protocol": key.protocol.to_string(),
+            "external_port": key.port,
+            "internal_port": internal.port(),
+            "internal_address": internal.ip().to_string(),
+            "lease_seconds": match lease { Lease::For(d) => Some(d.as_secs()), Lease::Permanent => None },
+            "permanent": *lease == Lease::Permanent,
+            "backend": backend.to_string(),
+            "renewal": renewal,
+            "took_ms": took.as_secs_f64() * 1e3,
+        }),
+        Outcome::Pending { key, reason } => {
+            let mut v = key_json(key);
+            v["reason"] = json!(pending_reason(reason));
+            v
+        }
+        Outcome::Conflict { key, holder } => json!({
+            "protocol": key.protocol.to_string(), "external_port": key.port, "internal_port": key.port,
+            "holder": holder.map(|h| h.to_string()),
+        }),
+        Outcome::Removed { key, why } => json!({
+            "protocol": key.protocol.to_string(), "external_port": key.port, "internal_port": key.port,
+            "why": format!("{why:?}").to_lowercase(),
+        }),
+        Outcome::RemoveFailed { key, error } => json!({
+            "protocol": key.protocol.to_string(), "external_port": key.port, "error": error,
+        }),
+        Outcome::Dropped { keys, all } => json!({
+            "mappings": keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "all": all,
+        }),
+        Outcome::GatewayFound { gateway, backend, local } => json!({
+            "gateway": gateway, "backend": backend.to_string(), "local_address": local.to_string(),
+        }),
+        Outcome::GatewayNotFound { why } => json!({"why": why}),
+        Outcome::GatewayLost { gateway, why } | Outcome::GatewayLostMappings { gateway, why } => {
+            json!({"gateway": gateway, "why": why})
+        }
+        Outcome::ExternalAddress { address, previous } => json!({
+            "address": address.to_string(), "previous": previous.map(|p| p.to_string()),
+        }),
+        Outcome::EventsLost { total } => json!({"total": total}),
+        Outcome::ReloadRefused { error } => json!({"error": error}),
+        Outcome::Ready { gateway, sockets, mappings } => {
+            json!({"gateway": gateway, "sockets": sockets, "mappings": mappings})
+        }
+        Outcome::Watching { cgroup, min_port, .. } => {
+            json!({"cgroup": cgroup.display().to_string(), "min_port": min_port})
+        }
+        Outcome::PolicyApplied { rules, kernel_entries, max_mappings_per_user, .. } => json!({
+            "rules": rules, "kernel_entries": kernel_entries, "max_mappings_per_user": max_mappings_per_user,
+        }),
+        Outcome::DoubleNat(_) | Outcome::StormOver => json!({}),
+    }
+}
+
+/// One `Watch` reply.
+pub fn watch_event(event: &Event, now: Instant) -> Value {
+    let age = now.saturating_duration_since(event.at);
+    let wall = SystemTime::now().checked_sub(age).unwrap_or(SystemTime::now());
+    json!({
+        "seq": event.seq,
+        "time": rfc3339(wall.duration_since(UNIX_EPOCH).unwrap_or_default()),
+        "event": kind(&event.outcome),
+        "text": describe(&event.outcome).1,
+        "details": details(&event.outcome),
+    })
+}
+
+/// UTC, to the millisecond: "2026-12-02T19:35:59.123Z".
+pub fn rfc3339(since_epoch: Duration) -> String {
+    let secs = since_epoch.as_secs();
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(Duration::ZERO), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(Duration::from_millis(1_796_240_159_123)), "2026-12-02T19:35:59.123Z");
+        assert_eq!(rfc3339(Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    }
+}
