@@ -494,8 +494,29 @@ fn another_external_port_than_asked_is_never_kept_and_the_port_is_refused_next_t
         let (mut h, fake) = fake_lab(PmpScript::new().external_port_offset(1));
         h.start_daemon_in_process(&["--backend", backend]).unwrap();
         let (_a, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
-        let conflict = |o: &Outcome| matches!(o, Outcome::Conflict { key, .. } if key.port == 8080);
-        h.natbinder().wait_for(LIMIT, |o| conflict(o).then_some(())).unwrap();
+        let offered = h
+            .natbinder()
+            .wait_for(LIMIT, |o| match o {
+                Outcome::Conflict { key, offered, .. } if key.port == 8080 => Some(*offered),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(offered, Some(8081), "{backend}: the conflict says which port the gateway offered");
+        // `natbinder list` says so too, and that the offer was deleted.
+        let (code, out, err) = h.cli(&["get", "tcp", "8080", "--json"]).unwrap();
+        assert_eq!(code, 0, "{err}");
+        let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(
+            (shown["mapping"]["state"].as_str(), shown["mapping"]["offered_port"].as_u64()),
+            (Some("conflict"), Some(8081)),
+            "{out}"
+        );
+        assert!(
+            shown["mapping"]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("offered external port 8081") && r.contains("deleted")),
+            "{out}"
+        );
         assert!(
             fake.mappings().iter().all(|m| m.internal_client != LAN1_IP),
             "{backend}: a mapping on another external port was kept: {:?}",

@@ -38,6 +38,8 @@ pub struct MappingView {
     pub lease_left_seconds: Option<u64>,
     pub permanent: bool,
     pub backend: Option<String>,
+    /// On a conflict: the external port the gateway offered instead (deleted by natbinder).
+    pub offered_port: Option<u16>,
 }
 
 fn owner(l: &Listener) -> OwnerView {
@@ -74,10 +76,18 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
             },
             (MappingState::Pending { reason, .. }, false) => ("pending", Some(pending_reason(reason)), None, false),
             (MappingState::Conflict, false) => {
-                ("conflict", Some("another host holds the port on the gateway".into()), None, false)
+                let offered = table.held().find(|(k, _)| **k == port_key).and_then(|(_, h)| h.offered);
+                let reason = match offered {
+                    Some(o) => format!(
+                        "another host holds the port on the gateway; it offered external port {o} instead, which natbinder deleted"
+                    ),
+                    None => "another host holds the port on the gateway".into(),
+                };
+                ("conflict", Some(reason), None, false)
             }
         };
-        let holder = table.held().find(|(k, _)| **k == port_key).and_then(|(_, h)| h.holder).map(|h| h.to_string());
+        let held = table.held().find(|(k, _)| **k == port_key).map(|(_, h)| *h);
+        let holder = held.and_then(|h| h.holder).map(|h| h.to_string());
         views.push(MappingView {
             protocol: port_key.protocol.to_string(),
             external_port: port_key.port,
@@ -89,6 +99,7 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
             lease_left_seconds: lease_left,
             permanent,
             backend: m.backend.filter(|_| state == "mapped").map(|b| b.to_string()),
+            offered_port: held.and_then(|h| h.offered).filter(|_| state == "conflict"),
         });
     }
     let min_port = table.config().min_port;
@@ -121,6 +132,7 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
             lease_left_seconds: None,
             permanent: false,
             backend: None,
+            offered_port: None,
         });
     }
     if all {
@@ -139,6 +151,7 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
                 lease_left_seconds: None,
                 permanent: false,
                 backend: None,
+                offered_port: None,
             });
         }
     }
@@ -325,9 +338,9 @@ pub fn details(outcome: &Outcome) -> Value {
             v["reason"] = json!(pending_reason(reason));
             v
         }
-        Outcome::Conflict { key, holder } => json!({
+        Outcome::Conflict { key, holder, offered } => json!({
             "protocol": key.protocol.to_string(), "external_port": key.port, "internal_port": key.port,
-            "holder": holder.map(|h| h.to_string()),
+            "holder": holder.map(|h| h.to_string()), "offered_port": offered,
         }),
         Outcome::Removed { key, why } => json!({
             "protocol": key.protocol.to_string(), "external_port": key.port, "internal_port": key.port,

@@ -68,6 +68,10 @@ pub enum AddError {
     /// The port is held by another host (IGD 718 ConflictInMappingEntry).
     #[error("the port is already mapped on the gateway to another host")]
     Conflict,
+    /// The gateway (NAT-PMP, PCP) granted another external port than asked: someone else holds the
+    /// port. The offer has been deleted: natbinder keeps external = internal, or nothing.
+    #[error("the gateway offered external port {offered} instead: another host holds the port")]
+    OtherPortOffered { offered: u16 },
     /// The gateway cannot be reached any more (connection refused, timeout): rediscover it.
     #[error("the gateway did not answer: {0}")]
     Unreachable(String),

@@ -149,6 +149,7 @@ impl Gateway for NatPmpGateway {
         let lifetime = request.lease.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
         // A mapping of this internal port that this host made earlier with another external port is
         // returned as is: delete it and ask once more before concluding the port is taken.
+        let mut offered = None;
         for attempt in 0..2 {
             let (external, granted) = self.map(request.protocol, port, port, lifetime).await?;
             if external == port && granted > 0 {
@@ -160,8 +161,11 @@ impl Gateway for NatPmpGateway {
                 attempt + 1
             );
             self.map(request.protocol, port, 0, 0).await?;
+            if external != port {
+                offered = Some(external);
+            }
         }
-        Err(AddError::Conflict)
+        Err(offered.map_or(AddError::Conflict, |offered| AddError::OtherPortOffered { offered }))
     }
 
     async fn delete(&self, protocol: Protocol, port: u16) -> Result<(), AddError> {

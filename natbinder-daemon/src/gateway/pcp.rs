@@ -203,6 +203,7 @@ impl Gateway for PcpGateway {
         let port = request.port;
         // PCP has no permanent mappings; the caller never asks for one here.
         let lifetime = request.lease.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+        let mut offered = None;
         for attempt in 0..2 {
             let reply = self.map(request.protocol, port, lifetime).await?;
             let PcpBody::Map { assigned_external_port, assigned_external_ip, .. } = reply.body else {
@@ -221,8 +222,11 @@ impl Gateway for PcpGateway {
                 attempt + 1
             );
             self.map(request.protocol, port, 0).await?;
+            if assigned_external_port != port {
+                offered = Some(assigned_external_port);
+            }
         }
-        Err(AddError::Conflict)
+        Err(offered.map_or(AddError::Conflict, |offered| AddError::OtherPortOffered { offered }))
     }
 
     async fn delete(&self, protocol: Protocol, port: u16) -> Result<(), AddError> {

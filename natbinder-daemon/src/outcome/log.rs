@@ -94,10 +94,11 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             PendingReason::RecheckHeld => (Level::DEBUG, format!("{key} was held by another host: trying again")),
             other => (Level::DEBUG, format!("{key} pending: {other:?}")),
         },
-        Outcome::Conflict { key, holder } => (Level::WARN, format!(
-            "{key} is held on the gateway by {}: the socket is bound but not reachable from outside; \
+        Outcome::Conflict { key, holder, offered } => (Level::WARN, format!(
+            "{key} is held on the gateway by {}{}: the socket is bound but not reachable from outside; \
              further binds of this port will fail with EADDRINUSE",
-            holder.map_or("another host".to_string(), |h| h.to_string())
+            holder.map_or("another host".to_string(), |h| h.to_string()),
+            offered.map(|o| format!(" (the gateway offered external port {o} instead, which natbinder deleted)")).unwrap_or_default()
         )),
         Outcome::Dropped { keys, all } if *all && keys.len() > 1 => {
             (Level::WARN, format!("the gateway lost all {} of our mappings (did it restart?); adding them again", keys.len()))

@@ -160,6 +160,8 @@ pub enum Outcome {
     Conflict {
         key: PortKey,
         holder: Option<Ipv4Addr>,
+        /// The external port the gateway offered instead (NAT-PMP, PCP), which natbinder deleted.
+        offered: Option<u16>,
     },
     /// Mappings of ours the gateway no longer held (checked against its table, or by renewing them).
     /// `all`: every mapping natbinder had there was gone, as after a restart.

@@ -344,7 +344,11 @@ impl Reconciler {
                         self.table.update(|t| t.record_mapped(key, grant, std_now()));
                         Ok(())
                     }
-                    Err(AddError::Conflict) => {
+                    Err(e @ (AddError::Conflict | AddError::OtherPortOffered { .. })) => {
+                        let offered = match e {
+                            AddError::OtherPortOffered { offered } => Some(offered),
+                            _ => None,
+                        };
                         let holder = self.holder_of(session, port_key).await;
                         let learned = if session.gateway.can_read_table() {
                             Learned::Listed
@@ -355,7 +359,7 @@ impl Reconciler {
                         if !held_before {
                             self.ownership.forget(port_key).await;
                         }
-                        self.table.update(|t| t.record_conflict(port_key, holder, learned, gateway));
+                        self.table.update(|t| t.record_conflict(port_key, holder, learned, gateway, offered));
                         Ok(())
                     }
                     Err(e @ AddError::BehindAnotherNat(_)) => {

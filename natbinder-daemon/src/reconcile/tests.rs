@@ -1110,7 +1110,7 @@ async fn outcomes_say_what_happened_in_order() {
         vec![
             Outcome::Pending { key: key(TCP, 8080), reason: PendingReason::Queued },
             // Held by lan's other host since the start-up listing: no add is even tried.
-            Outcome::Conflict { key: PortKey::new(UDP, 6881), holder: Some(OTHER) },
+            Outcome::Conflict { key: PortKey::new(UDP, 6881), holder: Some(OTHER), offered: None },
             Outcome::Mapped {
                 key: tcp,
                 internal: std::net::SocketAddrV4::new(LOCAL, 8080),

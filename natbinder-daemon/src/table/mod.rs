@@ -178,6 +178,9 @@ pub struct HeldElsewhere {
     pub learned: Learned,
     /// The gateway that said so: what another gateway says does not count.
     pub gateway: Ipv4Addr,
+    /// The external port the gateway offered instead, if it did (deleted: external = internal, or
+    /// nothing).
+    pub offered: Option<u16>,
 }
 
 /// How long a port another host holds is believed on gateways that cannot list their table (NAT-PMP,
@@ -410,7 +413,9 @@ impl Table {
                     MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now }
                 };
                 published = Some(match (held, key.as_ipv4()) {
-                    (Some(h), Some(port_key)) => Outcome::Conflict { key: port_key, holder: h.holder },
+                    (Some(h), Some(port_key)) => {
+                        Outcome::Conflict { key: port_key, holder: h.holder, offered: h.offered }
+                    }
                     _ => Outcome::Pending { key, reason },
                 });
                 let mapping = Mapping {
@@ -686,8 +691,15 @@ impl Table {
     }
 
     /// Another host holds the port (the gateway said so when asked to map it).
-    pub fn record_conflict(&mut self, key: PortKey, holder: Option<Ipv4Addr>, learned: Learned, gateway: Ipv4Addr) {
-        self.held.insert(key, HeldElsewhere { holder, learned, gateway });
+    pub fn record_conflict(
+        &mut self,
+        key: PortKey,
+        holder: Option<Ipv4Addr>,
+        learned: Learned,
+        gateway: Ipv4Addr,
+        offered: Option<u16>,
+    ) {
+        self.held.insert(key, HeldElsewhere { holder, learned, gateway, offered });
         self.held_changed = true;
         let mapping_key = MappingKey::Ipv4(key);
         if let Some(m) = self.mappings.get_mut(&mapping_key) {
@@ -698,7 +710,7 @@ impl Table {
                 m.state = MappingState::Conflict;
             }
         }
-        self.publish(Outcome::Conflict { key, holder });
+        self.publish(Outcome::Conflict { key, holder, offered });
     }
 
     /// The mapping is gone from the gateway (a delete succeeded). If a socket wants it again by now,
@@ -828,7 +840,9 @@ impl Table {
         let listed: BTreeMap<PortKey, HeldElsewhere> = listing
             .held
             .iter()
-            .map(|(k, holder)| (*k, HeldElsewhere { holder: *holder, learned: Learned::Listed, gateway }))
+            .map(|(k, holder)| {
+                (*k, HeldElsewhere { holder: *holder, learned: Learned::Listed, gateway, offered: None })
+            })
             .collect();
         if listed != self.held {
             self.held = listed;
@@ -883,7 +897,7 @@ impl Table {
                 }
                 (MappingState::Pending { .. }, Some(h)) => {
                     m.state = MappingState::Conflict;
-                    outcomes.push(Outcome::Conflict { key: port_key, holder: h.holder });
+                    outcomes.push(Outcome::Conflict { key: port_key, holder: h.holder, offered: h.offered });
                 }
                 _ => {}
             }

@@ -234,7 +234,7 @@ fn a_conflict_is_recorded_once_mirrored_and_not_retried() {
     let mut t = table();
     bind(&mut t, 1, Protocol::Tcp, 8080, now);
     t.take_outcomes();
-    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY);
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY, None);
     assert_eq!(t.mapping(&TCP8080).unwrap().state, MappingState::Conflict);
     assert_eq!(t.next_work(now + MAX_RETRY), None);
     let held = t.take_held_changes().expect("the record changed");
@@ -245,7 +245,7 @@ fn a_conflict_is_recorded_once_mirrored_and_not_retried() {
     assert!(t.take_held_changes().is_none(), "reported once");
     assert_eq!(
         t.take_outcomes(),
-        vec![Outcome::Conflict { key: PortKey::new(Protocol::Tcp, 8080), holder: Some(OTHER) }]
+        vec![Outcome::Conflict { key: PortKey::new(Protocol::Tcp, 8080), holder: Some(OTHER), offered: None }]
     );
     // Another socket on a held port is a conflict at once, with no add.
     bind(&mut t, 2, Protocol::Tcp, 8080, now);
@@ -260,14 +260,14 @@ fn a_listing_replaces_the_held_record_and_settles_conflicts() {
     let mut t = table();
     bind(&mut t, 1, Protocol::Tcp, 8080, now);
     bind(&mut t, 2, Protocol::Udp, 6881, now);
-    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY);
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY, None);
     let udp = PortKey::new(Protocol::Udp, 6881);
     let listing = Listing { held: vec![(udp, None)], ..Listing::default() };
     assert!(t.audit_listing(GATEWAY, listing, false, now).is_empty());
     assert_eq!(t.held().map(|(k, _)| *k).collect::<Vec<_>>(), vec![udp]);
     let outcomes = t.take_outcomes();
     assert!(outcomes.contains(&Outcome::Pending { key: TCP8080, reason: PendingReason::HolderLeft }), "{outcomes:?}");
-    assert!(outcomes.contains(&Outcome::Conflict { key: udp, holder: None }), "{outcomes:?}");
+    assert!(outcomes.contains(&Outcome::Conflict { key: udp, holder: None, offered: None }), "{outcomes:?}");
     assert_eq!(t.next_work(now), add(TCP8080));
 }
 
@@ -312,11 +312,11 @@ fn ports_learned_from_refusals_are_believed_for_ten_minutes_and_conflicts_rechec
     let mut t = table();
     bind(&mut t, 1, Protocol::Tcp, 6881, now);
     let key = PortKey::new(Protocol::Tcp, 6881);
-    t.record_conflict(key, None, Learned::Refused { at: now }, GATEWAY);
+    t.record_conflict(key, None, Learned::Refused { at: now }, GATEWAY, None);
     t.audit_unlisted(now + Duration::from_secs(60));
     assert_eq!(t.held().count(), 1, "still believed");
     assert_eq!(t.next_work(now + Duration::from_secs(60)), add(MappingKey::Ipv4(key)), "asked again");
-    t.record_conflict(key, None, Learned::Refused { at: now }, GATEWAY);
+    t.record_conflict(key, None, Learned::Refused { at: now }, GATEWAY, None);
     t.audit_unlisted(now + HELD_ELSEWHERE_MEMORY);
     assert_eq!(t.held().count(), 0, "forgotten after ten minutes");
 }
@@ -366,7 +366,7 @@ fn a_new_gateway_forgets_what_another_said_was_held() {
     let now = Instant::now();
     let mut t = table();
     bind(&mut t, 1, Protocol::Tcp, 8080, now);
-    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), None, Learned::Refused { at: now }, GATEWAY);
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), None, Learned::Refused { at: now }, GATEWAY, None);
     t.gateway_reset(GATEWAY, now);
     assert_eq!(t.mapping(&TCP8080).unwrap().state, MappingState::Conflict, "the same gateway: still held");
     t.gateway_reset(Ipv4Addr::new(10, 0, 0, 1), now);
@@ -450,7 +450,7 @@ fn not_forwarded_rules(outcomes: &[Outcome]) -> Vec<String> {
 fn a_socket_the_policy_does_not_forward_is_kept_with_its_rule_and_never_becomes_a_conflict() {
     let now = Instant::now();
     let mut t = table();
-    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY);
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY, None);
     let _ = t.take_outcomes();
     let denied = crate::policy::Decision::new(false, "deny everything (default: system services)");
     t.socket_bound(sock(1, Protocol::Tcp, 8080), Stack::Ipv4, Found::Bind, denied.clone(), now);
