@@ -26,6 +26,7 @@ use crate::{
     host::{self, cgroup, lan::LanWatch, netwatch, process::CgroupNames, resync::Resynchronizer, sockdiag},
     journal::Journal,
     kernel::{self, BoundSocket, KernelEvent, KernelHooks},
+    operator_state::OperatorState,
     outcome::{Found, Outcome, OutcomeBus, Seen},
     policy::{self, exposure::Exposure, Policy, PolicySpec, Scope},
     reconcile::{Ownership, Reconciler, ReconcilerConfig},
@@ -149,6 +150,23 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     resync.run_once().await;
 
     let journal = Journal::open(&config.state_dir)?;
+    // What operators asked for (static mappings, disabled ports), before the first check of the gateway.
+    let operator = OperatorState::load(&config.state_dir)?;
+    let (statics, disabled) = (operator.static_keys(&config.state_dir)?, operator.disabled_keys(&config.state_dir)?);
+    let now = std::time::Instant::now();
+    table.update(|t| {
+        for key in disabled {
+            t.disable(key, now);
+        }
+        for (key, description, uid) in statics {
+            if let Err(e) = t.add_static(key, &description, uid, now) {
+                warn!(
+                    "static mapping {key} from {} not restored: {e}",
+                    OperatorState::path(&config.state_dir).display()
+                );
+            }
+        }
+    });
     let nonces = NonceKey::load_or_create(&config.state_dir)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let lan = LanWatch::new();
@@ -182,6 +200,8 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
     let control_state = Arc::new(ControlState {
         table: table.clone(),
+        state_dir: config.state_dir.clone(),
+        saving: Default::default(),
         facts: facts.clone(),
         outcomes: outcomes.clone(),
         reload: reload_tx,

@@ -11,6 +11,7 @@
 //! * [`gateway`]: wire protocols to the LAN gateway (UPnP IGD, PCP, NAT-PMP), which one serves, and
 //!   one session per gateway found;
 //! * [`reconcile`]: turns the table's decisions into gateway calls; [`journal`]: what it made;
+//! * [`operator_state`]: static mappings and disabled ports, kept across restarts;
 //! * [`control`]: the control socket (Varlink, io.natbinder), its service and the CLI's client;
 //! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`] and [`config`]: the command line.
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod gateway;
 pub mod host;
 pub mod journal;
 pub mod kernel;
+pub mod operator_state;
 pub mod outcome;
 pub mod policy;
 pub mod reconcile;

@@ -52,6 +52,21 @@ fn client(command: Command) -> ExitCode {
             Command::ExternalIp(output) => show::external_ip(output).await,
             Command::Watch(output) => show::watch(output).await.map(|()| true),
             Command::Reload(output) => show::reload(output).await.map(|()| true),
+            Command::Add { target, description, output } => {
+                show::change(output, "Add", target.protocol, target.port, description.as_deref()).await.map(|()| true)
+            }
+            Command::Delete { target, output } => {
+                show::change(output, "Delete", target.protocol, target.port, None).await.map(|()| true)
+            }
+            Command::Enable { target, output } => {
+                show::change(output, "Enable", target.protocol, target.port, None).await.map(|()| true)
+            }
+            Command::Disable { target, output } => {
+                show::change(output, "Disable", target.protocol, target.port, None).await.map(|()| true)
+            }
+            Command::Describe { target, text, output } => {
+                show::change(output, "Describe", target.protocol, target.port, Some(text)).await.map(|()| true)
+            }
             Command::Daemon(_) => unreachable!("handled in main"),
         }
     });

@@ -64,7 +64,10 @@ fn every_read_command_shows_what_natbinder_does_for_people_and_as_json() {
     assert!(out.contains("daemon:            natbinder ") && out.contains(", running"), "{out}");
     assert!(out.contains("gateway:           UPnP IGD at 192.168.77.1"), "{out}");
     assert!(out.contains("external address:  11.77.77.77"), "{out}");
-    assert!(out.contains("mappings:          1 mapped, 0 pending, 0 conflict, 1 not forwarded, 0 removing"), "{out}");
+    assert!(
+        out.contains("mappings:          1 mapped, 0 pending, 0 conflict, 1 not forwarded, 0 disabled, 0 removing"),
+        "{out}"
+    );
     let (code, out, _) = h.cli(&["status", "--json"]).unwrap();
     let status = json(&out);
     assert_eq!(code, 0);

@@ -69,6 +69,48 @@ pub enum Command {
     Watch(show::Output),
     /// Apply the configuration file's policy and limits again, as SIGHUP does (root or operators).
     Reload(show::Output),
+    /// Forward PORT to this host whether or not a program listens there; kept across restarts
+    /// (root or operators). Adding one that exists changes its description.
+    Add {
+        #[command(flatten)]
+        target: show::Target,
+        /// What the gateway shows for it (UPnP IGD), at most 64 characters. [default: static]
+        #[arg(long, value_name = "TEXT")]
+        description: Option<String>,
+        #[command(flatten)]
+        output: show::Output,
+    },
+    /// Delete a static mapping made with `add` (root or operators).
+    Delete {
+        #[command(flatten)]
+        target: show::Target,
+        #[command(flatten)]
+        output: show::Output,
+    },
+    /// Forward a port again after `disable` (root or operators).
+    Enable {
+        #[command(flatten)]
+        target: show::Target,
+        #[command(flatten)]
+        output: show::Output,
+    },
+    /// Stop forwarding a port without forgetting it: its mapping comes off the gateway, programs keep
+    /// their sockets; kept across restarts (root or operators).
+    Disable {
+        #[command(flatten)]
+        target: show::Target,
+        #[command(flatten)]
+        output: show::Output,
+    },
+    /// Change the description the gateway shows for a mapping (root or operators).
+    Describe {
+        #[command(flatten)]
+        target: show::Target,
+        /// At most 64 characters.
+        text: String,
+        #[command(flatten)]
+        output: show::Output,
+    },
 }
 
 /// Options of `natbinder daemon`. Each can also be set in the configuration file; the command line wins.

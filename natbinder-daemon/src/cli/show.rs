@@ -22,6 +22,15 @@ pub struct Output {
     pub socket: PathBuf,
 }
 
+/// PROTO PORT, as the changing commands take them.
+#[derive(Clone, Debug, Args)]
+pub struct Target {
+    #[arg(value_enum)]
+    pub protocol: ProtocolArg,
+    #[arg(value_parser = clap::value_parser!(u16).range(1..))]
+    pub port: u16,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum ProtocolArg {
     Tcp,
@@ -40,6 +49,7 @@ impl ProtocolArg {
 /// The exit codes of the client commands.
 pub mod exit {
     pub const FAILED: u8 = 1;
+    pub const BAD_ARGUMENTS: u8 = 2;
     pub const NOT_RUNNING: u8 = 3;
     pub const NOT_PERMITTED: u8 = 4;
 }
@@ -55,7 +65,19 @@ pub fn failure(error: &ClientError) -> (u8, String) {
         ClientError::Failed { name, parameters, .. } if name == "io.natbinder.NoSuchMapping" => {
             let protocol = parameters.get("protocol").and_then(Value::as_str).unwrap_or("?");
             let port = parameters.get("port").and_then(Value::as_u64).unwrap_or(0);
-            (exit::FAILED, format!("natbinder knows no socket or mapping on {protocol}/{port}"))
+            let problem = parameters.get("problem").and_then(Value::as_str);
+            (
+                exit::FAILED,
+                problem.map_or(format!("natbinder knows no socket or mapping on {protocol}/{port}"), String::from),
+            )
+        }
+        ClientError::Failed { name, parameters, .. } if name == "io.natbinder.PortNotForwardable" => {
+            (exit::FAILED, parameters.get("problem").and_then(Value::as_str).unwrap_or("?").to_string())
+        }
+        ClientError::Failed { name, parameters, .. } if name == "org.varlink.service.InvalidParameter" => {
+            let parameter = parameters.get("parameter").and_then(Value::as_str).unwrap_or("?");
+            let hint = if parameter == "description" { " (1 to 64 characters, no control characters)" } else { "" };
+            (exit::BAD_ARGUMENTS, format!("natbinder refused the {parameter}{hint}"))
         }
         ClientError::Failed { name, parameters, .. } if name == "io.natbinder.ReloadFailed" => {
             let error = parameters.get("error").and_then(Value::as_str).unwrap_or("?");
@@ -119,11 +141,12 @@ pub fn status_text(s: &Value) -> String {
     rows.push((
         "mappings",
         format!(
-            "{} mapped, {} pending, {} conflict, {} not forwarded, {} removing",
+            "{} mapped, {} pending, {} conflict, {} not forwarded, {} disabled, {} removing",
             num(c, "mapped"),
             num(c, "pending"),
             num(c, "conflict"),
             num(c, "not_forwarded"),
+            num(c, "disabled"),
             num(c, "removing")
         ),
     ));
@@ -174,7 +197,7 @@ pub fn table_text(rows: &[Value]) -> String {
         .map(String::from)
         .to_vec()];
     for r in rows {
-        let owners: Vec<String> = r["owners"]
+        let mut owners: Vec<String> = r["owners"]
             .as_array()
             .map(|o| {
                 o.iter()
@@ -184,6 +207,9 @@ pub fn table_text(rows: &[Value]) -> String {
                     .collect()
             })
             .unwrap_or_default();
+        if r["static"].as_bool() == Some(true) {
+            owners.insert(0, format!("static \"{}\"", str_of(r, "description").unwrap_or("")));
+        }
         let lease = if r["permanent"].as_bool() == Some(true) {
             "permanent".to_string()
         } else {
@@ -249,6 +275,35 @@ pub async fn watch(output: &Output) -> Result<(), ClientError> {
             writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
         })
         .await
+}
+
+/// add, delete, enable, disable, describe: `method` on protocol/port, then what it did.
+pub async fn change(
+    output: &Output,
+    method: &str,
+    protocol: ProtocolArg,
+    port: u16,
+    description: Option<&str>,
+) -> Result<(), ClientError> {
+    let mut parameters = json!({ "protocol": protocol.name(), "port": port });
+    if let Some(text) = description {
+        parameters["description"] = json!(text);
+    }
+    let mut client = Client::connect(&output.socket).await?;
+    client.call(&format!("io.natbinder.{method}"), parameters).await?;
+    let entry = client.call("io.natbinder.Get", json!({ "protocol": protocol.name(), "port": port })).await;
+    if output.json {
+        print_json(&entry.map(|e| e["mapping"].clone()).unwrap_or(json!(null)));
+        return Ok(());
+    }
+    match method {
+        "Delete" => println!("deleted the static mapping {}/{port}", protocol.name()),
+        _ => match entry {
+            Ok(entry) => print!("{}", table_text(&[entry["mapping"].clone()])),
+            Err(_) => println!("{}/{port}: done; nothing binds it yet", protocol.name()),
+        },
+    }
+    Ok(())
 }
 
 pub async fn reload(output: &Output) -> Result<(), ClientError> {

@@ -75,6 +75,10 @@ pub type ReloadRequest = oneshot::Sender<std::result::Result<(), String>>;
 /// What the service reads and asks for.
 pub struct ControlState {
     pub table: TableHandle,
+    /// Where static mappings and disabled ports are kept ([`crate::operator_state`]).
+    pub state_dir: PathBuf,
+    /// Saves of that file, one at a time and in order.
+    pub saving: tokio::sync::Mutex<()>,
     pub facts: Arc<Mutex<views::Facts>>,
     pub outcomes: OutcomeBus,
     pub reload: mpsc::UnboundedSender<ReloadRequest>,

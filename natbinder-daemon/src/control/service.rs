@@ -16,7 +16,11 @@ use super::{
     varlink::{self, errors, Call, ReadError, Reply},
     views, ControlState, Peer, INTERFACE, READ_TIMEOUT, WRITE_TIMEOUT,
 };
-use crate::Protocol;
+use crate::{
+    operator_state::OperatorState,
+    table::{PortKey, StaticError},
+    Protocol,
+};
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -172,6 +176,11 @@ async fn serve(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, 
                 Err(_) => Reply::error("io.natbinder.ReloadFailed", json!({"error": "natbinder is shutting down"})),
             }
         }
+        "io.natbinder.Add"
+        | "io.natbinder.Delete"
+        | "io.natbinder.Enable"
+        | "io.natbinder.Disable"
+        | "io.natbinder.Describe" => return operator_change(call, peer, state).await,
         "org.varlink.service.GetInfo" => {
             parameters(call, &[])?;
             Reply::ok(json!({
@@ -200,6 +209,72 @@ async fn serve(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, 
         },
     };
     Ok(reply)
+}
+
+/// The longest description accepted (IGD gateways keep about that much).
+pub const MAX_DESCRIPTION: usize = 64;
+
+fn description(parameters: &Map<String, Value>, required: bool) -> Result<Option<String>, Reply> {
+    match parameters.get("description") {
+        None | Some(Value::Null) if !required => Ok(None),
+        Some(Value::String(text))
+            if !text.trim().is_empty()
+                && text.chars().count() <= MAX_DESCRIPTION
+                && !text.chars().any(char::is_control) =>
+        {
+            Ok(Some(text.trim().to_string()))
+        }
+        _ => Err(invalid("description")),
+    }
+}
+
+/// Add, Delete, Enable, Disable, Describe: an operator's change to the table, saved before the reply.
+async fn operator_change(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, Reply> {
+    let method = call.method.trim_start_matches("io.natbinder.");
+    let known: &[&str] = match method {
+        "Add" => &["protocol", "port", "description"],
+        "Describe" => &["protocol", "port", "description"],
+        _ => &["protocol", "port"],
+    };
+    let p = parameters(call, known)?;
+    let (protocol, port) = protocol_port(&p)?;
+    let key = PortKey::new(protocol, port);
+    let text = description(&p, method == "Describe")?;
+    may_change(peer, state, &format!("{} {key}", method.to_lowercase()))?;
+    let now = std::time::Instant::now();
+    let done = state.table.update(|t| match method {
+        "Add" => t.add_static(key, text.as_deref().unwrap_or("static"), peer.uid, now),
+        "Delete" => t.delete_static(key, now),
+        "Enable" => {
+            t.enable(key, now);
+            Ok(())
+        }
+        "Disable" => {
+            t.disable(key, now);
+            Ok(())
+        }
+        _ => t.describe(key, text.as_deref().unwrap_or_default(), now),
+    });
+    if let Err(e) = done {
+        let reply = match e {
+            StaticError::BelowMinPort(..) => {
+                Reply::error("io.natbinder.PortNotForwardable", json!({"problem": e.to_string()}))
+            }
+            StaticError::NoSuchStatic(_) | StaticError::NoSuchMapping(_) => Reply::error(
+                "io.natbinder.NoSuchMapping",
+                json!({"protocol": protocol.to_string(), "port": port, "problem": e.to_string()}),
+            ),
+        };
+        return Err(reply);
+    }
+    let _one_at_a_time = state.saving.lock().await;
+    let snapshot = state.table.read(|t| OperatorState::new(t.statics(), t.disabled().copied().collect()));
+    let dir = state.state_dir.clone();
+    match tokio::task::spawn_blocking(move || snapshot.save(&dir)).await {
+        Ok(Ok(())) => Ok(Reply::ok(Value::Null)),
+        Ok(Err(e)) => Err(Reply::error("io.natbinder.SaveFailed", json!({"error": format!("{e:#}")}))),
+        Err(e) => Err(Reply::error("io.natbinder.SaveFailed", json!({"error": e.to_string()}))),
+    }
 }
 
 fn may_change(peer: &Peer, state: &ControlState, what: &str) -> Result<(), Reply> {

@@ -14,7 +14,7 @@ use crate::{
     gateway::Backend,
     outcome::{log::describe, DoubleNat, Event, Lease, Outcome},
     policy::Scope,
-    table::{Listener, MappingKey, MappingState, PendingReason, Table},
+    table::{is_static, Listener, MappingKey, MappingState, PendingReason, PortKey, Table},
     Protocol,
 };
 
@@ -32,6 +32,10 @@ pub struct MappingView {
     pub external_port: u16,
     pub internal_port: u16,
     pub state: &'static str,
+    /// A static mapping (`natbinder add`), with its description.
+    #[serde(rename = "static")]
+    pub static_mapping: bool,
+    pub description: Option<String>,
     pub reason: Option<String>,
     pub holder: Option<String>,
     pub owners: Vec<OwnerView>,
@@ -66,8 +70,14 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
     let mut views = Vec::new();
     for (key, m) in table.mappings() {
         let Some(port_key) = key.as_ipv4() else { continue };
-        let owners: Vec<OwnerView> =
-            m.sockets.iter().filter_map(|c| table.socket(*c)).map(|r| owner(&r.listener)).collect();
+        let owners: Vec<OwnerView> = m
+            .sockets
+            .iter()
+            .filter(|c| !is_static(**c))
+            .filter_map(|c| table.socket(*c))
+            .map(|r| owner(&r.listener))
+            .collect();
+        let pinned = m.sockets.iter().find(|c| is_static(**c)).and_then(|c| table.socket(*c));
         let (state, reason, lease_left, permanent) = match (&m.state, m.sockets.is_empty()) {
             (_, true) => ("removing", Some("no socket needs it any more".to_string()), None, false),
             (MappingState::Active { expires_at, .. }, false) => match expires_at {
@@ -93,6 +103,8 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
             external_port: port_key.port,
             internal_port: port_key.port,
             state,
+            static_mapping: pinned.is_some(),
+            description: pinned.map(|r| r.listener.owner.comm.clone()),
             reason,
             holder: if state == "conflict" { holder } else { None },
             owners,
@@ -108,27 +120,40 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
         if record.mapping.is_some() || l.port < min_port || !record.stack.takes_ipv4() {
             continue;
         }
-        let reason = if record.decision.forward && record.over_limit {
+        let key = PortKey::new(l.protocol, l.port);
+        let disabled = table.is_disabled(key);
+        let pinned = is_static(l.cookie);
+        let reason = if disabled {
+            "disabled with `natbinder disable`; `natbinder enable` forwards it again".to_string()
+        } else if record.decision.forward && record.over_limit {
             format!("max-mappings-per-user: uid {} holds as many mappings as it may", l.owner.uid)
         } else {
             record.decision.rule.to_string()
         };
+        let state = if disabled { "disabled" } else { "not-forwarded" };
         // Several sockets on one port that is not forwarded: one entry, every owner.
         let protocol = l.protocol.to_string();
         if let Some(v) =
-            views.iter_mut().find(|v| v.state == "not-forwarded" && v.protocol == protocol && v.external_port == l.port)
+            views.iter_mut().find(|v| v.state == state && v.protocol == protocol && v.external_port == l.port)
         {
-            v.owners.push(owner(l));
+            if pinned {
+                v.static_mapping = true;
+                v.description = Some(l.owner.comm.clone());
+            } else {
+                v.owners.push(owner(l));
+            }
             continue;
         }
         views.push(MappingView {
             protocol,
             external_port: l.port,
             internal_port: l.port,
-            state: "not-forwarded",
+            state,
+            static_mapping: pinned,
+            description: pinned.then(|| l.owner.comm.clone()),
             reason: Some(reason),
             holder: None,
-            owners: vec![owner(l)],
+            owners: if pinned { Vec::new() } else { vec![owner(l)] },
             lease_left_seconds: None,
             permanent: false,
             backend: None,
@@ -145,6 +170,8 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
                 external_port: key.port,
                 internal_port: key.port,
                 state: "other-host",
+                static_mapping: false,
+                description: None,
                 reason: None,
                 holder: held.holder.map(|h| h.to_string()),
                 owners: Vec::new(),
@@ -171,6 +198,7 @@ pub struct Counts {
     pub pending: usize,
     pub conflict: usize,
     pub not_forwarded: usize,
+    pub disabled: usize,
     pub removing: usize,
 }
 
@@ -182,6 +210,7 @@ pub fn counts(views: &[MappingView]) -> Counts {
             "pending" => c.pending += 1,
             "conflict" => c.conflict += 1,
             "not-forwarded" => c.not_forwarded += 1,
+            "disabled" => c.disabled += 1,
             "removing" => c.removing += 1,
             _ => {}
         }

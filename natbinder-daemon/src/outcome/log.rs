@@ -37,6 +37,10 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             "adopted {}/{} on {} held by pid {} ({}), bound while natbinder was not watching",
             l.protocol, l.port, l.family, l.owner.pid, l.owner.comm
         )),
+        Outcome::SocketBound { listener: l, found: Found::Static, .. } => (
+            Level::INFO,
+            format!("static mapping {}/{} added (\"{}\", uid {})", l.protocol, l.port, l.owner.comm, l.owner.uid),
+        ),
         Outcome::SocketClassified { listener: l, stack: Stack::Ipv6Only } => {
             (Level::INFO, format!("{}/{} on [::] (pid {}) is IPv6-only: no IPv4 mapping", l.protocol, l.port, l.owner.pid))
         }
@@ -45,6 +49,9 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
         }
         Outcome::SocketReleased { listener: l, seen: Seen::Released } => {
             (Level::INFO, format!("released {}/{} (pid {}, {})", l.protocol, l.port, l.owner.pid, l.owner.comm))
+        }
+        Outcome::SocketReleased { listener: l, seen: Seen::Deleted } => {
+            (Level::INFO, format!("static mapping {}/{} deleted", l.protocol, l.port))
         }
         Outcome::SocketReleased { listener: l, seen: Seen::Missing } => {
             (Level::INFO, format!("{}/{} is gone (its release was not seen)", l.protocol, l.port))
@@ -114,6 +121,7 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             }
             Removal::Drifted => (Level::INFO, format!("removed {key}, which pointed elsewhere")),
             Removal::Policy => (Level::INFO, format!("removed mapping {key}: the policy no longer forwards it")),
+            Removal::Disabled => (Level::INFO, format!("removed mapping {key}: disabled by an operator")),
         },
         Outcome::RemoveFailed { key, error } => (Level::WARN, format!("could not remove mapping {key}: {error}; its lease will end it")),
         Outcome::GatewayFound { gateway, backend, local } => {

@@ -36,6 +36,8 @@ pub enum Found {
     Bind,
     /// Found by a sock_diag listing: bound before natbinder watched, or while its events were lost.
     Adopted,
+    /// A static mapping an operator added (`natbinder add`, or restored at start).
+    Static,
 }
 
 /// How a socket's end was learned.
@@ -45,6 +47,8 @@ pub enum Seen {
     Released,
     /// Missing from sock_diag listings: its release event was lost.
     Missing,
+    /// A static mapping an operator deleted.
+    Deleted,
 }
 
 /// Why a mapping was removed from the gateway.
@@ -60,6 +64,8 @@ pub enum Removal {
     Shutdown,
     /// The policy no longer forwards it (a reload).
     Policy,
+    /// An operator turned the port off (`natbinder disable`).
+    Disabled,
 }
 
 /// Why the host is not reachable from the internet through this gateway, although mappings work.

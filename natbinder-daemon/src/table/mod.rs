@@ -33,9 +33,11 @@ use crate::{
 
 pub mod handle;
 pub mod key;
+pub mod statics;
 
 pub use handle::{KernelMirror, TableHandle};
 pub use key::{MappingKey, PinholeKey, PortKey};
+pub use statics::{is_static, static_cookie, StaticError};
 
 /// Who holds a socket, as far as natbinder could tell (pid 0: not known, e.g. adopted from sock_diag
 /// with no process found).
@@ -268,6 +270,8 @@ pub struct Table {
     held_changed: bool,
     /// The users at their limit, as last mirrored.
     uids_at_limit: BTreeSet<u32>,
+    /// Ports an operator turned off ([`statics`]).
+    disabled: BTreeSet<PortKey>,
 }
 
 impl Table {
@@ -369,6 +373,12 @@ impl Table {
     /// unless it would be one more than its user may hold.
     fn want(&mut self, key: MappingKey, cookie: u64, now: Instant) {
         let Some(record) = self.sockets.get(&cookie) else { return };
+        if self.disabled_for(record) {
+            let listener = record.listener.clone();
+            let rule: Arc<str> = "disabled with `natbinder disable`; `natbinder enable` forwards it again".into();
+            self.publish(Outcome::NotForwarded { listener, rule });
+            return;
+        }
         let (uid, comm) = (record.listener.owner.uid, record.listener.owner.comm.clone());
         let max = self.config.max_mappings_per_user;
         let new_for_user = self.mappings.get(&key).is_none_or(|m| m.sockets.is_empty());
@@ -486,7 +496,8 @@ impl Table {
     /// sockets stay bound, locally); sockets it now allows are mapped. Nothing else moves.
     pub fn apply_policy(&mut self, decide: impl Fn(&Listener) -> Decision, max_mappings_per_user: u32, now: Instant) {
         self.config.max_mappings_per_user = max_mappings_per_user;
-        let mut cookies: Vec<u64> = self.sockets.keys().copied().collect();
+        // Static mappings are an operator's explicit choice: the policy does not apply to them.
+        let mut cookies: Vec<u64> = self.sockets.keys().copied().filter(|c| !is_static(*c)).collect();
         cookies.sort_unstable();
         for cookie in &cookies {
             let record = self.sockets.get_mut(cookie).expect("listed above");
@@ -923,8 +934,9 @@ impl Table {
         self.sockets.values()
     }
 
+    /// The cookies of the kernel's sockets in the table (static mappings are not sockets).
     pub fn socket_cookies(&self) -> HashSet<u64> {
-        self.sockets.keys().copied().collect()
+        self.sockets.keys().copied().filter(|c| !is_static(*c)).collect()
     }
 
     /// The ports other hosts hold on the gateway, as far as natbinder knows.

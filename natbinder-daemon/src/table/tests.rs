@@ -536,3 +536,51 @@ fn a_reload_removes_what_the_policy_no_longer_allows_and_maps_what_it_now_allows
     t.apply_policy(|_| forwarded(), 0, now + GRACE);
     assert_eq!(t.next_work(now + GRACE), add(TCP8080));
 }
+
+#[test]
+fn a_static_mapping_is_wanted_until_deleted_and_is_no_socket_of_the_kernels() {
+    let now = Instant::now();
+    let mut t = table();
+    let key = PortKey::new(Protocol::Tcp, 25565);
+    t.add_static(key, "minecraft", 1000, now).unwrap();
+    assert_eq!(t.next_work(now), Some(Work::Add { key: MappingKey::Ipv4(key), comm: "minecraft".into() }));
+    assert!(t.socket_cookies().is_empty(), "resync must not see it as a socket that went away");
+    assert_eq!(t.statics(), vec![(key, "minecraft".to_string(), 1000)]);
+    t.record_mapped(MappingKey::Ipv4(key), grant(Duration::from_secs(3600)), now);
+    // Adding it again changes the description, renewed at once so that the gateway shows it.
+    t.add_static(key, "minecraft server", 1000, now).unwrap();
+    assert_eq!(t.next_work(now), Some(Work::Renew { key: MappingKey::Ipv4(key), comm: "minecraft server".into() }));
+    assert_eq!(
+        t.add_static(PortKey::new(Protocol::Tcp, 80), "web", 0, now),
+        Err(StaticError::BelowMinPort(PortKey::new(Protocol::Tcp, 80), 1024))
+    );
+    assert_eq!(
+        t.delete_static(PortKey::new(Protocol::Udp, 25565), now),
+        Err(StaticError::NoSuchStatic(PortKey::new(Protocol::Udp, 25565)))
+    );
+    t.delete_static(key, now).unwrap();
+    assert_eq!(t.next_work(now + GRACE), delete(MappingKey::Ipv4(key)));
+    assert!(t.statics().is_empty());
+}
+
+#[test]
+fn a_disabled_port_comes_off_the_gateway_keeps_its_sockets_and_comes_back_on_enable() {
+    let now = Instant::now();
+    let mut t = table();
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
+    let _ = t.take_outcomes();
+    let key = PortKey::new(Protocol::Tcp, 8080);
+    t.disable(key, now);
+    let rules = not_forwarded_rules(&t.take_outcomes());
+    assert!(rules.len() == 1 && rules[0].contains("natbinder enable"), "{rules:?}");
+    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
+    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
+    assert!(t.take_outcomes().contains(&Outcome::Removed { key, why: Removal::Disabled }));
+    // A new socket on the port while disabled wants nothing either.
+    bind(&mut t, 2, Protocol::Tcp, 8080, now + GRACE);
+    assert!(t.mapping(&TCP8080).is_none() && t.socket(2).is_some());
+    t.enable(key, now + GRACE);
+    assert_eq!(t.next_work(now + GRACE), add(TCP8080));
+    assert_eq!(t.mapping(&TCP8080).unwrap().sockets.len(), 2, "both sockets want it again");
+}
