@@ -279,3 +279,26 @@ impl Drop for ControlSocket {
         let _ = std::fs::remove_file(&self.path);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(uid: u32, gid: u32, groups: &[u32]) -> Peer {
+        Peer { uid, gid, pid: None, groups: groups.to_vec() }
+    }
+
+    #[test]
+    fn root_the_daemons_uid_operator_uids_and_the_operator_group_may_change_and_nobody_else() {
+        let operators = Operators { group: Some(("natbinder".into(), 990)), uids: vec![1001], own_uid: 0 };
+        assert!(operators.may_change(&peer(0, 0, &[])).is_ok());
+        assert!(operators.may_change(&peer(1001, 1001, &[])).is_ok(), "an operator uid");
+        assert!(operators.may_change(&peer(1000, 1000, &[27, 990])).is_ok(), "a member of the group");
+        assert!(operators.may_change(&peer(1002, 990, &[])).is_ok(), "the group as primary group");
+        let (rule, fix) = operators.may_change(&peer(1000, 1000, &[27])).unwrap_err();
+        assert!(rule.contains("operator group") && fix.contains("usermod -aG natbinder"), "{rule} / {fix}");
+        let no_group = Operators { group: None, uids: Vec::new(), own_uid: 0 };
+        let (_, fix) = no_group.may_change(&peer(1000, 1000, &[990])).unwrap_err();
+        assert!(fix.contains("operator-uids"), "{fix}");
+    }
+}
