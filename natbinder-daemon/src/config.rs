@@ -32,6 +32,8 @@ pub struct ConfigFile {
     pub operator_group: Option<String>,
     /// These uids may too.
     pub operator_uids: Option<Vec<u32>>,
+    /// Keep a mapping the gateway grants on another external port (VPN providers choose the port).
+    pub keep_gateway_chosen_ports: Option<bool>,
     /// The exposure policy's own rules (`[[rule]]` tables), in order; see [`crate::policy::spec`].
     #[serde(default)]
     pub rule: Vec<toml::Spanned<RuleSpec>>,

@@ -58,6 +58,8 @@ pub struct DaemonConfig {
     pub reload: Option<ReloadSource>,
     /// The control socket and who may change things through it.
     pub control: ControlConfig,
+    /// Keep a mapping the gateway grants on another external port, rather than delete it.
+    pub keep_gateway_chosen_ports: bool,
 }
 
 /// Where a reload reads the policy from: the configuration file, with the command line's settings
@@ -97,6 +99,7 @@ impl Default for DaemonConfig {
             max_mappings_per_user: policy::DEFAULT_MAX_MAPPINGS_PER_USER,
             reload: None,
             control: ControlConfig::default(),
+            keep_gateway_chosen_ports: false,
         }
     }
 }
@@ -178,6 +181,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             lease: config.lease,
             interval: config.reconcile_interval,
             shutdown_grace: config.shutdown_grace,
+            keep_gateway_chosen_ports: config.keep_gateway_chosen_ports,
         },
         table.clone(),
         signals.clone(),

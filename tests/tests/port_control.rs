@@ -176,6 +176,39 @@ fn a_natpmp_gateway_restart_is_seen_by_its_epoch_when_announcements_are_lost() {
     restart_seen_by_epoch(&["--backend", "natpmp"], "NAT-PMP");
 }
 
+#[test]
+fn with_keep_gateway_chosen_ports_the_offered_port_is_kept_shown_and_deleted_with_its_socket() {
+    for backend in ["pcp", "natpmp"] {
+        let (mut h, fake) = fake_lab(PmpScript::new().external_port_offset(1));
+        h.start_daemon_in_process(&["--backend", backend, "--keep-gateway-chosen-ports"]).unwrap();
+        let (_a, _o) = h.app("web", &["tcp-echo", "0.0.0.0:8080"]).unwrap();
+        let external = h
+            .natbinder()
+            .wait_for(LIMIT, |o| match o {
+                Outcome::Mapped { key, external_port, .. } if key.port == 8080 => Some(*external_port),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(external, 8081, "{backend}: the mapping is on the port the gateway chose");
+        let kept = fake.mappings().into_iter().find(|m| m.internal_client == LAN1_IP && m.internal_port == 8080);
+        assert_eq!(kept.map(|m| m.external_port), Some(8081), "{backend}: kept on the gateway");
+        let (code, out, err) = h.cli(&["get", "tcp", "8080", "--json"]).unwrap();
+        assert_eq!(code, 0, "{err}");
+        let shown: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let m = &shown["mapping"];
+        assert_eq!(
+            (m["state"].as_str(), m["external_port"].as_u64(), m["internal_port"].as_u64()),
+            (Some("mapped"), Some(8081), Some(8080)),
+            "{out}"
+        );
+        assert!(log_text().contains("on external port 8081, which the gateway chose"), "{backend}: the log says so");
+        // The program goes: the mapping goes.
+        drop(_a);
+        let gone = wait_for(LIMIT, || fake.mappings().iter().all(|m| m.internal_client != LAN1_IP).then_some(()));
+        assert!(gone.is_some(), "{backend}: the kept mapping outlived its socket: {:?}", fake.mappings());
+    }
+}
+
 /// The daemon's NAT-PMP/PCP request socket on lan1 (connected to the gateway's port 5351).
 fn daemon_client_port(h: &Harness) -> u16 {
     let out = h.lab.lan1.exec("ss", &["-H", "-u", "-a", "-n", "-p"]).unwrap();

@@ -170,6 +170,12 @@ pub struct DaemonArgs {
     /// [default: /run/natbinder/io.natbinder]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// When a NAT-PMP/PCP gateway grants another external port than the program's (VPN providers
+    /// choose the port themselves), keep that mapping and show its port in list and watch, instead
+    /// of deleting it. For programs configured by hand to announce the port.
+    #[arg(long)]
+    pub keep_gateway_chosen_ports: bool,
 }
 
 impl DaemonArgs {
@@ -243,6 +249,8 @@ impl DaemonArgs {
             backends,
             policy,
             max_mappings_per_user,
+            keep_gateway_chosen_ports: self.keep_gateway_chosen_ports
+                || file.keep_gateway_chosen_ports.unwrap_or(false),
             control: ControlConfig {
                 socket: self.control_socket.or(file.control_socket).unwrap_or(defaults.control.socket),
                 operator_group: match file.operator_group {

@@ -100,7 +100,7 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
         let holder = held.and_then(|h| h.holder).map(|h| h.to_string());
         views.push(MappingView {
             protocol: port_key.protocol.to_string(),
-            external_port: port_key.port,
+            external_port: m.external_port.unwrap_or(port_key.port),
             internal_port: port_key.port,
             state,
             static_mapping: pinned.is_some(),
@@ -186,10 +186,14 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
     views
 }
 
-/// The entry for `protocol`/`port`, if the table has one.
+/// The entry for `protocol`/`port` (the program's port; or the external one, where the gateway
+/// chose another), if the table has one.
 pub fn get(table: &Table, protocol: Protocol, port: u16, now: Instant) -> Option<MappingView> {
     let name = protocol.to_string();
-    list(table, true, now).into_iter().find(|v| v.protocol == name && v.external_port == port)
+    let views: Vec<MappingView> = list(table, true, now).into_iter().filter(|v| v.protocol == name).collect();
+    let by_internal = views.iter().position(|v| v.internal_port == port);
+    let index = by_internal.or_else(|| views.iter().position(|v| v.external_port == port))?;
+    views.into_iter().nth(index)
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -351,9 +355,9 @@ pub fn details(outcome: &Outcome) -> Value {
             v["holder"] = json!(holder.map(|h| h.to_string()));
             v
         }
-        Outcome::Mapped { key, internal, lease, backend, renewal, took } => json!({
+        Outcome::Mapped { key, external_port, internal, lease, backend, renewal, took } => json!({
             "protocol": key.protocol.to_string(),
-            "external_port": key.port,
+            "external_port": external_port,
             "internal_port": internal.port(),
             "internal_address": internal.ip().to_string(),
             "lease_seconds": match lease { Lease::For(d) => Some(d.as_secs()), Lease::Permanent => None },

@@ -41,6 +41,9 @@ pub struct MappingRequest {
     pub internal_client: Ipv4Addr,
     pub lease: Duration,
     pub description: String,
+    /// Keep a mapping on another external port if that is what the gateway grants (NAT-PMP, PCP;
+    /// VPN providers choose the port themselves), rather than delete it.
+    pub accept_other_port: bool,
 }
 
 /// One entry of the gateway's table, whoever made it.
@@ -105,11 +108,13 @@ pub struct Granted {
     pub lease: Duration,
     /// The external address, where the answer tells it (PCP's MAP does).
     pub external_address: Option<IpAddr>,
+    /// The external port, when the gateway chose another than asked and the request accepted it.
+    pub external_port: Option<u16>,
 }
 
 impl Granted {
     pub fn lease(lease: Duration) -> Self {
-        Self { lease, external_address: None }
+        Self { lease, external_address: None, external_port: None }
     }
 }
 

@@ -155,6 +155,10 @@ impl Gateway for NatPmpGateway {
             if external == port && granted > 0 {
                 return Ok(Granted::lease(Duration::from_secs(u64::from(granted))));
             }
+            if request.accept_other_port && granted > 0 {
+                let lease = Duration::from_secs(u64::from(granted));
+                return Ok(Granted { external_port: Some(external), ..Granted::lease(lease) });
+            }
             debug!(
                 "NAT-PMP granted {}/{port} as external port {external} for {granted} s (attempt {}): removing it",
                 request.protocol,

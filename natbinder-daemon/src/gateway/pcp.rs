@@ -209,10 +209,11 @@ impl Gateway for PcpGateway {
             let PcpBody::Map { assigned_external_port, assigned_external_ip, .. } = reply.body else {
                 return Err(AddError::Refused("a MAP success without its mapping".into()));
             };
-            if assigned_external_port == port && reply.lifetime_secs > 0 {
+            if reply.lifetime_secs > 0 && (assigned_external_port == port || request.accept_other_port) {
                 return Ok(Granted {
                     lease: Duration::from_secs(u64::from(reply.lifetime_secs)),
                     external_address: Some(assigned_external_ip),
+                    external_port: (assigned_external_port != port).then_some(assigned_external_port),
                 });
             }
             debug!(

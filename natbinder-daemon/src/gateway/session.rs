@@ -35,6 +35,8 @@ pub struct GatewaySession<G> {
     external_address: Option<IpAddr>,
     permanent_only: bool,
     nat_in_between_reported: bool,
+    /// See [`GatewaySession::accept_other_ports`].
+    accept_other_port: bool,
 }
 
 /// Whether `ip`, as a gateway's external address, means another NAT sits upstream (or none is known):
@@ -63,7 +65,14 @@ impl<G: Gateway> GatewaySession<G> {
             external_address: None,
             permanent_only: false,
             nat_in_between_reported: false,
+            accept_other_port: false,
         }
+    }
+
+    /// Keep mappings the gateway grants on another external port (`keep-gateway-chosen-ports`).
+    pub fn accept_other_ports(mut self, accept: bool) -> Self {
+        self.accept_other_port = accept;
+        self
     }
 
     pub fn describe(&self) -> String {
@@ -133,13 +142,14 @@ impl<G: Gateway> GatewaySession<G> {
     /// Asks for `key` for this host with `lease` (zero where the gateway takes only permanent
     /// mappings). A gateway that refuses leases gets a permanent mapping instead, with care.
     pub async fn add(&mut self, key: PortKey, description: &str, lease: Duration) -> Result<Granted, AddError> {
-        let internal_client = self.lan.local;
+        let (internal_client, accept_other_port) = (self.lan.local, self.accept_other_port);
         let request = |lease| MappingRequest {
             protocol: key.protocol,
             port: key.port,
             internal_client,
             lease,
             description: description.to_string(),
+            accept_other_port,
         };
         let lease = if self.permanent_only { Duration::ZERO } else { lease };
         let mut result = self.gateway.add(&request(lease)).await;

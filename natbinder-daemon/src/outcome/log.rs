@@ -85,7 +85,22 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             l.owner.comm,
             holder.map(|h| format!(" ({h})")).unwrap_or_default()
         )),
-        Outcome::Mapped { key, internal, lease, backend, renewal, took } => {
+        Outcome::Mapped { key, external_port, internal, lease, backend, renewal, took } if *external_port != key.port => {
+            let lease = match lease {
+                Lease::Permanent => "permanent".to_string(),
+                Lease::For(d) => format!("lease {}s", d.as_secs()),
+            };
+            let renewal = if *renewal { ", a renewal" } else { "" };
+            (
+                Level::WARN,
+                format!(
+                    "mapped {key} -> {internal} via {backend} on external port {external_port}, which the gateway chose \
+                     (kept: keep-gateway-chosen-ports is on) ({lease}) in {:.1} ms{renewal}",
+                    took.as_secs_f64() * 1e3
+                ),
+            )
+        }
+        Outcome::Mapped { key, internal, lease, backend, renewal, took, .. } => {
             let lease = match lease {
                 Lease::Permanent => "permanent".to_string(),
                 Lease::For(d) => format!("lease {}s", d.as_secs()),

@@ -149,6 +149,8 @@ pub enum Outcome {
     /// The gateway holds the mapping (an add or a renewal succeeded).
     Mapped {
         key: PortKey,
+        /// `key`'s port, unless the gateway chose another and `keep-gateway-chosen-ports` kept it.
+        external_port: u16,
         internal: SocketAddrV4,
         lease: Lease,
         backend: Backend,

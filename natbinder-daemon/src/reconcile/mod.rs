@@ -38,6 +38,8 @@ pub struct ReconcilerConfig {
     pub interval: Duration,
     /// Time allowed for deleting our mappings at shutdown.
     pub shutdown_grace: Duration,
+    /// Keep a mapping the gateway grants on another external port (`keep-gateway-chosen-ports`).
+    pub keep_gateway_chosen_ports: bool,
 }
 
 pub struct Reconciler {
@@ -128,7 +130,8 @@ impl Reconciler {
                 }
             };
             last_discovery_error.clear();
-            let mut session = GatewaySession::new(id, gateway, lan, self.table.outcomes().clone());
+            let mut session = GatewaySession::new(id, gateway, lan, self.table.outcomes().clone())
+                .accept_other_ports(self.config.keep_gateway_chosen_ports);
             self.table.outcomes().publish(Outcome::GatewayFound {
                 gateway: session.describe(),
                 backend: session.backend(),
@@ -335,6 +338,7 @@ impl Reconciler {
                     Ok(granted) => {
                         self.ownership.record(port_key, &session.lan, granted.lease).await;
                         let grant = Grant {
+                            external_port: granted.external_port.unwrap_or(port_key.port),
                             lease: Lease::from_granted(granted.lease),
                             internal: SocketAddrV4::new(session.lan.local, port_key.port),
                             backend: session.backend(),

@@ -349,7 +349,12 @@ impl KernelMirror for FakeMirror {
 // ---------------------------------------------------------------------------------------------------
 
 fn config() -> ReconcilerConfig {
-    ReconcilerConfig { lease: LEASE, interval: INTERVAL, shutdown_grace: Duration::from_secs(5) }
+    ReconcilerConfig {
+        lease: LEASE,
+        interval: INTERVAL,
+        shutdown_grace: Duration::from_secs(5),
+        keep_gateway_chosen_ports: false,
+    }
 }
 
 fn lan() -> LanInfo {
@@ -1055,6 +1060,7 @@ async fn a_new_mapping_never_waits_behind_the_delete_of_the_port_closed_just_bef
             internal_client: LOCAL,
             lease: LEASE,
             description: String::new(),
+            accept_other_port: false,
         })
     };
     assert_eq!(
@@ -1098,8 +1104,8 @@ async fn outcomes_say_what_happened_in_order() {
         .into_iter()
         .filter(|o| !matches!(o, Outcome::SocketBound { .. } | Outcome::SocketReleased { .. }))
         .map(|o| match o {
-            Outcome::Mapped { key, internal, lease, backend, renewal, .. } => {
-                Outcome::Mapped { key, internal, lease, backend, renewal, took: Duration::ZERO }
+            Outcome::Mapped { key, external_port, internal, lease, backend, renewal, .. } => {
+                Outcome::Mapped { key, external_port, internal, lease, backend, renewal, took: Duration::ZERO }
             }
             other => other,
         })
@@ -1113,6 +1119,7 @@ async fn outcomes_say_what_happened_in_order() {
             Outcome::Conflict { key: PortKey::new(UDP, 6881), holder: Some(OTHER), offered: None },
             Outcome::Mapped {
                 key: tcp,
+                external_port: 8080,
                 internal: std::net::SocketAddrV4::new(LOCAL, 8080),
                 lease: Lease::For(LEASE),
                 backend: Backend::Upnp,

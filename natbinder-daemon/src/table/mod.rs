@@ -146,6 +146,9 @@ pub struct Mapping {
     pub unwanted_by: Option<Removal>,
     /// The protocol that last mapped it.
     pub backend: Option<Backend>,
+    /// The external port the gateway chose, when it is not the internal one (kept only with
+    /// `keep-gateway-chosen-ports`).
+    pub external_port: Option<u16>,
 }
 
 #[derive(Clone, Debug)]
@@ -209,6 +212,8 @@ impl Work {
 /// What the gateway granted, as the reconciler records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grant {
+    /// The external port: the internal one, unless the gateway chose another and it was kept.
+    pub external_port: u16,
     pub lease: Lease,
     pub internal: SocketAddrV4,
     pub backend: Backend,
@@ -438,6 +443,7 @@ impl Table {
                     uid,
                     unwanted_by: None,
                     backend: None,
+                    external_port: None,
                 };
                 self.mappings.insert(key, mapping);
             }
@@ -647,6 +653,7 @@ impl Table {
                 m.state = state;
                 m.on_gateway = true;
                 m.backend = Some(grant.backend);
+                m.external_port = (grant.external_port != grant.internal.port()).then_some(grant.external_port);
             }
             // The last socket went while the add was in flight, and took the pending mapping with it:
             // track it again so that it is deleted.
@@ -661,6 +668,7 @@ impl Table {
                     uid: 0,
                     unwanted_by: None,
                     backend: None,
+                    external_port: None,
                 };
                 self.mappings.insert(key, mapping);
             }
@@ -672,6 +680,7 @@ impl Table {
             }
             self.publish(Outcome::Mapped {
                 key: port_key,
+                external_port: grant.external_port,
                 internal: grant.internal,
                 lease: grant.lease,
                 backend: grant.backend,

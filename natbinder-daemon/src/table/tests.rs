@@ -32,6 +32,7 @@ fn release(t: &mut Table, cookie: u64, now: Instant) {
 
 fn grant(lease: Duration) -> Grant {
     Grant {
+        external_port: 8080,
         lease: Lease::from_granted(lease),
         internal: SocketAddrV4::new(Ipv4Addr::new(192, 168, 1, 10), 8080),
         backend: Backend::Upnp,
