@@ -15,7 +15,6 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
-    config::ConfigFile,
     control::{views::Facts, ControlConfig, ControlSocket, ControlState, Operators},
     gateway::{
         announcements,
@@ -62,25 +61,38 @@ pub struct DaemonConfig {
     pub keep_gateway_chosen_ports: bool,
 }
 
-/// Where a reload reads the policy from: the configuration file, with the command line's settings
-/// still winning over it.
+/// What a reload reads again: the command line the daemon was started with, and so the
+/// configuration file it names (or the default one), with the command line still winning over it.
 #[derive(Clone, Debug)]
 pub struct ReloadSource {
-    pub file: PathBuf,
-    /// The user named the file (--config): it missing is an error, not "no configuration".
-    pub explicit: bool,
-    pub max_mappings_per_user: Option<u32>,
+    pub args: Box<crate::cli::DaemonArgs>,
+    pub default_file: PathBuf,
 }
 
 impl ReloadSource {
-    /// The rules and the limit the file says now; an error (with the file and line) leaves the
-    /// running policy as it is.
-    pub fn read(&self) -> Result<(PolicySpec, u32)> {
-        let file = ConfigFile::load(&self.file, self.explicit)?;
-        let max =
-            self.max_mappings_per_user.or(file.max_mappings_per_user).unwrap_or(policy::DEFAULT_MAX_MAPPINGS_PER_USER);
-        Ok((file.policy_spec(), max))
+    /// The configuration as it would be at a start now; an error (with the file and line) leaves the
+    /// running one as it is.
+    pub fn read(&self) -> Result<DaemonConfig> {
+        self.args.clone().into_config_with_default_file(&self.default_file)
     }
+}
+
+/// The settings a reload can apply to a running daemon; the others need a restart.
+fn needs_restart(running: &DaemonConfig, new: &DaemonConfig) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut differs = |name: &str, changed: bool| {
+        if changed {
+            names.push(name.to_string());
+        }
+    };
+    differs("cgroup", running.cgroup != new.cgroup);
+    differs("min-port", running.min_port != new.min_port);
+    differs("discovery-timeout-seconds", running.discovery_timeout != new.discovery_timeout);
+    differs("event-buffer-kib", running.event_buffer_bytes != new.event_buffer_bytes);
+    differs("state-dir", running.state_dir != new.state_dir);
+    differs("backend / backend-order", running.backends != new.backends);
+    differs("control-socket", running.control.socket != new.control.socket);
+    names
 }
 
 impl Default for DaemonConfig {
@@ -176,17 +188,16 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let signals = Signals::new();
     let resync_requested = Arc::new(Notify::new());
     let (classify_tx, classify_rx) = mpsc::unbounded_channel();
-    let reconciler = Reconciler::new(
-        ReconcilerConfig {
-            lease: config.lease,
-            interval: config.reconcile_interval,
-            shutdown_grace: config.shutdown_grace,
-            keep_gateway_chosen_ports: config.keep_gateway_chosen_ports,
-        },
-        table.clone(),
-        signals.clone(),
-        Ownership::new(host::hostname(), journal),
-    );
+    let reconciler_config = ReconcilerConfig {
+        lease: config.lease,
+        interval: config.reconcile_interval,
+        shutdown_grace: config.shutdown_grace,
+        keep_gateway_chosen_ports: config.keep_gateway_chosen_ports,
+    };
+    let (settings_tx, settings_rx) = watch::channel(reconciler_config.clone());
+    let reconciler =
+        Reconciler::new(reconciler_config, table.clone(), signals.clone(), Ownership::new(host::hostname(), journal))
+            .following(settings_rx);
     let names: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
     info!("gateway protocols, best first: {}", names.join(", "));
     let discover = {
@@ -209,7 +220,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         facts: facts.clone(),
         outcomes: outcomes.clone(),
         reload: reload_tx,
-        operators: Operators::resolve(&config.control),
+        operators: std::sync::RwLock::new(Operators::resolve(&config.control)),
     });
     info!("control socket: {}", control.path().display());
     let follow_facts = {
@@ -231,7 +242,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     };
     let tasks = vec![
         tokio::spawn(follow_facts),
-        tokio::spawn(control.serve(control_state, stop_rx.clone())),
+        tokio::spawn(control.serve(control_state.clone(), stop_rx.clone())),
         tokio::spawn(netwatch::watch(lan.clone(), signals.sender(), stop_rx.clone())),
         tokio::spawn(announcements::listen(lan.clone(), signals.sender(), stop_rx.clone())),
         tokio::spawn(resync.run(config.reconcile_interval, resync_requested.clone(), hooks.losses(), stop_rx.clone())),
@@ -239,6 +250,8 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     ];
     let reconciler_task = tokio::spawn(reconciler.run(discover, stop_rx));
 
+    // What a reload changes; what it cannot change keeps its value from the start.
+    let mut running = config.clone();
     let mut events = Vec::new();
     let mut lost_seen = hooks.lost_events();
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -250,14 +263,21 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             read = hooks.read_events(&mut events) => read?,
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the policy, and checking the sockets and the gateway now");
-                let _ = reload_policy(&config, &scope, &exposure, &mut hooks, &table, &outcomes);
+                let _ = Reload {
+                    running: &mut running, scope: &scope, exposure: &exposure, hooks: &mut hooks, table: &table,
+                    outcomes: &outcomes, settings: &settings_tx, operators: &control_state.operators,
+                }.apply();
                 resync_requested.notify_one();
                 hangups.send(Signal::CheckNow);
                 continue;
             }
             Some(answer) = reload_rx.recv() => {
                 info!("reload asked on the control socket: reloading the policy, and checking the sockets and the gateway now");
-                let _ = answer.send(reload_policy(&config, &scope, &exposure, &mut hooks, &table, &outcomes));
+                let result = Reload {
+                    running: &mut running, scope: &scope, exposure: &exposure, hooks: &mut hooks, table: &table,
+                    outcomes: &outcomes, settings: &settings_tx, operators: &control_state.operators,
+                }.apply();
+                let _ = answer.send(result);
                 resync_requested.notify_one();
                 hangups.send(Signal::CheckNow);
                 continue;
@@ -307,44 +327,76 @@ fn listener(socket: BoundSocket) -> Listener {
     }
 }
 
-/// SIGHUP: the configuration file's rules and limit replace the running ones, in user space and in
-/// the kernel; every socket is decided again, and no mapping the new policy still allows moves. A bad
-/// file is refused with its error, and the running policy stays.
-fn reload_policy(
-    config: &DaemonConfig,
-    scope: &Scope,
-    exposure: &Exposure,
-    hooks: &mut KernelHooks,
-    table: &TableHandle,
-    outcomes: &OutcomeBus,
-) -> std::result::Result<(), String> {
-    let Some(source) = &config.reload else {
-        info!("no configuration file to reload the policy from: it stays as it is");
-        return Ok(());
-    };
-    let read = source.read().and_then(|(spec, max)| Ok((spec.validate()?, max)));
-    let (rules, max) = match read {
-        Ok(read) => read,
-        Err(e) => {
-            let error = format!("{e:#}");
-            outcomes.publish(Outcome::ReloadRefused { error: error.clone() });
-            return Err(error);
+/// SIGHUP, or `natbinder reload`: the configuration is read again as at a start. The rules and
+/// max-mappings-per-user replace the running ones, in user space and in the kernel (every socket is
+/// decided again; no mapping the new policy still allows moves); lease, reconcile interval,
+/// keep-gateway-chosen-ports and the operators apply from now on. Settings that need a restart are
+/// named, and keep their running values. A bad file is refused with its error, and nothing changes.
+/// Returns the settings that need a restart.
+struct Reload<'a> {
+    running: &'a mut DaemonConfig,
+    scope: &'a Scope,
+    exposure: &'a Exposure,
+    hooks: &'a mut KernelHooks,
+    table: &'a TableHandle,
+    outcomes: &'a OutcomeBus,
+    settings: &'a watch::Sender<ReconcilerConfig>,
+    operators: &'a std::sync::RwLock<Operators>,
+}
+
+impl Reload<'_> {
+    fn apply(self) -> std::result::Result<Vec<String>, String> {
+        let Some(source) = &self.running.reload else {
+            info!("no configuration to reload: natbinder was not started from the command line");
+            return Ok(Vec::new());
+        };
+        let read = source.read().and_then(|new| Ok((new.policy.validate()?, new)));
+        let (rules, new) = match read {
+            Ok(read) => read,
+            Err(e) => {
+                let error = format!("{e:#}");
+                self.outcomes.publish(Outcome::ReloadRefused { error: error.clone() });
+                return Err(error);
+            }
+        };
+        let max = new.max_mappings_per_user;
+        self.exposure.replace(Policy::new(rules, self.scope, max));
+        let kernel_rules = self.exposure.kernel_rules();
+        if let Err(e) = self.hooks.set_policy(&kernel_rules) {
+            warn!("{e:#}; the kernel refuses no bind until the next reload");
         }
-    };
-    exposure.replace(Policy::new(rules, scope, max));
-    let kernel_rules = exposure.kernel_rules();
-    if let Err(e) = hooks.set_policy(&kernel_rules) {
-        warn!("{e:#}; the kernel refuses no bind until the next reload");
+        let now = std::time::Instant::now();
+        let exposure = self.exposure;
+        self.table.update(|t| t.apply_policy(|l| exposure.decide(l), max, now));
+        self.settings.send_modify(|s| {
+            s.lease = new.lease;
+            s.interval = new.reconcile_interval;
+            s.keep_gateway_chosen_ports = new.keep_gateway_chosen_ports;
+        });
+        *self.operators.write().unwrap_or_else(|e| e.into_inner()) = Operators::resolve(&new.control);
+        let restart = needs_restart(self.running, &new);
+        let kept = self.running.clone();
+        *self.running = DaemonConfig {
+            cgroup: kept.cgroup,
+            min_port: kept.min_port,
+            discovery_timeout: kept.discovery_timeout,
+            event_buffer_bytes: kept.event_buffer_bytes,
+            state_dir: kept.state_dir,
+            backends: kept.backends,
+            control: ControlConfig { socket: kept.control.socket, ..new.control.clone() },
+            ..new
+        };
+        self.outcomes.publish(Outcome::PolicyApplied {
+            scope: self.scope.clone(),
+            rules: self.exposure.policy().rules().len(),
+            kernel_entries: kernel_rules.len(),
+            max_mappings_per_user: max,
+        });
+        if !restart.is_empty() {
+            self.outcomes.publish(Outcome::NeedsRestart { settings: restart.clone() });
+        }
+        Ok(restart)
     }
-    let now = std::time::Instant::now();
-    table.update(|t| t.apply_policy(|l| exposure.decide(l), max, now));
-    outcomes.publish(Outcome::PolicyApplied {
-        scope: scope.clone(),
-        rules: exposure.policy().rules().len(),
-        kernel_entries: kernel_rules.len(),
-        max_mappings_per_user: max,
-    });
-    Ok(())
 }
 
 fn handle_event(

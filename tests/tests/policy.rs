@@ -72,6 +72,10 @@ fn the_desktop_default_forwards_a_users_program_and_keeps_system_services_and_de
     let (_svc, _o) = h.app_as(&desktop.service, 0, "svc", &["tcp-echo", "0.0.0.0:9000"]).unwrap();
     let rule = not_forwarded(&mut h, 9000);
     assert!(rule.contains("system services"), "{rule}");
+    // Nor is root's, even in a user's session (sudo).
+    let (_root, _o) = h.app_as(&desktop.session, 0, "root", &["tcp-echo", "0.0.0.0:9001"]).unwrap();
+    let rule = not_forwarded(&mut h, 9001);
+    assert!(rule.contains("root"), "{rule}");
     // Nor is a user's `python3 -m http.server` on its default port: the deny list.
     let (_files, _o) = h.app_as(&desktop.session, NOBODY, "files", &["tcp-echo", "0.0.0.0:8000"]).unwrap();
     let rule = not_forwarded(&mut h, 8000);
@@ -153,6 +157,22 @@ fn a_reload_removes_what_the_new_policy_denies_keeps_the_rest_and_refuses_a_bad_
     std::fs::write(&file, "").unwrap();
     hangup();
     assert_eq!(h.reachable_tcp(9001, LIMIT).as_deref(), Some("b:ping"), "allowed again, mapped again");
+
+    // Other settings: the lease applies to the next mapping; min-port only after a restart, and
+    // `natbinder reload` says so.
+    std::fs::write(&file, "lease-seconds = 120\nmin-port = 2000\n").unwrap();
+    let (code, out, err) = h.cli(&["reload"]).unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("apply only after a restart: min-port"), "{out}");
+    let (_c, _o3) = h.app("c", &["tcp-echo", "0.0.0.0:9002"]).unwrap();
+    let lease = h
+        .natbinder()
+        .wait_for(LIMIT, |o| match o {
+            Outcome::Mapped { key, lease, .. } if key.port == 9002 => Some(*lease),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(lease, natbinder::outcome::Lease::For(Duration::from_secs(120)), "the reloaded lease is asked for");
 }
 
 #[test]
@@ -175,4 +195,39 @@ fn a_user_over_the_limit_binds_locally_is_never_refused_and_is_mapped_when_a_slo
     // The first program exits: the waiting one takes its place.
     drop(first);
     assert_eq!(h.reachable_tcp(9102, LIMIT).as_deref(), Some("third:ping"));
+}
+
+#[test]
+fn an_administrators_rule_denies_a_users_program_by_its_executable_and_allows_a_system_service() {
+    let mut h = Harness::lab_only(LabConfig::default()).unwrap();
+    let desktop = Desktop::new();
+    h.lab.lan2_maps("TCP", 7020).unwrap();
+    // Programs started by app_as run from this copy of the test app.
+    let exe = h.lab.dir.join("bin").join("natbinder-testapp");
+    let config = h.lab.dir.join("natbinder.toml");
+    let service = desktop.service.path.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::write(
+        &config,
+        format!(
+            "[[rule]]\naction = \"deny\"\nexe = \"{}\"\nports = \"7000-7999\"\n\n\
+             [[rule]]\naction = \"allow\"\ncgroup = \"system.slice/{service}\"\nports = 9000\n",
+            exe.display()
+        ),
+    )
+    .unwrap();
+    h.start_daemon_in_process_machine_wide(&["--config", config.to_str().unwrap()]).unwrap();
+
+    // The user's program on 7500 is denied by its executable; the rule names its line.
+    let (_denied, _o) = h.app_as(&desktop.session, NOBODY, "denied", &["tcp-echo", "0.0.0.0:7500"]).unwrap();
+    let rule = not_forwarded(&mut h, 7500);
+    assert!(rule.contains("exe") && rule.contains("natbinder.toml line 1"), "{rule}");
+    // The kernel cannot check an executable, so it refuses nothing that rule might cover: the port
+    // another host holds still binds for the user's program, which is not forwarded.
+    let (_held, _o) = h
+        .app_as(&desktop.session, NOBODY, "held", &["tcp-echo", "0.0.0.0:7020"])
+        .unwrap_or_else(|e| panic!("a program the policy may deny lost its port to another host: {e:#}"));
+    // The system service the second rule allows is forwarded.
+    let (_svc, _o) = h.app_as(&desktop.service, 0, "svc", &["tcp-echo", "0.0.0.0:9000"]).unwrap();
+    assert_eq!(h.reachable_tcp(9000, LIMIT).as_deref(), Some("svc:ping"));
+    assert!(h.mapping("TCP", 7500).is_none());
 }

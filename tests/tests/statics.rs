@@ -70,6 +70,8 @@ fn a_static_mapping_forwards_a_port_survives_a_restart_and_goes_on_delete() {
     );
     assert_eq!(entry["mapping"]["state"], "mapped");
 
+    let (code, _, err) = h.cli_as(Some(NOBODY), &["delete", "tcp", "25565"]).unwrap();
+    assert!(code == 4 && err.contains("not permitted to delete tcp/25565"), "{code}: {err}");
     ok(&h, &["delete", "tcp", "25565"]);
     assert!(wait_for(LIMIT, || h.mapping("TCP", 25565).is_none().then_some(())).is_some(), "deleted from the gateway");
     assert_eq!(tcp_from_wan(&h.lab, 25565, "ping"), Reach::Refused);

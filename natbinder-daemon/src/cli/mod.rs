@@ -114,7 +114,7 @@ pub enum Command {
 }
 
 /// Options of `natbinder daemon`. Each can also be set in the configuration file; the command line wins.
-#[derive(Debug, Args)]
+#[derive(Clone, Debug, Args)]
 pub struct DaemonArgs {
     /// Configuration file (TOML). Default: /etc/natbinder/natbinder.toml if it exists.
     #[arg(long, value_name = "FILE")]
@@ -186,6 +186,7 @@ impl DaemonArgs {
 
     /// As [`DaemonArgs::into_config`], reading `default_file` (if it exists) when no --config is given.
     pub fn into_config_with_default_file(self, default_file: &Path) -> Result<DaemonConfig> {
+        let again = ReloadSource { args: Box::new(self.clone()), default_file: default_file.to_path_buf() };
         let (file_path, explicit) = match &self.config {
             Some(path) => (path.clone(), true),
             None => (default_file.to_path_buf(), false),
@@ -260,7 +261,7 @@ impl DaemonArgs {
                 },
                 operator_uids: file.operator_uids.unwrap_or_default(),
             },
-            reload: Some(ReloadSource { file: file_path, explicit, max_mappings_per_user: self.max_mappings_per_user }),
+            reload: Some(again),
             ..defaults
         })
     }
@@ -354,8 +355,11 @@ mod tests {
         assert_eq!(c.max_mappings_per_user, 0);
         // A reload reads the file again, and the command line still wins.
         std::fs::write(&file, "max-mappings-per-user = 9\n").unwrap();
-        let (spec, max) = c.reload.as_ref().unwrap().read().unwrap();
-        assert_eq!((spec.rules.len(), max), (0, 0));
+        let again = c.reload.as_ref().unwrap().read().unwrap();
+        assert_eq!((again.policy.rules.len(), again.max_mappings_per_user), (0, 0));
+        std::fs::write(&file, "lease-seconds = 120\nmin-port = 2000\n").unwrap();
+        let again = c.reload.as_ref().unwrap().read().unwrap();
+        assert_eq!((again.lease.as_secs(), again.min_port), (120, 2000), "a reload reads every setting");
         std::fs::write(&file, "[[rule]]\naction = \"alow\"\n").unwrap();
         let e = format!("{:#}", c.reload.as_ref().unwrap().read().unwrap_err());
         assert!(e.contains(&format!("{f} line 1")) && e.contains("\"alow\""), "{e}");

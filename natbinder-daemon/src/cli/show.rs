@@ -307,11 +307,16 @@ pub async fn change(
 }
 
 pub async fn reload(output: &Output) -> Result<(), ClientError> {
-    Client::connect(&output.socket).await?.call("io.natbinder.Reload", json!({})).await?;
+    let reply = Client::connect(&output.socket).await?.call("io.natbinder.Reload", json!({})).await?;
     if output.json {
-        print_json(&json!({}));
-    } else {
-        println!("reloaded: the configuration file's policy and limits apply now");
+        print_json(&reply);
+        return Ok(());
+    }
+    println!("reloaded: the configuration file applies now");
+    let restart: Vec<&str> =
+        reply["needs_restart"].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default();
+    if !restart.is_empty() {
+        println!("these settings changed but apply only after a restart: {}", restart.join(", "));
     }
     Ok(())
 }

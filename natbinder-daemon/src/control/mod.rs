@@ -69,8 +69,9 @@ impl Default for ControlConfig {
     }
 }
 
-/// A reload asked for over the socket: the event loop does it and answers.
-pub type ReloadRequest = oneshot::Sender<std::result::Result<(), String>>;
+/// A reload asked for over the socket: the event loop does it and answers with the settings that
+/// need a restart, or why the configuration was refused.
+pub type ReloadRequest = oneshot::Sender<std::result::Result<Vec<String>, String>>;
 
 /// What the service reads and asks for.
 pub struct ControlState {
@@ -82,7 +83,8 @@ pub struct ControlState {
     pub facts: Arc<Mutex<views::Facts>>,
     pub outcomes: OutcomeBus,
     pub reload: mpsc::UnboundedSender<ReloadRequest>,
-    pub operators: Operators,
+    /// Replaced by a reload.
+    pub operators: std::sync::RwLock<Operators>,
 }
 
 /// Who may change things, resolved at start.

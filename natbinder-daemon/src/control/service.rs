@@ -171,7 +171,7 @@ async fn serve(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, 
                 return Err(Reply::error("io.natbinder.ReloadFailed", json!({"error": "natbinder is shutting down"})));
             }
             match rx.await {
-                Ok(Ok(())) => Reply::ok(Value::Null),
+                Ok(Ok(needs_restart)) => Reply::ok(json!({ "needs_restart": needs_restart })),
                 Ok(Err(error)) => Reply::error("io.natbinder.ReloadFailed", json!({ "error": error })),
                 Err(_) => Reply::error("io.natbinder.ReloadFailed", json!({"error": "natbinder is shutting down"})),
             }
@@ -278,7 +278,7 @@ async fn operator_change(call: &Call, peer: &Peer, state: &ControlState) -> Resu
 }
 
 fn may_change(peer: &Peer, state: &ControlState, what: &str) -> Result<(), Reply> {
-    state.operators.may_change(peer).map_err(|(rule, fix)| {
+    state.operators.read().unwrap_or_else(|e| e.into_inner()).may_change(peer).map_err(|(rule, fix)| {
         debug!("control socket: uid {} may not {what}", peer.uid);
         Reply::error("io.natbinder.NotPermitted", json!({"what": what, "rule": rule, "fix": fix}))
     })

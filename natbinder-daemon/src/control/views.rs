@@ -300,6 +300,7 @@ pub fn kind(outcome: &Outcome) -> &'static str {
         Outcome::Watching { .. } => "watching",
         Outcome::PolicyApplied { .. } => "policy-applied",
         Outcome::ReloadRefused { .. } => "reload-refused",
+        Outcome::NeedsRestart { .. } => "needs-restart",
         Outcome::SocketBound { .. } => "socket-bound",
         Outcome::SocketClassified { .. } => "socket-classified",
         Outcome::SocketReleased { .. } => "socket-released",
@@ -397,6 +398,7 @@ pub fn details(outcome: &Outcome) -> Value {
         }),
         Outcome::EventsLost { total } => json!({"total": total}),
         Outcome::ReloadRefused { error } => json!({"error": error}),
+        Outcome::NeedsRestart { settings } => json!({"settings": settings}),
         Outcome::Ready { gateway, sockets, mappings } => {
             json!({"gateway": gateway, "sockets": sockets, "mappings": mappings})
         }

@@ -75,6 +75,11 @@ impl<G: Gateway> GatewaySession<G> {
         self
     }
 
+    /// As [`GatewaySession::accept_other_ports`], for a reload.
+    pub fn set_accept_other_ports(&mut self, accept: bool) {
+        self.accept_other_port = accept;
+    }
+
     pub fn describe(&self) -> String {
         self.gateway.describe()
     }

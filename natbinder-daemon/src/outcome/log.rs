@@ -72,6 +72,10 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             };
             (Level::INFO, format!("exposure policy: forwarding {scope}, but the deny list; {rules} rules, {kernel_entries} in the kernel; {limit}"))
         }
+        Outcome::NeedsRestart { settings } => (
+            Level::WARN,
+            format!("reloaded; these settings changed but apply only after a restart: {}", settings.join(", ")),
+        ),
         Outcome::ReloadRefused { error } => (Level::WARN, format!("reload refused, the running policy stays: {error}")),
         Outcome::NotForwarded { listener: l, rule } => (Level::INFO, format!(
             "not forwarding {}/{} of pid {} ({}) uid {}: {rule}",

@@ -119,6 +119,10 @@ pub enum Outcome {
     ReloadRefused {
         error: String,
     },
+    /// A reload changed settings that only a restart applies; they keep their running values.
+    NeedsRestart {
+        settings: Vec<String>,
+    },
     /// A socket that listens on a wildcard address entered the table. `stack` is what it needs:
     /// [`Stack::Unknown`] for an AF_INET6 socket whose IPV6_V6ONLY is still being read.
     SocketBound {

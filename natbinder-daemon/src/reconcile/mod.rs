@@ -44,6 +44,8 @@ pub struct ReconcilerConfig {
 
 pub struct Reconciler {
     pub config: ReconcilerConfig,
+    /// New settings from a reload: taken at the next turn of the loop.
+    settings: Option<watch::Receiver<ReconcilerConfig>>,
     pub table: TableHandle,
     pub signals: Signals,
     pub ownership: Ownership,
@@ -81,7 +83,33 @@ fn std_now() -> std::time::Instant {
 
 impl Reconciler {
     pub fn new(config: ReconcilerConfig, table: TableHandle, signals: Signals, ownership: Ownership) -> Self {
-        Self { config, table, signals, ownership, sessions: 0, ready_published: false }
+        Self { config, settings: None, table, signals, ownership, sessions: 0, ready_published: false }
+    }
+
+    /// Follows `settings` (a reload): a new lease applies to the next add or renewal, a new interval
+    /// from now, keep-gateway-chosen-ports to the next add.
+    pub fn following(mut self, settings: watch::Receiver<ReconcilerConfig>) -> Self {
+        self.settings = Some(settings);
+        self
+    }
+
+    /// Takes new settings if a reload sent any; true if it did.
+    fn take_settings(&mut self) -> bool {
+        let Some(settings) = &mut self.settings else { return false };
+        if !settings.has_changed().unwrap_or(false) {
+            return false;
+        }
+        self.config = settings.borrow_and_update().clone();
+        true
+    }
+
+    async fn settings_changed(settings: &mut Option<watch::Receiver<ReconcilerConfig>>) {
+        if let Some(settings) = settings {
+            if settings.changed().await.is_ok() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
     }
 
     /// Runs until `stop` turns true, then deletes every mapping it made and returns. `discover(id)`
@@ -207,6 +235,10 @@ impl Reconciler {
             if *stop.borrow() {
                 return Ended::Stop { interrupted: None };
             }
+            if self.take_settings() {
+                session.set_accept_other_ports(self.config.keep_gateway_chosen_ports);
+                next_check = next_check.min(Instant::now() + self.config.interval);
+            }
             if let Some(signal) = deferred.take().or_else(|| self.signals.try_next()) {
                 match self.on_signal(session, signal).await {
                     Flow::Continue => {}
@@ -246,8 +278,10 @@ impl Reconciler {
             }
             let next_due = self.table.read(|t| t.next_due()).map(Instant::from_std);
             let wake_at = next_due.map_or(next_check, |d| d.min(next_check));
+            let mut settings = self.settings.clone();
             tokio::select! {
                 _ = self.table.changed() => {}
+                _ = Self::settings_changed(&mut settings) => {}
                 _ = tokio::time::sleep_until(wake_at) => {}
                 signal = self.signals.next() => deferred = Some(signal),
                 _ = stopped(stop) => return Ended::Stop { interrupted: None },
