@@ -278,3 +278,59 @@ fn a_hostile_client_costs_the_others_nothing_and_the_daemon_stays_up() {
     status_works(&h);
     let _ = h.natbinder().drain();
 }
+
+/// Every command, for people and as JSON: exit 0, text that is not JSON, JSON that parses with the
+/// documented top-level fields.
+#[test]
+fn every_command_answers_for_people_and_in_json() {
+    let (mut h, _apps) = lab_with_three_ports();
+    let commands: &[(&[&str], &str)] = &[
+        (&["status"], "counts"),
+        (&["list"], "mappings"),
+        (&["list", "--all"], "mappings"),
+        (&["get", "tcp", "8080"], "mapping"),
+        (&["external-ip"], "address"),
+        (&["reload"], "needs_restart"),
+        (&["add", "tcp", "25000", "--description", "game"], "static"),
+        (&["describe", "tcp", "25000", "game server"], "description"),
+        (&["disable", "tcp", "25000"], "state"),
+        (&["enable", "tcp", "25000"], "state"),
+    ];
+    for (args, field) in commands {
+        let (code, out, err) = h.cli(args).unwrap();
+        assert_eq!(code, 0, "{args:?}: {err}");
+        assert!(!out.trim().is_empty() && !out.trim_start().starts_with('{'), "{args:?} for people:\n{out}");
+        let mut with_json = args.to_vec();
+        with_json.push("--json");
+        let (code, out, err) = h.cli(&with_json).unwrap();
+        assert_eq!(code, 0, "{with_json:?}: {err}");
+        let value = json(&out);
+        assert!(value.get(*field).is_some(), "{with_json:?} has no {field}: {out}");
+    }
+    let (code, out, _) = h.cli(&["delete", "tcp", "25000"]).unwrap();
+    assert!(code == 0 && out.contains("deleted the static mapping tcp/25000"), "{out}");
+
+    // watch for people: one line per outcome, "TIME  TEXT".
+    let mut watch = Command::new(natbinder_bin())
+        .args(["watch", "--socket"])
+        .arg(h.control_socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    std::thread::sleep(Duration::from_millis(300));
+    let (_late, _o) = h.app("late", &["tcp-echo", "0.0.0.0:8082"]).unwrap();
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        assert!(Instant::now() < deadline, "watch showed no mapping of tcp/8082");
+        let line = lines.next().expect("watch ended").unwrap();
+        let (time, text) = line.split_once("  ").unwrap_or_else(|| panic!("not TIME  TEXT: {line}"));
+        assert!(time.ends_with('Z') && time.len() == 24, "{line}");
+        if text.starts_with("mapped tcp/8082") {
+            break;
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    let _ = h.natbinder().drain();
+}
