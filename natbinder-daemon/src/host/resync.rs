@@ -160,6 +160,10 @@ impl<T: ReleaseTracker> Resynchronizer<T> {
     pub async fn run_once(&mut self) {
         let (path, is_root) = (self.cgroup.path.clone(), self.cgroup.is_root);
         let min_port = self.table.read(|t| t.config().min_port);
+        // What the table knows, read before the listing: a socket bound while the listing runs is in
+        // the table but may not be in the listing, and must not be taken for one that went away.
+        // (One released meanwhile is gone from both, or its release event follows.)
+        let known = self.table.read(|t| t.socket_cookies());
         let listed = blocking(move || {
             let scope = Scope::for_cgroup(&path, is_root, min_port, sockdiag::ephemeral_port_range());
             Ok((scope, sockdiag::wildcard_sockets()?))
@@ -172,7 +176,6 @@ impl<T: ReleaseTracker> Resynchronizer<T> {
                 return;
             }
         };
-        let known = self.table.read(|t| t.socket_cookies());
         let plan = self.resync.plan(&known, &live, &scope);
         if plan.adopt.is_empty() && plan.gone.is_empty() {
             return;
