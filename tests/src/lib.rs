@@ -192,21 +192,14 @@ impl Harness {
 
     /// Starts natbinder in this process, in lan1, watching the lab's cgroup; waits until it is ready.
     pub fn start_daemon_in_process(&mut self, extra: &[&str]) -> Result<()> {
-        let mut args = vec![
-            "--cgroup".to_string(),
-            self.lab.cgroup.path.display().to_string(),
-            "--state-dir".to_string(),
-            self.lab.dir.join("state").display().to_string(),
-            "--control-socket".to_string(),
-            self.control_socket().display().to_string(),
-        ];
-        args.extend(extra.iter().map(|a| a.to_string()));
-        self.inproc = Some(InProcessDaemon::start(&self.lab.lan1, &args)?);
-        Ok(())
+        let cgroup = self.lab.cgroup.path.display().to_string();
+        let mut args = vec!["--cgroup", cgroup.as_str()];
+        args.extend_from_slice(extra);
+        self.start_daemon_in_process_machine_wide(&args)
     }
 
-    /// Starts natbinder in this process, in lan1, watching the whole machine (no --cgroup), so that
-    /// the desktop default policy decides; waits until it is ready.
+    /// Starts natbinder in this process, in lan1, watching the whole machine (unless `extra` names a
+    /// --cgroup), so that the desktop default policy decides; waits until it is ready.
     pub fn start_daemon_in_process_machine_wide(&mut self, extra: &[&str]) -> Result<()> {
         let mut args = vec![
             "--state-dir".to_string(),

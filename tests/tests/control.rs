@@ -155,13 +155,7 @@ fn anyone_may_read_but_only_root_and_operators_may_reload() {
 #[test]
 fn watch_shows_what_happens_as_it_happens() {
     let (mut h, _apps) = lab_with_three_ports();
-    let mut watch = Command::new(natbinder_bin())
-        .args(["watch", "--json", "--socket"])
-        .arg(h.control_socket())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let (mut watch, mut lines) = spawn_watch(&h, &["--json"]);
     // The watch is connected once the daemon has published anything since; a bind does.
     std::thread::sleep(Duration::from_millis(300));
     let (_late, _o) = h.app("late", &["udp-echo", "0.0.0.0:8081"]).unwrap();
@@ -183,6 +177,23 @@ fn watch_shows_what_happens_as_it_happens() {
     let _ = watch.kill();
     let _ = watch.wait();
     let _ = h.natbinder().drain();
+}
+
+/// `natbinder watch EXTRA` against this lab's daemon, and its lines.
+fn spawn_watch(
+    h: &Harness,
+    extra: &[&str],
+) -> (std::process::Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    let mut watch = Command::new(natbinder_bin())
+        .arg("watch")
+        .args(extra)
+        .arg("--socket")
+        .arg(h.control_socket())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    (watch, lines)
 }
 
 fn raw_call(stream: &mut UnixStream, message: &[u8]) -> Value {
@@ -311,13 +322,7 @@ fn every_command_answers_for_people_and_in_json() {
     assert!(code == 0 && out.contains("deleted the static mapping tcp/25000"), "{out}");
 
     // watch for people: one line per outcome, "TIME  TEXT".
-    let mut watch = Command::new(natbinder_bin())
-        .args(["watch", "--socket"])
-        .arg(h.control_socket())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let (mut watch, mut lines) = spawn_watch(&h, &[]);
     std::thread::sleep(Duration::from_millis(300));
     let (_late, _o) = h.app("late", &["tcp-echo", "0.0.0.0:8082"]).unwrap();
     let deadline = Instant::now() + LIMIT;

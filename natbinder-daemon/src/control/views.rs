@@ -14,7 +14,7 @@ use crate::{
     gateway::Backend,
     outcome::{log::describe, DoubleNat, Event, Lease, Outcome},
     policy::Scope,
-    table::{is_static, Listener, MappingKey, MappingState, PendingReason, PortKey, Table},
+    table::{is_static, Listener, MappingKey, MappingState, PendingReason, PortKey, Table, DISABLED_RULE},
     Protocol,
 };
 
@@ -124,7 +124,7 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
         let disabled = table.is_disabled(key);
         let pinned = is_static(l.cookie);
         let reason = if disabled {
-            "disabled with `natbinder disable`; `natbinder enable` forwards it again".to_string()
+            DISABLED_RULE.to_string()
         } else if record.decision.forward && record.over_limit {
             format!("max-mappings-per-user: uid {} holds as many mappings as it may", l.owner.uid)
         } else {

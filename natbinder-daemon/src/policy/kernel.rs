@@ -89,8 +89,9 @@ fn compile_rule(rule: &Rule, resolve: &impl Fn(&str) -> Option<(u16, u64)>, out:
     }
 }
 
-/// What the kernel programs would decide for a bind, evaluated here as they do (for tests, and for
-/// `natbinder list` to show).
+/// What the kernel programs would decide for a bind, evaluated here as natbinder-ebpf's
+/// `policy_forwards` does, so that the compiled rules can be checked against the whole policy
+/// (policy/tests.rs).
 pub fn kernel_forwards(
     rules: &[PolicyRule],
     ancestors: &[u64],

@@ -37,7 +37,7 @@ pub mod statics;
 
 pub use handle::{KernelMirror, TableHandle};
 pub use key::{MappingKey, PinholeKey, PortKey};
-pub use statics::{is_static, static_cookie, StaticError};
+pub use statics::{is_static, static_cookie, StaticError, DISABLED_RULE};
 
 /// Who holds a socket, as far as natbinder could tell (pid 0: not known, e.g. adopted from sock_diag
 /// with no process found).
@@ -380,8 +380,7 @@ impl Table {
         let Some(record) = self.sockets.get(&cookie) else { return };
         if self.disabled_for(record) {
             let listener = record.listener.clone();
-            let rule: Arc<str> = "disabled with `natbinder disable`; `natbinder enable` forwards it again".into();
-            self.publish(Outcome::NotForwarded { listener, rule });
+            self.publish(Outcome::NotForwarded { listener, rule: Arc::from(statics::DISABLED_RULE) });
             return;
         }
         let (uid, comm) = (record.listener.owner.uid, record.listener.owner.comm.clone());

@@ -37,7 +37,8 @@ pub enum StaticError {
     NoSuchMapping(PortKey),
 }
 
-const DISABLED_RULE: &str = "disabled with `natbinder disable`; `natbinder enable` forwards it again";
+/// Why a disabled port's sockets are not forwarded, as `list`, `watch` and the log say it.
+pub const DISABLED_RULE: &str = "disabled with `natbinder disable`; `natbinder enable` forwards it again";
 
 impl Table {
     /// A static mapping of `key`, described as `description`, on behalf of `uid`. Adding one that
