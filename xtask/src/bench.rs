@@ -126,12 +126,15 @@ pub fn run(samples: usize, backend: &str, natbinder: Option<std::path::PathBuf>)
         .arg(&lab.cgroup.path)
         .arg("--state-dir")
         .arg(lab.dir.join("state"))
-        .arg("--control-socket")
-        .arg(lab.dir.join("io.natbinder"))
         .args(["--backend", backend])
         .env("NATBINDER_LOG", std::env::var("BENCH_LOG").unwrap_or("warn".into()))
         .stdout(log.try_clone()?)
         .stderr(log);
+    // Builds from before the control socket (`--natbinder PATH`, to compare) do not know the flag.
+    let help = std::process::Command::new(&natbinder).args(["daemon", "--help"]).output()?;
+    if String::from_utf8_lossy(&help.stdout).contains("--control-socket") {
+        cmd.arg("--control-socket").arg(lab.dir.join("io.natbinder"));
+    }
     let daemon_pid = lab.spawn(cmd)?;
     wait_for(Duration::from_secs(30), || {
         let log = std::fs::read_to_string(lab.dir.join("bench-daemon.log")).ok()?;
