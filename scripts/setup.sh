@@ -14,7 +14,9 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 # --- 1. Debian packages: the lab gateway (miniupnpd), independent IGD/NAT-PMP clients, nftables, iproute2.
-APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3)
+# rtorrent: a real port-searching program for the `natbinder run --wait` tests; gcc, libc6-dev and binutils
+# build and inspect the static test program that binds with a raw syscall.
+APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3 rtorrent gcc libc6-dev binutils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

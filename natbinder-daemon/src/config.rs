@@ -32,6 +32,8 @@ pub struct ConfigFile {
     pub operator_group: Option<String>,
     /// These uids may too.
     pub operator_uids: Option<Vec<u32>>,
+    /// Who may start programs with `natbinder run`: "everyone" (the default) or "operators".
+    pub run_allowed: Option<crate::control::RunAllowed>,
     /// Keep a mapping the gateway grants on another external port (VPN providers choose the port).
     pub keep_gateway_chosen_ports: Option<bool>,
     /// The exposure policy's own rules (`[[rule]]` tables), in order; see [`crate::policy::spec`].
@@ -111,11 +113,15 @@ mod tests {
             state-dir = "/var/lib/natbinder"
             backend = "auto"
             backend-order = ["pcp", "natpmp", "upnp"]
+            run-allowed = "operators"
         "#;
         let c = ConfigFile::parse(text, Path::new("t.toml")).unwrap();
         assert_eq!(c.min_port, Some(2000));
         assert_eq!(c.reconcile_interval_seconds, Some(30));
         assert_eq!(c.cgroup.as_deref(), Some(Path::new("forwarded.slice")));
+        assert_eq!(c.run_allowed, Some(crate::control::RunAllowed::Operators));
+        let err = format!("{:#}", ConfigFile::parse("run-allowed = \"anyone\"", Path::new("n.toml")).unwrap_err());
+        assert!(err.contains("run-allowed") && err.contains("everyone"), "{err}");
     }
 
     #[test]

@@ -29,6 +29,7 @@ use crate::{
     outcome::{Found, Outcome, OutcomeBus, Seen},
     policy::{self, exposure::Exposure, Policy, PolicySpec, Scope},
     reconcile::{Ownership, Reconciler, ReconcilerConfig},
+    run::{cgroups::RunCgroups, wait::BindWaits},
     table::{Listener, Owner, Stack, TableConfig, TableHandle, DELETE_GRACE},
     Family, Protocol,
 };
@@ -134,13 +135,22 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         None => Scope::Sessions { user_slice: cgroup.root.join("user.slice").is_dir() },
     };
     let rules = config.policy.validate()?;
+    // Where `natbinder run` puts programs; it must exist before the policy is compiled for the kernel.
+    let runs = Arc::new(RunCgroups::prepare(&cgroup.root)?);
+    let runs_base = runs.base_relative();
     let exposure = Arc::new(Exposure::new(
-        Policy::new(rules, &scope, config.max_mappings_per_user),
+        Policy::new(rules, &scope, config.max_mappings_per_user).with_runs(&runs_base),
         CgroupNames::new(&cgroup.root),
     ));
     let netns_cookie = kernel::current_netns_cookie()?;
     let mut hooks =
         KernelHooks::attach_with_buffer(&cgroup.path, netns_cookie, config.min_port, config.event_buffer_bytes)?;
+    // The run cgroups are watched too: through the watched cgroup if it contains them, else directly.
+    let runs_apart = !(cgroup.is_root || runs.base().starts_with(&cgroup.path));
+    if runs_apart {
+        hooks.attach_also(runs.base())?;
+    }
+    info!("programs started with `natbinder run` go to {}", runs.base().display());
     let kernel_rules = exposure.kernel_rules();
     hooks.set_policy(&kernel_rules)?;
     let table = TableHandle::new(
@@ -161,7 +171,8 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     });
 
     // Sockets bound before this start (or while an earlier daemon was down) need forwarding too.
-    let mut resync = Resynchronizer::new(cgroup, table.clone(), exposure.clone(), hooks.releases());
+    let mut resync = Resynchronizer::new(cgroup.clone(), table.clone(), exposure.clone(), hooks.releases())
+        .also_watching(runs_apart.then(|| runs.base().to_path_buf()));
     resync.run_once().await;
 
     let journal = Journal::open(&config.state_dir)?;
@@ -215,6 +226,15 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
     let control_state = Arc::new(ControlState {
         table: table.clone(),
+        runs: runs.clone(),
+        bind_waits: BindWaits {
+            table: table.clone(),
+            exposure: exposure.clone(),
+            facts: facts.clone(),
+            watched: cgroup.clone(),
+            runs: runs.clone(),
+        },
+        min_port: config.min_port,
         state_dir: config.state_dir.clone(),
         saving: Default::default(),
         facts: facts.clone(),
@@ -247,6 +267,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         tokio::spawn(announcements::listen(lan.clone(), signals.sender(), stop_rx.clone())),
         tokio::spawn(resync.run(config.reconcile_interval, resync_requested.clone(), hooks.losses(), stop_rx.clone())),
         tokio::spawn(classify(classify_rx, table.clone(), stop_rx.clone())),
+        tokio::spawn(sweep_runs(runs.clone(), stop_rx.clone())),
     ];
     let reconciler_task = tokio::spawn(reconciler.run(discover, stop_rx));
 
@@ -264,7 +285,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the policy, and checking the sockets and the gateway now");
                 let _ = Reload {
-                    running: &mut running, scope: &scope, exposure: &exposure, hooks: &mut hooks, table: &table,
+                    running: &mut running, scope: &scope, runs_base: &runs_base, exposure: &exposure, hooks: &mut hooks, table: &table,
                     outcomes: &outcomes, settings: &settings_tx, operators: &control_state.operators,
                 }.apply();
                 resync_requested.notify_one();
@@ -274,7 +295,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             Some(answer) = reload_rx.recv() => {
                 info!("reload asked on the control socket: reloading the policy, and checking the sockets and the gateway now");
                 let result = Reload {
-                    running: &mut running, scope: &scope, exposure: &exposure, hooks: &mut hooks, table: &table,
+                    running: &mut running, scope: &scope, runs_base: &runs_base, exposure: &exposure, hooks: &mut hooks, table: &table,
                     outcomes: &outcomes, settings: &settings_tx, operators: &control_state.operators,
                 }.apply();
                 let _ = answer.send(result);
@@ -306,6 +327,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         let _ = task.await;
     }
     hooks.detach();
+    let _ = tokio::task::spawn_blocking(move || runs.finish()).await;
     info!("detached from the kernel; bye");
     Ok(())
 }
@@ -336,6 +358,7 @@ fn listener(socket: BoundSocket) -> Listener {
 struct Reload<'a> {
     running: &'a mut DaemonConfig,
     scope: &'a Scope,
+    runs_base: &'a str,
     exposure: &'a Exposure,
     hooks: &'a mut KernelHooks,
     table: &'a TableHandle,
@@ -360,7 +383,7 @@ impl Reload<'_> {
             }
         };
         let max = new.max_mappings_per_user;
-        self.exposure.replace(Policy::new(rules, self.scope, max));
+        self.exposure.replace(Policy::new(rules, self.scope, max).with_runs(self.runs_base));
         let kernel_rules = self.exposure.kernel_rules();
         if let Err(e) = self.hooks.set_policy(&kernel_rules) {
             warn!("{e:#}; the kernel refuses no bind until the next reload");
@@ -423,6 +446,20 @@ fn handle_event(
         }
         KernelEvent::Released { cookie } => table.update(|t| t.socket_released(cookie, Seen::Released, now)),
         KernelEvent::Refused(socket) => table.update(|t| t.bind_refused(listener(socket))),
+    }
+}
+
+/// How often run cgroups nothing runs in any more are removed.
+const RUN_SWEEP_INTERVAL: Duration = Duration::from_secs(30);
+
+async fn sweep_runs(runs: Arc<RunCgroups>, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(RUN_SWEEP_INTERVAL) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let runs = runs.clone();
+        let _ = tokio::task::spawn_blocking(move || runs.sweep()).await;
     }
 }
 

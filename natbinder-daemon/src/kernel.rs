@@ -286,23 +286,38 @@ impl KernelHooks {
         let bound = BpfHashMap::try_from(take_map(&mut ebpf, names::BOUND)?)?;
         let releases = Releases { map: Arc::new(Mutex::new(bound)) };
 
-        let cgroup_file = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        // Release first, then post_bind, then bind: a socket is never recorded before its release can be seen.
         for name in [names::SOCK_RELEASE, names::POST_BIND4, names::POST_BIND6] {
             let program: &mut CgroupSock = program(&mut ebpf, name)?.try_into()?;
             program.load().map_err(|e| explain(anyhow!(e).context(format!("loading {name}"))))?;
+        }
+        for name in [names::BIND4, names::BIND6] {
+            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
+            program.load().map_err(|e| explain(anyhow!(e).context(format!("loading {name}"))))?;
+        }
+        let mut hooks = Self { ebpf, config, policy, events, losses, held_elsewhere, releases, config_value };
+        hooks.attach_also(cgroup)?;
+        Ok(hooks)
+    }
+
+    /// Attaches the programs to one more cgroup (`natbinder run`'s, when the watched cgroup does not
+    /// contain it), with the same maps: its binds are reported like the others. The cgroup must not
+    /// be inside one already attached, or its binds would be seen twice.
+    pub fn attach_also(&mut self, cgroup: &Path) -> Result<()> {
+        let cgroup_file = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        // Release first, then post_bind, then bind: a socket is never recorded before its release can be seen.
+        for name in [names::SOCK_RELEASE, names::POST_BIND4, names::POST_BIND6] {
+            let program: &mut CgroupSock = program(&mut self.ebpf, name)?.try_into()?;
             program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| explain(anyhow!(e).context(format!("attaching {name} to {}", cgroup.display()))))?;
         }
         for name in [names::BIND4, names::BIND6] {
-            let program: &mut CgroupSockAddr = program(&mut ebpf, name)?.try_into()?;
-            program.load().map_err(|e| explain(anyhow!(e).context(format!("loading {name}"))))?;
+            let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
             program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| explain(anyhow!(e).context(format!("attaching {name} to {}", cgroup.display()))))?;
         }
-        Ok(Self { ebpf, config, policy, events, losses, held_elsewhere, releases, config_value })
+        Ok(())
     }
 
     pub fn held_elsewhere(&self) -> HeldElsewhere {

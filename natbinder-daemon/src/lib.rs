@@ -13,6 +13,8 @@
 //! * [`reconcile`]: turns the table's decisions into gateway calls; [`journal`]: what it made;
 //! * [`operator_state`]: static mappings and disabled ports, kept across restarts;
 //! * [`control`]: the control socket (Varlink, io.natbinder), its service and the CLI's client;
+//! * [`run`]: `natbinder run [--wait]`: its cgroups and its answers in the daemon, and in the CLI the
+//!   command itself with its seccomp supervisor (the paper's blocking bind);
 //! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`] and [`config`]: the command line.
 pub mod cli;
 pub mod config;
@@ -26,6 +28,7 @@ pub mod operator_state;
 pub mod outcome;
 pub mod policy;
 pub mod reconcile;
+pub mod run;
 pub mod table;
 
 use std::fmt;

@@ -31,6 +31,7 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Run(args) => natbinder::run::run(args),
         command => client(command),
     }
 }
@@ -67,7 +68,7 @@ fn client(command: Command) -> ExitCode {
             Command::Describe { target, text, output } => {
                 show::change(output, "Describe", target.protocol, target.port, Some(text)).await.map(|()| true)
             }
-            Command::Daemon(_) => unreachable!("handled in main"),
+            Command::Daemon(_) | Command::Run(_) => unreachable!("handled in main"),
         }
     });
     match result {

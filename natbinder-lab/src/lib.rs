@@ -747,6 +747,11 @@ impl Lab {
         Some(self.children.swap_remove(i))
     }
 
+    /// Kills every process in `ns` (SIGKILL): programs a test started that outlived their parent.
+    pub fn kill_processes_in(&self, ns: &Netns) {
+        kill_netns_processes(&ns.name);
+    }
+
     pub fn kill(&mut self, pid: u32, signal: i32) {
         // SAFETY: plain kill(2) on a child we spawned.
         unsafe { libc::kill(pid as i32, signal) };

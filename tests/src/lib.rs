@@ -228,8 +228,42 @@ impl Harness {
         spawn_app(cmd, name)
     }
 
+    /// `natbinder run RUN_ARGS -- PROGRAM...` in lan1, outside every cgroup natbinder watches (in
+    /// this test's own cgroup), as `uid` (None: root), talking to this lab's daemon. "testapp" as
+    /// PROGRAM's first word is natbinder-testapp. stdin, stdout and stderr are piped.
+    pub fn run_command(&self, uid: Option<u32>, run_args: &[&str], program: &[&str]) -> Result<std::process::Command> {
+        let natbinder = self.runnable_by_anyone(&natbinder_bin())?;
+        let testapp = self.runnable_by_anyone(&testapp_bin())?;
+        let ns = Netns { name: self.lab.lan1.name.clone() };
+        let mut cmd = natbinder_lab::command_in_as(&ns, None, uid.map(|u| (u, u)), &natbinder)?;
+        cmd.arg("run").arg("--socket").arg(self.control_socket()).args(run_args).arg("--");
+        for (i, word) in program.iter().enumerate() {
+            if i == 0 && *word == "testapp" {
+                cmd.arg(&testapp);
+            } else {
+                cmd.arg(word);
+            }
+        }
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        Ok(cmd)
+    }
+
+    /// Starts [`Harness::run_command`] with natbinder-testapp named `name` and waits for "bound PORT".
+    pub fn run_app(
+        &self,
+        uid: Option<u32>,
+        run_args: &[&str],
+        name: &str,
+        app_args: &[&str],
+    ) -> Result<(App, BufReader<std::process::ChildStdout>)> {
+        let program: Vec<&str> = std::iter::once("testapp").chain(app_args.iter().copied()).collect();
+        let mut cmd = self.run_command(uid, run_args, &program)?;
+        cmd.env("TESTAPP_NAME", name);
+        spawn_app(cmd, name)
+    }
+
     /// A copy of `program` that every user may run (the build's own directory may be private).
-    fn runnable_by_anyone(&self, program: &std::path::Path) -> Result<PathBuf> {
+    pub fn runnable_by_anyone(&self, program: &std::path::Path) -> Result<PathBuf> {
         use std::os::unix::fs::PermissionsExt;
         let bin_dir = self.lab.dir.join("bin");
         let bin = bin_dir.join(program.file_name().context("a program's file name")?);
@@ -332,6 +366,16 @@ impl Drop for Harness {
         // The daemon goes first so that it cannot act on a half-removed lab.
         self.daemon = None;
         self.inproc = None;
+        // Programs started with `natbinder run` live in run cgroups outside the lab's: end them, and
+        // remove their cgroups (and the base, if no other run is left).
+        self.lab.kill_processes_in(&self.lab.lan1);
+        if let Ok(runs) = cgroup2_root().and_then(|root| natbinder::run::cgroups::RunCgroups::prepare(&root)) {
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while runs.sweep() > 0 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            runs.finish();
+        }
     }
 }
 

@@ -2,7 +2,11 @@
 //! * bind() cost with natbinder's hooks attached vs. without (ratio);
 //! * bind-to-reachable: from a server's bind() to the first answer at the WAN peer (p50/p90), one
 //!   server at a time, and in a churn where a program closes one port and at once binds the next (a
-//!   port search, a restart), so that the previous port's delete is due when the next port's add is.
+//!   port search, a restart), so that the previous port's delete is due when the next port's add is;
+//! * `natbinder run --wait` (UPnP IGD): how long a forwarded bind() is held, against the gateway's own
+//!   add latency (a bare SOAP AddPortMapping from lan1, sampled between the same runs);
+//! * what `natbinder run` costs a bind-heavy program: bind()+close() loops without any hook, in the
+//!   watched cgroup (the automatic mode), under `run`, and under `run --wait`.
 use std::{
     io::{BufRead, BufReader},
     process::Stdio,
@@ -20,7 +24,14 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 /// Runs `natbinder-testapp bind-loop` in lan1 (in the watched cgroup) and returns ns per bind.
 fn bind_loop(lab: &Lab, testapp: &std::path::Path, iterations: usize, addr: &str) -> Result<f64> {
-    let out = lab.command(&lab.lan1, true, testapp)?.args(["bind-loop", &iterations.to_string(), addr]).output()?;
+    let mut cmd = lab.command(&lab.lan1, true, testapp)?;
+    cmd.args(["bind-loop", &iterations.to_string(), addr]);
+    timed_loop(cmd)
+}
+
+/// The ns per bind a `bind-loop` command printed.
+fn timed_loop(mut cmd: std::process::Command) -> Result<f64> {
+    let out = cmd.output()?;
     if !out.status.success() {
         bail!("bind-loop failed: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -171,12 +182,180 @@ pub fn run(samples: usize, backend: &str, natbinder: Option<std::path::PathBuf>)
     print_latencies("one server at a time", &mut single);
     print_latencies("churn: close one port, bind the next, settled", &mut settled.clone());
     print_latencies("churn: the same, back to back", &mut back_to_back.clone());
+    // 3. run --wait, also before the bind loops: their storm of events pauses new mappings for a while.
+    let knows_run = std::process::Command::new(&natbinder).args(["run", "--help"]).output()?.status.success();
+    if knows_run && backend == "upnp" {
+        run_wait(&lab, &natbinder, &testapp, samples)?;
+    }
     println!("bind()+close() in a loop of {iterations}, median of 5 runs (same run, same machine):");
     for ((label, addr), base) in cases.iter().zip(&without) {
         let runs: Vec<f64> = (0..5).map(|_| bind_loop(&lab, &testapp, iterations, addr)).collect::<Result<_>>()?;
         let hooked = median(&runs);
         println!("  {label:42} without {base:6.0} ns   with {hooked:6.0} ns   ratio {:.3}x", hooked / base);
     }
+    if knows_run {
+        run_cost(&lab, &natbinder, &testapp)?;
+    }
     lab.kill(daemon_pid, libc::SIGTERM);
+    Ok(())
+}
+
+/// The gateway's own add latency: one SOAP AddPortMapping for `port` from lan1 (a new TCP connection,
+/// as natbinder makes), in ms; the mapping is deleted again, untimed.
+fn bare_soap_add(lab: &Lab, port: u16) -> Result<f64> {
+    use std::io::{Read, Write};
+    let port = port.to_string();
+    let action = |name: &str, arguments: &str| -> Result<Duration> {
+        let body = format!(
+            "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" \
+             s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>\
+             <u:{name} xmlns:u=\"urn:schemas-upnp-org:service:WANIPConnection:2\">{arguments}</u:{name}>\
+             </s:Body></s:Envelope>"
+        );
+        let request = format!(
+            "POST /ctl/IPConn HTTP/1.1\r\nHost: {GW_LAN_IP}:{}\r\nContent-Type: text/xml; charset=\"utf-8\"\r\n\
+             SOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:2#{name}\"\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            lab.config.http_port,
+            body.len()
+        );
+        let (http_port, name) = (lab.config.http_port, name.to_string());
+        lab.lan1.run(move || {
+            let started = Instant::now();
+            let mut stream = std::net::TcpStream::connect((GW_LAN_IP, http_port))?;
+            stream.write_all(request.as_bytes())?;
+            let mut reply = String::new();
+            stream.read_to_string(&mut reply)?;
+            let took = started.elapsed();
+            if !reply.starts_with("HTTP/1.1 200") {
+                bail!("the gateway refused {name}: {}", reply.lines().next().unwrap_or(""));
+            }
+            Ok(took)
+        })
+    };
+    let add = action(
+        "AddPortMapping",
+        &format!(
+            "<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>TCP</NewProtocol>\
+             <NewInternalPort>{port}</NewInternalPort><NewInternalClient>{LAN1_IP}</NewInternalClient>\
+             <NewEnabled>1</NewEnabled><NewPortMappingDescription>bench floor</NewPortMappingDescription>\
+             <NewLeaseDuration>3600</NewLeaseDuration>"
+        ),
+    )?;
+    action(
+        "DeletePortMapping",
+        &format!(
+            "<NewRemoteHost></NewRemoteHost><NewExternalPort>{port}</NewExternalPort><NewProtocol>TCP</NewProtocol>"
+        ),
+    )?;
+    Ok(add.as_secs_f64() * 1e3)
+}
+
+/// `natbinder run --wait`: how long a server's bind() is held (it returns once the gateway mapped the
+/// port), against the gateway's own add latency, sampled alternately.
+fn run_wait(lab: &Lab, natbinder: &std::path::Path, testapp: &std::path::Path, samples: usize) -> Result<()> {
+    let mut floor = Vec::with_capacity(samples);
+    let mut held = Vec::with_capacity(samples);
+    for i in 0..samples {
+        floor.push(bare_soap_add(lab, 30000 + i as u16)?);
+        let port = 31000 + i as u16;
+        let mut cmd = lab.command(&lab.lan1, false, natbinder)?;
+        cmd.args(["run", "--wait", "--socket"])
+            .arg(lab.dir.join("io.natbinder"))
+            .arg("--")
+            .arg(testapp)
+            .args(["tcp-echo", &format!("0.0.0.0:{port}"), "--timed"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let mut child = cmd.spawn()?;
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let (mut bound, mut took) = (String::new(), String::new());
+        out.read_line(&mut bound)?;
+        out.read_line(&mut took)?;
+        let ns: f64 = took
+            .trim()
+            .strip_prefix("took ")
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("run --wait printed {bound:?} {took:?}"))?;
+        held.push(ns / 1e6);
+        if first_reachable(lab, port, Instant::now()).is_none_or(|d| d > Duration::from_millis(50)) {
+            bail!("tcp/{port} was not reachable at once after bind() returned under --wait");
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    floor.sort_by(f64::total_cmp);
+    held.sort_by(f64::total_cmp);
+    println!("natbinder run --wait, {samples} samples each, alternating (UPnP IGD):");
+    print_latencies("the gateway's own add (bare SOAP call)", &mut floor);
+    print_latencies("bind() held by run --wait until mapped", &mut held);
+    println!(
+        "  added by natbinder over the gateway's add: p50 {:+.1} ms, p90 {:+.1} ms",
+        percentile(&held, 0.5) - percentile(&floor, 0.5),
+        percentile(&held, 0.9) - percentile(&floor, 0.9)
+    );
+    Ok(())
+}
+
+/// What `natbinder run` costs a program that binds and closes in a loop: binds no hook sees, binds
+/// in the watched cgroup (the automatic mode), under `run` (which execs the program in a run cgroup),
+/// and under `run --wait` (each bind of an inet address goes through the supervisor). Not forwarded
+/// addresses only, so that no gateway call is timed.
+fn run_cost(lab: &Lab, natbinder: &std::path::Path, testapp: &std::path::Path) -> Result<()> {
+    let iterations = 5_000;
+    let socket = lab.dir.join("io.natbinder");
+    let loop_under = |how: &str, addr: &str| -> Result<f64> {
+        let n = iterations.to_string();
+        let cmd = match how {
+            "none" => {
+                let mut cmd = lab.command(&lab.lan1, false, testapp)?;
+                cmd.args(["bind-loop", &n, addr]);
+                cmd
+            }
+            "watched" => {
+                let mut cmd = lab.command(&lab.lan1, true, testapp)?;
+                cmd.args(["bind-loop", &n, addr]);
+                cmd
+            }
+            _ => {
+                let mut cmd = lab.command(&lab.lan1, false, natbinder)?;
+                cmd.args(["run", "--socket"]).arg(&socket);
+                if how == "run --wait" {
+                    cmd.arg("--wait");
+                }
+                cmd.arg("--").arg(testapp).args(["bind-loop", &n, addr]);
+                cmd
+            }
+        };
+        timed_loop(cmd)
+    };
+    println!("bind()+close() x {iterations} under natbinder run, median of 5 runs, interleaved (ns per bind):");
+    for addr in ["127.0.0.1:40000", "0.0.0.0:0"] {
+        let hows = ["none", "watched", "run", "run --wait"];
+        let mut runs: Vec<Vec<f64>> = vec![Vec::new(); hows.len()];
+        for _ in 0..5 {
+            for (i, how) in hows.iter().enumerate() {
+                runs[i].push(loop_under(how, addr)?);
+            }
+        }
+        let medians: Vec<f64> = runs
+            .iter_mut()
+            .map(|r| {
+                r.sort_by(f64::total_cmp);
+                r[r.len() / 2]
+            })
+            .collect();
+        println!(
+            "  {addr:16} no hooks {:6.0}   automatic mode {:6.0} ({:.2}x)   run {:6.0} ({:.2}x)   run --wait {:6.0} ({:.2}x)",
+            medians[0],
+            medians[1],
+            medians[1] / medians[0],
+            medians[2],
+            medians[2] / medians[0],
+            medians[3],
+            medians[3] / medians[0]
+        );
+    }
     Ok(())
 }

@@ -97,6 +97,64 @@ fn show_gateway_table(lab: &Lab) -> Result<()> {
     Ok(())
 }
 
+/// A port search, as BitTorrent clients do: the first port of FROM..=TO that binds.
+const PORT_SEARCH: &str = "\
+import socket, sys, time
+for port in range(int(sys.argv[1]), int(sys.argv[2]) + 1):
+    s = socket.socket()
+    started = time.monotonic()
+    try:
+        s.bind(('0.0.0.0', port))
+    except OSError as e:
+        print(f'bind 0.0.0.0:{port}: {e}', flush=True)
+        continue
+    s.listen()
+    print(f'listening on 0.0.0.0:{port} (bind() took {(time.monotonic() - started) * 1000:.0f} ms)', flush=True)
+    while True:
+        conn, peer = s.accept()
+        conn.sendall(b'hello from the port search\\n')
+        conn.close()
+";
+
+/// `natbinder run --wait`: a program natbinder does not watch, searching a port range, skips the port
+/// another LAN host holds because its bind() fails with EADDRINUSE, as in the paper.
+fn run_wait(lab: &Lab, natbinder: &std::path::Path) -> Result<()> {
+    step("Another LAN host (lan2) maps TCP 6881 to itself with upnpc, after natbinder started");
+    lab.lan2_maps("TCP", 6881)?;
+    show_gateway_table(lab)?;
+    step(
+        "A port-searching program (6881-6889) on lan1, outside the watched cgroup, started with \
+         `natbinder run --wait`: each bind() returns once the gateway has answered",
+    );
+    let script = lab.dir.join("port-search.py");
+    std::fs::write(&script, PORT_SEARCH)?;
+    say("$ natbinder run --wait --verbose -- python3 port-search.py 6881 6889");
+    let mut cmd = lab.command(&lab.lan1, false, natbinder)?;
+    cmd.args(["run", "--wait", "--verbose", "--socket"])
+        .arg(lab.dir.join("io.natbinder"))
+        .args(["--", "python3"])
+        .arg(&script)
+        .args(["6881", "6889"]);
+    let mut search = Narrated::spawn(cmd, "port search")?;
+    search.wait_for_output("listening on", Duration::from_secs(10))?;
+    let answer = wait_for(Duration::from_secs(10), || match tcp_from_wan(lab, 6882, "") {
+        Reach::Answered(text) => Some(text),
+        _ => None,
+    })
+    .context("the port search's listener never became reachable from the WAN on 6882")?;
+    say(&format!("the WAN peer connects to {GW_WAN_IP}:6882 and reads: {:?}", answer.trim()));
+    show_gateway_table(lab)?;
+    let out =
+        std::process::Command::new(natbinder).args(["list", "--socket"]).arg(lab.dir.join("io.natbinder")).output()?;
+    say("$ natbinder list");
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        say(&format!("  {line}"));
+    }
+    search.child.kill()?;
+    search.child.wait()?;
+    Ok(())
+}
+
 pub fn run() -> Result<()> {
     let natbinder = workspace_root().join("target/release/natbinder");
     if !natbinder.exists() {
@@ -198,6 +256,8 @@ pub fn run() -> Result<()> {
         Reach::Refused => say(&format!("the WAN peer's connection to {GW_WAN_IP}:{HTTP_PORT} is refused again")),
         other => bail!("after the crash the WAN peer still got {other:?}"),
     }
+
+    run_wait(&lab, &natbinder)?;
 
     step("Stopping natbinder (SIGTERM): it removes whatever it still holds and detaches from the kernel");
     // SAFETY: plain kill(2) on our child.

@@ -102,6 +102,11 @@ pub enum Command {
         #[command(flatten)]
         output: show::Output,
     },
+    /// Run COMMAND so that its wildcard binds (and those of everything it starts) are forwarded, under
+    /// the policy; with --wait, each bind() returns only once the gateway has answered, and fails with
+    /// EADDRINUSE when another host holds the port. Exits with COMMAND's status. Without a running
+    /// daemon, COMMAND runs with plain binds.
+    Run(crate::run::RunArgs),
     /// Change the description the gateway shows for a mapping (root or operators).
     Describe {
         #[command(flatten)]
@@ -260,6 +265,7 @@ impl DaemonArgs {
                     None => defaults.control.operator_group,
                 },
                 operator_uids: file.operator_uids.unwrap_or_default(),
+                run_allowed: file.run_allowed.unwrap_or_default(),
             },
             reload: Some(again),
             ..defaults

@@ -57,6 +57,8 @@ pub struct ControlConfig {
     /// Members may change things; None: no group.
     pub operator_group: Option<String>,
     pub operator_uids: Vec<u32>,
+    /// Who may start programs with `natbinder run`.
+    pub run_allowed: RunAllowed,
 }
 
 impl Default for ControlConfig {
@@ -65,8 +67,21 @@ impl Default for ControlConfig {
             socket: PathBuf::from(DEFAULT_SOCKET),
             operator_group: Some(DEFAULT_OPERATOR_GROUP.to_string()),
             operator_uids: Vec::new(),
+            run_allowed: RunAllowed::Everyone,
         }
     }
+}
+
+/// `run-allowed`: who may start programs with `natbinder run`. The policy applies to those programs
+/// either way (the administrator's rules, the deny list, the per-user limit).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunAllowed {
+    /// Every user: as on a desktop, where users' own programs are forwarded anyway.
+    #[default]
+    Everyone,
+    /// Root, the operator group's members and operator uids.
+    Operators,
 }
 
 /// A reload asked for over the socket: the event loop does it and answers with the settings that
@@ -76,6 +91,11 @@ pub type ReloadRequest = oneshot::Sender<std::result::Result<Vec<String>, String
 /// What the service reads and asks for.
 pub struct ControlState {
     pub table: TableHandle,
+    /// `natbinder run`: its cgroups, and the answers to `run --wait`'s supervisors.
+    pub runs: Arc<crate::run::cgroups::RunCgroups>,
+    pub bind_waits: crate::run::wait::BindWaits,
+    /// The lowest forwarded port, which `run --wait` needs to know which binds to hold.
+    pub min_port: u16,
     /// Where static mappings and disabled ports are kept ([`crate::operator_state`]).
     pub state_dir: PathBuf,
     /// Saves of that file, one at a time and in order.
@@ -94,6 +114,7 @@ pub struct Operators {
     pub uids: Vec<u32>,
     /// The daemon's own uid (root, normally).
     pub own_uid: u32,
+    pub run_allowed: RunAllowed,
 }
 
 impl Operators {
@@ -107,7 +128,17 @@ impl Operators {
         });
         // SAFETY: geteuid cannot fail.
         let own_uid = unsafe { libc::geteuid() };
-        Self { group, uids: config.operator_uids.clone(), own_uid }
+        Self { group, uids: config.operator_uids.clone(), own_uid, run_allowed: config.run_allowed }
+    }
+
+    /// Ok if `peer` may start programs with `natbinder run`; else the rule and what to do.
+    pub fn may_run(&self, peer: &Peer) -> std::result::Result<(), (String, String)> {
+        match self.run_allowed {
+            RunAllowed::Everyone => Ok(()),
+            RunAllowed::Operators => self.may_change(peer).map_err(|(_, fix)| {
+                ("run-allowed = \"operators\": `natbinder run` is for root, the operator group's members and operator uids".to_string(), fix)
+            }),
+        }
     }
 
     /// Ok if `peer` may change things; else the rule and what to do, for the refusal.
@@ -292,15 +323,25 @@ mod tests {
 
     #[test]
     fn root_the_daemons_uid_operator_uids_and_the_operator_group_may_change_and_nobody_else() {
-        let operators = Operators { group: Some(("natbinder".into(), 990)), uids: vec![1001], own_uid: 0 };
+        let operators = Operators {
+            group: Some(("natbinder".into(), 990)),
+            uids: vec![1001],
+            own_uid: 0,
+            run_allowed: RunAllowed::Everyone,
+        };
         assert!(operators.may_change(&peer(0, 0, &[])).is_ok());
         assert!(operators.may_change(&peer(1001, 1001, &[])).is_ok(), "an operator uid");
         assert!(operators.may_change(&peer(1000, 1000, &[27, 990])).is_ok(), "a member of the group");
         assert!(operators.may_change(&peer(1002, 990, &[])).is_ok(), "the group as primary group");
         let (rule, fix) = operators.may_change(&peer(1000, 1000, &[27])).unwrap_err();
         assert!(rule.contains("operator group") && fix.contains("usermod -aG natbinder"), "{rule} / {fix}");
-        let no_group = Operators { group: None, uids: Vec::new(), own_uid: 0 };
+        let no_group = Operators { group: None, uids: Vec::new(), own_uid: 0, run_allowed: RunAllowed::Everyone };
         let (_, fix) = no_group.may_change(&peer(1000, 1000, &[990])).unwrap_err();
         assert!(fix.contains("operator-uids"), "{fix}");
+        assert!(operators.may_run(&peer(1000, 1000, &[27])).is_ok(), "run-allowed = everyone");
+        let strict = Operators { run_allowed: RunAllowed::Operators, ..operators };
+        let (rule, _) = strict.may_run(&peer(1000, 1000, &[27])).unwrap_err();
+        assert!(rule.contains("run-allowed"), "{rule}");
+        assert!(strict.may_run(&peer(1000, 1000, &[990])).is_ok(), "an operator");
     }
 }

@@ -176,6 +176,8 @@ async fn serve(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, 
                 Err(_) => Reply::error("io.natbinder.ReloadFailed", json!({"error": "natbinder is shutting down"})),
             }
         }
+        "io.natbinder.StartRun" => return start_run(call, peer, state).await,
+        "io.natbinder.AwaitBind" => return await_bind(call, peer, state).await,
         "io.natbinder.Add"
         | "io.natbinder.Delete"
         | "io.natbinder.Enable"
@@ -275,6 +277,96 @@ async fn operator_change(call: &Call, peer: &Peer, state: &ControlState) -> Resu
         Ok(Err(e)) => Err(Reply::error("io.natbinder.SaveFailed", json!({"error": format!("{e:#}")}))),
         Err(e) => Err(Reply::error("io.natbinder.SaveFailed", json!({"error": e.to_string()}))),
     }
+}
+
+/// The longest program name StartRun keeps (for the log and `watch`).
+const MAX_PROGRAM: usize = 256;
+
+/// StartRun: the caller (`natbinder run`) moves into a new run cgroup, and what it starts is forwarded.
+async fn start_run(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, Reply> {
+    let p = parameters(call, &["program"])?;
+    let program = match p.get("program") {
+        None | Some(Value::Null) => String::from("?"),
+        Some(Value::String(text)) if !text.chars().any(char::is_control) => text.chars().take(MAX_PROGRAM).collect(),
+        Some(_) => return Err(invalid("program")),
+    };
+    state.operators.read().unwrap_or_else(|e| e.into_inner()).may_run(peer).map_err(|(rule, fix)| {
+        Reply::error(
+            "io.natbinder.NotPermitted",
+            json!({"what": "start programs with natbinder run", "rule": rule, "fix": fix}),
+        )
+    })?;
+    let refused = |problem: String| Reply::error("io.natbinder.RunRefused", json!({ "problem": problem }));
+    let Some(pid) = peer.pid.filter(|p| *p > 0).map(|p| p as u32) else {
+        return Err(refused("the kernel did not say which process is calling (SO_PEERCRED has no pid)".into()));
+    };
+    // Opened now, while the caller waits for this reply: the move counts only if it still runs after.
+    let pidfd = crate::run::cgroups::pidfd_open(pid).map_err(|e| refused(format!("pidfd_open({pid}): {e}")))?;
+    let runs = state.runs.clone();
+    let owner = (peer.uid != 0).then_some(peer.uid);
+    let placed = tokio::task::spawn_blocking(move || runs.place(pid, &pidfd, owner)).await;
+    let cgroup = match placed {
+        Ok(Ok(cgroup)) => cgroup,
+        Ok(Err(e)) => return Err(refused(format!("{e:#}"))),
+        Err(e) => return Err(refused(e.to_string())),
+    };
+    state.table.outcomes().publish(crate::outcome::Outcome::RunStarted {
+        pid,
+        uid: peer.uid,
+        program,
+        cgroup: cgroup.clone(),
+    });
+    Ok(Reply::ok(json!({ "cgroup": cgroup, "min_port": state.min_port })))
+}
+
+/// AwaitBind: a `run --wait` supervisor holds a bind until the gateway has answered.
+async fn await_bind(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, Reply> {
+    use crate::run::wait::{BindRequest, Verdict, WaitRefused};
+    let p = parameters(call, &["pid", "protocol", "port", "family", "v6only", "timeout_ms"])?;
+    let (protocol, port) = protocol_port(&p)?;
+    let pid = match p.get("pid").and_then(Value::as_u64) {
+        Some(pid @ 1..=0x3fff_ffff) => pid as u32,
+        _ => return Err(invalid("pid")),
+    };
+    let family = match p.get("family").and_then(Value::as_str) {
+        None | Some("ipv4") => crate::Family::Ipv4,
+        Some("ipv6") => crate::Family::Ipv6,
+        Some(_) => return Err(invalid("family")),
+    };
+    let v6only = match p.get("v6only") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(invalid("v6only")),
+    };
+    let wait = match p.get("timeout_ms").and_then(Value::as_u64) {
+        Some(ms) => std::time::Duration::from_millis(ms),
+        None => return Err(invalid("timeout_ms")),
+    };
+    let request = BindRequest { pid, protocol, port, family, v6only, wait };
+    let verdict = match state.bind_waits.answer(peer.uid, request).await {
+        Ok(verdict) => verdict,
+        Err(e @ WaitRefused::NotYours { .. }) => {
+            return Err(Reply::error(
+                "io.natbinder.NotPermitted",
+                json!({"what": format!("wait for the binds of process {pid}"), "rule": e.to_string(), "fix": "run the program with natbinder run yourself"}),
+            ))
+        }
+        Err(e @ WaitRefused::NoSuchProcess(_)) => {
+            return Err(Reply::error("io.natbinder.NoSuchProcess", json!({ "pid": pid, "problem": e.to_string() })))
+        }
+    };
+    let mut reply = json!({ "verdict": verdict.name() });
+    match &verdict {
+        Verdict::Mapped { external_port } => reply["external_port"] = json!(external_port),
+        Verdict::Taken { holder, offered } => {
+            reply["holder"] = json!(holder.map(|h| h.to_string()));
+            reply["offered_port"] = json!(offered);
+        }
+        Verdict::Pending { reason } => reply["detail"] = json!(reason),
+        Verdict::NotForwarded { rule } => reply["detail"] = json!(rule),
+        Verdict::NotWatched | Verdict::TimedOut => {}
+    }
+    Ok(Reply::ok(reply))
 }
 
 fn may_change(peer: &Peer, state: &ControlState, what: &str) -> Result<(), Reply> {

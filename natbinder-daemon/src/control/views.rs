@@ -305,6 +305,7 @@ pub fn kind(outcome: &Outcome) -> &'static str {
         Outcome::SocketClassified { .. } => "socket-classified",
         Outcome::SocketReleased { .. } => "socket-released",
         Outcome::NotForwarded { .. } => "not-forwarded",
+        Outcome::RunStarted { .. } => "run-started",
         Outcome::BindRefused { .. } => "bind-refused",
         Outcome::Mapped { .. } => "mapped",
         Outcome::Pending { .. } => "pending",
@@ -350,6 +351,9 @@ pub fn details(outcome: &Outcome) -> Value {
             let mut v = listener_json(listener);
             v["rule"] = json!(rule.to_string());
             v
+        }
+        Outcome::RunStarted { pid, uid, program, cgroup } => {
+            json!({"pid": pid, "uid": uid, "program": program, "cgroup": cgroup})
         }
         Outcome::BindRefused { listener, holder } => {
             let mut v = listener_json(listener);

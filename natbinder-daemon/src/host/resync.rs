@@ -47,9 +47,22 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// The scope of `cgroup` (a directory in the cgroup2 hierarchy; `is_root` for the hierarchy's root).
-    pub fn for_cgroup(cgroup: &Path, is_root: bool, min_port: u16, ephemeral: RangeInclusive<u16>) -> Self {
-        let cgroup_ids = (!is_root).then(|| cgroup_subtree_ids(cgroup));
+    /// The scope of `cgroup` (a directory in the cgroup2 hierarchy; `is_root` for the hierarchy's root),
+    /// and of `also` (`natbinder run`'s cgroups, when `cgroup` does not contain them).
+    pub fn for_cgroup(
+        cgroup: &Path,
+        is_root: bool,
+        also: Option<&Path>,
+        min_port: u16,
+        ephemeral: RangeInclusive<u16>,
+    ) -> Self {
+        let cgroup_ids = (!is_root).then(|| {
+            let mut ids = cgroup_subtree_ids(cgroup);
+            if let Some(also) = also {
+                ids.extend(cgroup_subtree_ids(also));
+            }
+            ids
+        });
         Self { cgroup_ids, min_port, ephemeral }
     }
 
@@ -144,6 +157,8 @@ pub trait LossCounter: Send + Sync + 'static {
 /// Runs resyncs: one at a time, when asked and every `interval`.
 pub struct Resynchronizer<T: ReleaseTracker> {
     cgroup: WatchedCgroup,
+    /// `natbinder run`'s cgroups, where `cgroup` does not contain them.
+    also: Option<std::path::PathBuf>,
     table: TableHandle,
     exposure: Arc<Exposure>,
     tracker: T,
@@ -152,20 +167,26 @@ pub struct Resynchronizer<T: ReleaseTracker> {
 
 impl<T: ReleaseTracker> Resynchronizer<T> {
     pub fn new(cgroup: WatchedCgroup, table: TableHandle, exposure: Arc<Exposure>, tracker: T) -> Self {
-        Self { cgroup, table, exposure, tracker, resync: Resync::new() }
+        Self { cgroup, also: None, table, exposure, tracker, resync: Resync::new() }
+    }
+
+    /// Also adopts sockets in `cgroup`'s subtree.
+    pub fn also_watching(mut self, cgroup: Option<std::path::PathBuf>) -> Self {
+        self.also = cgroup;
+        self
     }
 
     /// Lists the sockets and applies the plan: adopts live wildcard sockets the table lacks, drops
     /// table sockets that no longer exist.
     pub async fn run_once(&mut self) {
-        let (path, is_root) = (self.cgroup.path.clone(), self.cgroup.is_root);
+        let (path, is_root, also) = (self.cgroup.path.clone(), self.cgroup.is_root, self.also.clone());
         let min_port = self.table.read(|t| t.config().min_port);
         // What the table knows, read before the listing: a socket bound while the listing runs is in
         // the table but may not be in the listing, and must not be taken for one that went away.
         // (One released meanwhile is gone from both, or its release event follows.)
         let known = self.table.read(|t| t.socket_cookies());
         let listed = blocking(move || {
-            let scope = Scope::for_cgroup(&path, is_root, min_port, sockdiag::ephemeral_port_range());
+            let scope = Scope::for_cgroup(&path, is_root, also.as_deref(), min_port, sockdiag::ephemeral_port_range());
             Ok((scope, sockdiag::wildcard_sockets()?))
         })
         .await;

@@ -41,6 +41,13 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             Level::INFO,
             format!("static mapping {}/{} added (\"{}\", uid {})", l.protocol, l.port, l.owner.comm, l.owner.uid),
         ),
+        Outcome::SocketBound { listener: l, found: Found::Announced, .. } => (Level::INFO, format!(
+            "pid {} ({}) uid {} is about to bind {}/{} on {} (natbinder run --wait): mapping it first",
+            l.owner.pid, l.owner.comm, l.owner.uid, l.protocol, l.port, l.family
+        )),
+        Outcome::RunStarted { pid, uid, program, cgroup } => (Level::INFO, format!(
+            "natbinder run: pid {pid} ({program}) uid {uid} moved to {cgroup}; its wildcard binds and its children's are forwarded"
+        )),
         Outcome::SocketClassified { listener: l, stack: Stack::Ipv6Only } => {
             (Level::INFO, format!("{}/{} on [::] (pid {}) is IPv6-only: no IPv4 mapping", l.protocol, l.port, l.owner.pid))
         }
@@ -53,6 +60,14 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
         Outcome::SocketReleased { listener: l, seen: Seen::Deleted } => {
             (Level::INFO, format!("static mapping {}/{} deleted", l.protocol, l.port))
         }
+        Outcome::SocketReleased { listener: l, seen: Seen::Claimed } => (
+            Level::DEBUG,
+            format!("pid {} bound {}/{} as announced: its socket holds the mapping", l.owner.pid, l.protocol, l.port),
+        ),
+        Outcome::SocketReleased { listener: l, seen: Seen::Lapsed } => (
+            Level::INFO,
+            format!("pid {} did not bind {}/{} as announced (its bind failed or was refused)", l.owner.pid, l.protocol, l.port),
+        ),
         Outcome::SocketReleased { listener: l, seen: Seen::Missing } => {
             (Level::INFO, format!("{}/{} is gone (its release was not seen)", l.protocol, l.port))
         }
@@ -121,7 +136,7 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             other => (Level::DEBUG, format!("{key} pending: {other:?}")),
         },
         Outcome::Conflict { key, holder, offered } => (Level::WARN, format!(
-            "{key} is held on the gateway by {}{}: the socket is bound but not reachable from outside; \
+            "{key} is held on the gateway by {}{}: a socket bound to it is not reachable from outside; \
              further binds of this port will fail with EADDRINUSE",
             holder.map_or("another host".to_string(), |h| h.to_string()),
             offered.map(|o| format!(" (the gateway offered external port {o} instead, which natbinder deleted)")).unwrap_or_default()

@@ -38,6 +38,8 @@ pub enum Found {
     Adopted,
     /// A static mapping an operator added (`natbinder add`, or restored at start).
     Static,
+    /// A bind announced before it happens, by `natbinder run --wait` (a reservation).
+    Announced,
 }
 
 /// How a socket's end was learned.
@@ -49,6 +51,10 @@ pub enum Seen {
     Missing,
     /// A static mapping an operator deleted.
     Deleted,
+    /// A reservation whose socket was bound: the socket holds the mapping now.
+    Claimed,
+    /// A reservation no socket claimed in time (the bind failed, or was refused).
+    Lapsed,
 }
 
 /// Why a mapping was removed from the gateway.
@@ -144,6 +150,14 @@ pub enum Outcome {
     NotForwarded {
         listener: Listener,
         rule: std::sync::Arc<str>,
+    },
+    /// `natbinder run` put process `pid` (running `program`) in `cgroup`: its binds, and those of
+    /// everything it starts, are forwarded under the policy.
+    RunStarted {
+        pid: u32,
+        uid: u32,
+        program: String,
+        cgroup: String,
     },
     /// A bind failed with EADDRINUSE because another host holds the port on the gateway.
     BindRefused {

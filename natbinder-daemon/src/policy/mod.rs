@@ -3,7 +3,9 @@
 //! A policy is a list of rules tried in order; the first that matches decides. The list is:
 //! 1. the administrator's rules, from the configuration file (`[[rule]]`), in file order;
 //! 2. the shipped deny list ([`deny_list`]): ports that are local-only by convention;
-//! 3. the scope's default ([`Scope`]): with no `--cgroup`, programs in users' sessions are forwarded
+//! 3. programs started with `natbinder run` ([`Policy::with_runs`]), which are forwarded wherever
+//!    they came from;
+//! 4. the scope's default ([`Scope`]): with no `--cgroup`, programs in users' sessions are forwarded
 //!    and system services are not; with an explicit `--cgroup`, everything in it is forwarded.
 //!
 //! A decision always names its rule, so that `natbinder list` and the log can say why a port is or
@@ -223,6 +225,8 @@ impl Decision {
 #[derive(Clone, Debug)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// Where the scope's default rules begin (after the deny list).
+    defaults_at: usize,
     max_mappings_per_user: u32,
 }
 
@@ -237,6 +241,7 @@ impl Policy {
             rule.ports = vec![denied.first..=denied.last];
             rules.push(rule);
         }
+        let defaults_at = rules.len();
         match scope {
             Scope::Sessions { user_slice: true } => {
                 let mut users = Rule::new(Action::Allow, "default");
@@ -263,7 +268,20 @@ impl Policy {
                 rules.push(all);
             }
         }
-        Self { rules, max_mappings_per_user }
+        Self { rules, defaults_at, max_mappings_per_user }
+    }
+
+    /// Forwards what runs in `natbinder run`'s cgroups, below `base` (relative to the cgroup2 root):
+    /// after the administrator's rules and the deny list, before the scope's default, so that a
+    /// program started with `run` is forwarded wherever it came from, and yet the deny list applies
+    /// unless a rule of the administrator's allows the port.
+    pub fn with_runs(mut self, base: &str) -> Self {
+        let mut runs = Rule::new(Action::Allow, "natbinder run");
+        runs.reason = Some("programs started with `natbinder run` are forwarded".into());
+        runs.cgroup = Some(Pattern::new(&Pattern::escape(base.trim_matches('/'))).expect("an escaped literal"));
+        self.rules.insert(self.defaults_at, runs);
+        self.defaults_at += 1;
+        self
     }
 
     /// The first rule that matches decides; the scope's default always matches, so there is one.

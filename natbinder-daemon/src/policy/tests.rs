@@ -218,3 +218,29 @@ fn the_kernel_refuses_only_what_the_policy_forwards() {
     let lab = kernel::compile(&Policy::new(Vec::new(), &Scope::Cgroup("lab".into()), 32), resolve);
     assert!(kernel::kernel_forwards(&lab, &ancestors("lab"), 0, 0, Protocol::Tcp, 8080));
 }
+
+#[test]
+fn programs_started_with_run_are_forwarded_wherever_they_came_from_but_the_deny_list_and_rules_still_apply() {
+    const RUNS: &str = "system.slice/natbinder.service/natbinder-run";
+    let rules = vec![rule("action = \"allow\"\nports = 6379"), rule("action = \"deny\"\nports = 7000")];
+    let p = Policy::new(rules, &Scope::Sessions { user_slice: true }, 32).with_runs(RUNS);
+    let run = format!("{RUNS}/run-4242");
+    // root, a system account: forwarded in a run cgroup, as the default would not.
+    let d = p.decide(&subject(Some(&run), 0, Protocol::Tcp, 51413));
+    assert!(d.forward && d.rule.contains("natbinder run"), "{d:?}");
+    assert!(p.decide(&subject(Some(&format!("{run}/child")), 105, Protocol::Udp, 6881)).forward);
+    // The deny list still applies; a rule of the administrator's decides first, either way.
+    let d = p.decide(&subject(Some(&run), 0, Protocol::Tcp, 5432));
+    assert!(!d.forward && d.rule.contains("deny list"), "{d:?}");
+    assert!(p.decide(&subject(Some(&run), 0, Protocol::Tcp, 6379)).forward, "allowed by a rule");
+    assert!(!p.decide(&subject(Some(&run), 0, Protocol::Tcp, 7000)).forward, "denied by a rule");
+    // Outside the run cgroups, nothing changed.
+    assert!(!p.decide(&subject(Some("system.slice/natbinder.service"), 0, Protocol::Tcp, 51413)).forward);
+    assert!(!p.decide(&subject(Some("system.slice/natbinder.service/natbinder-run-x/a"), 0, Protocol::Tcp, 1)).forward);
+    // The kernel knows it exactly: a held port fails the bind in a run cgroup.
+    let resolve = |path: &str| (path == RUNS).then_some((3u16, 77u64));
+    let compiled = kernel::compile(&p, resolve);
+    let ancestors = [1, 2, 3, 77, 78];
+    assert!(kernel::kernel_forwards(&compiled, &ancestors, 0, 0, Protocol::Tcp, 51413));
+    assert!(!kernel::kernel_forwards(&compiled, &ancestors, 0, 0, Protocol::Tcp, 5432));
+}

@@ -33,10 +33,12 @@ use crate::{
 
 pub mod handle;
 pub mod key;
+pub mod reservations;
 pub mod statics;
 
 pub use handle::{KernelMirror, TableHandle};
 pub use key::{MappingKey, PinholeKey, PortKey};
+pub use reservations::{is_reservation, Reserved};
 pub use statics::{is_static, static_cookie, StaticError, DISABLED_RULE};
 
 /// Who holds a socket, as far as natbinder could tell (pid 0: not known, e.g. adopted from sock_diag
@@ -277,6 +279,10 @@ pub struct Table {
     uids_at_limit: BTreeSet<u32>,
     /// Ports an operator turned off ([`statics`]).
     disabled: BTreeSet<PortKey>,
+    /// Binds announced by `natbinder run --wait` and not yet claimed by their socket
+    /// ([`reservations`]): cookie -> (the mapping, the process that will bind).
+    reservations: BTreeMap<u64, (MappingKey, u32)>,
+    next_reservation: u64,
 }
 
 impl Table {
@@ -449,6 +455,10 @@ impl Table {
         }
         if let Some(outcome) = published {
             self.publish(outcome);
+        }
+        if !is_reservation(cookie) && !is_static(cookie) {
+            let pid = self.sockets.get(&cookie).map_or(0, |r| r.listener.owner.pid);
+            self.claim_reservations(key, pid, now);
         }
     }
 
@@ -942,9 +952,10 @@ impl Table {
         self.sockets.values()
     }
 
-    /// The cookies of the kernel's sockets in the table (static mappings are not sockets).
+    /// The cookies of the kernel's sockets in the table (static mappings and reservations are not
+    /// sockets the kernel knows).
     pub fn socket_cookies(&self) -> HashSet<u64> {
-        self.sockets.keys().copied().filter(|c| !is_static(*c)).collect()
+        self.sockets.keys().copied().filter(|c| !is_static(*c) && !is_reservation(*c)).collect()
     }
 
     /// The ports other hosts hold on the gateway, as far as natbinder knows.

@@ -585,3 +585,80 @@ fn a_disabled_port_comes_off_the_gateway_keeps_its_sockets_and_comes_back_on_ena
     assert_eq!(t.next_work(now + GRACE), add(TCP8080));
     assert_eq!(t.mapping(&TCP8080).unwrap().sockets.len(), 2, "both sockets want it again");
 }
+
+// ---- reservations (natbinder run --wait) ------------------------------------------------------
+
+#[test]
+fn a_reservation_is_mapped_before_its_socket_exists_and_the_socket_takes_the_mapping_over() {
+    let now = Instant::now();
+    let mut t = table();
+    let reserved = t.reserve(sock(0, Protocol::Tcp, 8080), Stack::Ipv4, forwarded(), now);
+    let Reserved::Asked { cookie, key } = reserved else { panic!("{reserved:?}") };
+    assert!(is_reservation(cookie) && !is_static(cookie));
+    assert_eq!(key, TCP8080);
+    assert_eq!(t.next_work(now), add(TCP8080), "the gateway is asked before the bind");
+    t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
+    // The program's socket, from the same process: it joins, and the reservation goes.
+    bind(&mut t, 1, Protocol::Tcp, 8080, now);
+    assert!(t.socket(cookie).is_none(), "claimed");
+    assert_eq!(t.mapping(&TCP8080).unwrap().sockets, BTreeSet::from([1]));
+    let outcomes = t.take_outcomes();
+    assert!(outcomes.iter().any(|o| matches!(o, Outcome::SocketReleased { seen: Seen::Claimed, .. })));
+    // Ending the reservation later changes nothing: no delete, no second add.
+    t.end_reservation(cookie, now + GRACE);
+    assert_eq!(t.next_work(now + GRACE * 10), None);
+    assert!(t.socket_cookies().contains(&1) && !t.socket_cookies().contains(&cookie), "resync never sees it");
+}
+
+#[test]
+fn a_reservation_no_socket_claims_lapses_and_takes_its_mapping_off_the_gateway() {
+    let now = Instant::now();
+    let mut t = table();
+    let Reserved::Asked { cookie, .. } = t.reserve(sock(0, Protocol::Tcp, 8080), Stack::Ipv4, forwarded(), now) else {
+        panic!()
+    };
+    t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
+    // Another process's socket does not claim it.
+    let mut other = sock(2, Protocol::Tcp, 8081);
+    other.owner.pid = 7;
+    t.socket_bound(other, Stack::Ipv4, Found::Bind, forwarded(), now);
+    t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 8081), grant(Duration::from_secs(3600)), now);
+    assert!(t.socket(cookie).is_some());
+    t.end_reservation(cookie, now);
+    let outcomes = t.take_outcomes();
+    assert!(outcomes.iter().any(|o| matches!(o, Outcome::SocketReleased { seen: Seen::Lapsed, .. })));
+    assert_eq!(t.next_work(now + GRACE), delete(TCP8080), "the gateway holds nothing no socket needs");
+}
+
+#[test]
+fn a_reservation_says_at_once_what_is_known_taken_mapped_or_not_forwarded() {
+    let now = Instant::now();
+    let mut t = table();
+    t.record_conflict(PortKey::new(Protocol::Tcp, 8080), Some(OTHER), Learned::Listed, GATEWAY, None);
+    let r = t.reserve(sock(0, Protocol::Tcp, 8080), Stack::Ipv4, forwarded(), now);
+    assert!(matches!(r, Reserved::Taken { key: TCP8080, .. }), "{r:?}");
+    // A port this host already maps for another socket (SO_REUSEPORT, another process).
+    bind(&mut t, 1, Protocol::Tcp, 9000, now);
+    let key9000 = MappingKey::ipv4(Protocol::Tcp, 9000);
+    t.record_mapped(key9000, grant(Duration::from_secs(3600)), now);
+    assert!(matches!(t.reserve(sock(0, Protocol::Tcp, 9000), Stack::Ipv4, forwarded(), now), Reserved::Mapped { .. }));
+    let denied = crate::policy::Decision::new(false, "deny tcp/5432 (deny list: PostgreSQL)");
+    let r = t.reserve(sock(0, Protocol::Tcp, 5432), Stack::Ipv4, denied, now);
+    assert!(matches!(&r, Reserved::NotForwarded { rule } if rule.contains("PostgreSQL")), "{r:?}");
+    let r = t.reserve(sock(0, Protocol::Tcp, 9001), Stack::Ipv6Only, forwarded(), now);
+    assert!(matches!(r, Reserved::NotForwarded { .. }), "IPv6-only needs no IPv4 mapping: {r:?}");
+    t.disable(PortKey::new(Protocol::Tcp, 9002), now);
+    let r = t.reserve(sock(0, Protocol::Tcp, 9002), Stack::Ipv4, forwarded(), now);
+    assert!(matches!(&r, Reserved::NotForwarded { rule } if rule.contains("disable")), "{r:?}");
+}
+
+#[test]
+fn a_reservation_counts_against_its_users_limit() {
+    let now = Instant::now();
+    let mut t = Table::new(TableConfig { max_mappings_per_user: 1, ..TableConfig::default() });
+    bind(&mut t, 1, Protocol::Tcp, 9000, now);
+    let r = t.reserve(sock(0, Protocol::Tcp, 8080), Stack::Ipv4, forwarded(), now);
+    assert!(matches!(&r, Reserved::NotForwarded { rule } if rule.contains("max-mappings-per-user")), "{r:?}");
+    assert!(t.mapping(&TCP8080).is_none());
+    assert_eq!(t.sockets().filter(|s| is_reservation(s.listener.cookie)).count(), 0, "nothing left behind");
+}

@@ -3,7 +3,12 @@
 //!
 //! natbinder-testapp tcp-echo ADDR [--close-on-stdin] [--v6only] [--reuseport]
 //! natbinder-testapp udp-echo ADDR [--close-on-stdin]
-//! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds)
+//! natbinder-testapp first-free FROM TO      (rTorrent-style: listen on the first port that binds; after
+//!                                            "bound PORT" prints "refused PORT ERRNO" for each port
+//!                                            whose bind failed, then "searched")
+//! natbinder-testapp threads N FROM          (N threads bind TCP 0.0.0.0:FROM.. at the same moment;
+//!                                            prints "bound FROM" once all are bound, then
+//!                                            "took MAX_NS", the longest bind(); echoes on each)
 //! natbinder-testapp burst N FROM KEEP [--keep-last]
 //!                                           (N UDP sockets on 0.0.0.0:FROM.., then closes all but the
 //!                                            first KEEP, or the last; prints "bound FROM" then "kept KEEP")
@@ -11,6 +16,8 @@
 //! natbinder-testapp churn FROM N            (a port search or restart loop: listens on TCP 0.0.0.0:FROM,
 //!                                            and at each line on stdin closes it and at once listens
 //!                                            on the next port; prints "bound PORT" each time)
+//!
+//! tcp-echo --timed prints "took NS" (how long bind() took) after "bound PORT".
 //!
 //! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
 //! when a line arrives on stdin and then prints "closed".
@@ -36,8 +43,12 @@ fn wait_for_stdin_line() {
     let _ = std::io::stdin().lock().read_line(&mut line);
 }
 
-fn serve_tcp(listener: TcpListener, name: String, close_on_stdin: bool) -> ! {
+/// Announces "bound PORT" and then each of `more`, and echoes.
+fn serve_tcp_after(listener: TcpListener, name: String, close_on_stdin: bool, more: &[String]) -> ! {
     announce(format!("bound {}", listener.local_addr().unwrap().port()));
+    for line in more {
+        announce(line.clone());
+    }
     let open = Arc::new(AtomicBool::new(true));
     if close_on_stdin {
         listener.set_nonblocking(true).unwrap();
@@ -73,6 +84,22 @@ fn serve_tcp(listener: TcpListener, name: String, close_on_stdin: bool) -> ! {
     announce("closed".into());
     loop {
         std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// Answers each TCP connection's first message with "NAME:message", for as long as the process lives.
+fn serve_tcp_quietly(listener: TcpListener, name: String) -> ! {
+    loop {
+        if let Ok((mut s, _)) = listener.accept() {
+            let name = name.clone();
+            std::thread::spawn(move || {
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut buf = [0u8; 512];
+                if let Ok(n) = s.read(&mut buf) {
+                    let _ = s.write_all(format!("{name}:{}", String::from_utf8_lossy(&buf[..n])).as_bytes());
+                }
+            });
+        }
     }
 }
 
@@ -187,10 +214,17 @@ fn main() {
             let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
             let v6only = args.iter().any(|a| a == "--v6only");
             let reuseport = args.iter().any(|a| a == "--reuseport");
+            let started = std::time::Instant::now();
             let bound =
                 if v6only || reuseport { bind_with_options(addr, v6only, reuseport) } else { TcpListener::bind(addr) };
+            let took = started.elapsed();
+            let timed = if args.iter().any(|a| a == "--timed") {
+                vec![format!("took {}", took.as_nanos())]
+            } else {
+                Vec::new()
+            };
             match bound {
-                Ok(l) => serve_tcp(l, name, close),
+                Ok(l) => serve_tcp_after(l, name, close, &timed),
                 Err(e) => {
                     eprintln!("bind {addr}: {e}");
                     exit(1)
@@ -211,14 +245,58 @@ fn main() {
             let from: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
             let to: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
             let mut last = None;
+            let mut refused = Vec::new();
             for port in from..=to {
                 match TcpListener::bind(("0.0.0.0", port)) {
-                    Ok(l) => serve_tcp(l, name, false),
-                    Err(e) => last = Some(e),
+                    Ok(l) => {
+                        refused.push("searched".to_string());
+                        serve_tcp_after(l, name, false, &refused)
+                    }
+                    Err(e) => {
+                        refused.push(format!("refused {port} {}", e.raw_os_error().unwrap_or(0)));
+                        last = Some(e)
+                    }
                 }
             }
             eprintln!("no free port in {from}-{to}: {}", last.map_or("empty range".into(), |e| e.to_string()));
             exit(1)
+        }
+        Some("threads") => {
+            let n: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let from: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let start = Arc::new(std::sync::Barrier::new(n as usize));
+            let binders: Vec<_> = (0..n)
+                .map(|i| {
+                    let start = start.clone();
+                    std::thread::spawn(move || {
+                        start.wait();
+                        let began = std::time::Instant::now();
+                        let bound = TcpListener::bind(("0.0.0.0", from + i));
+                        (bound, began.elapsed())
+                    })
+                })
+                .collect();
+            let mut longest = Duration::ZERO;
+            let mut listeners = Vec::new();
+            for (i, binder) in binders.into_iter().enumerate() {
+                let (bound, took) = binder.join().unwrap();
+                longest = longest.max(took);
+                match bound {
+                    Ok(l) => listeners.push(l),
+                    Err(e) => {
+                        eprintln!("bind 0.0.0.0:{}: {e}", from + i as u16);
+                        exit(1)
+                    }
+                }
+            }
+            announce(format!("bound {from}"));
+            announce(format!("took {}", longest.as_nanos()));
+            let last = listeners.pop().unwrap_or_else(|| usage());
+            for listener in listeners {
+                let name = name.clone();
+                std::thread::spawn(move || serve_tcp_quietly(listener, name));
+            }
+            serve_tcp_quietly(last, name)
         }
         Some("burst") => {
             let n: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
