@@ -15,8 +15,10 @@ fi
 
 # --- 1. Debian packages: the lab gateway (miniupnpd), independent IGD/NAT-PMP clients, nftables, iproute2.
 # rtorrent: a real port-searching program for the `natbinder run --wait` tests; gcc, libc6-dev and binutils
-# build and inspect the static test program that binds with a raw syscall.
-APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3 rtorrent gcc libc6-dev binutils)
+# build and inspect the static test program that binds with a raw syscall; dbus-daemon carries the
+# stand-in for systemd's manager that `natbinder run`'s transient scopes are tested against.
+APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3 rtorrent gcc libc6-dev
+              binutils dbus-daemon)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

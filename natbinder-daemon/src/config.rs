@@ -34,6 +34,8 @@ pub struct ConfigFile {
     pub operator_uids: Option<Vec<u32>>,
     /// Who may start programs with `natbinder run`: "everyone" (the default) or "operators".
     pub run_allowed: Option<crate::control::RunAllowed>,
+    /// Who makes `natbinder run`'s cgroups: "auto" (the default), "systemd" or "daemon".
+    pub run_cgroups: Option<crate::run::cgroups::RunPlacement>,
     /// Keep a mapping the gateway grants on another external port (VPN providers choose the port).
     pub keep_gateway_chosen_ports: Option<bool>,
     /// The exposure policy's own rules (`[[rule]]` tables), in order; see [`crate::policy::spec`].

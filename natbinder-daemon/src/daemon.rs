@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, info, warn};
 
 use crate::{
-    control::{views::Facts, ControlConfig, ControlSocket, ControlState, Operators},
+    control::{views::Facts, ControlConfig, ControlSocket, ControlState, Operators, RunPlaced},
     gateway::{
         announcements,
         pcp::NonceKey,
@@ -24,12 +24,15 @@ use crate::{
     },
     host::{self, cgroup, lan::LanWatch, netwatch, process::CgroupNames, resync::Resynchronizer, sockdiag},
     journal::Journal,
-    kernel::{self, BoundSocket, KernelEvent, KernelHooks},
+    kernel::{self, AttachedLinks, BoundSocket, KernelEvent, KernelHooks},
     operator_state::OperatorState,
     outcome::{Found, Outcome, OutcomeBus, Seen},
     policy::{self, exposure::Exposure, Policy, PolicySpec, Scope},
     reconcile::{Ownership, Reconciler, ReconcilerConfig},
-    run::{cgroups::RunCgroups, wait::BindWaits},
+    run::{
+        cgroups::{RunCgroups, RunPlacement},
+        wait::BindWaits,
+    },
     table::{Listener, Owner, Stack, TableConfig, TableHandle, DELETE_GRACE},
     Family, Protocol,
 };
@@ -60,6 +63,8 @@ pub struct DaemonConfig {
     pub control: ControlConfig,
     /// Keep a mapping the gateway grants on another external port, rather than delete it.
     pub keep_gateway_chosen_ports: bool,
+    /// Who makes the cgroups of `natbinder run`: systemd (transient scopes) or the daemon.
+    pub run_cgroups: RunPlacement,
 }
 
 /// What a reload reads again: the command line the daemon was started with, and so the
@@ -93,6 +98,7 @@ fn needs_restart(running: &DaemonConfig, new: &DaemonConfig) -> Vec<String> {
     differs("state-dir", running.state_dir != new.state_dir);
     differs("backend / backend-order", running.backends != new.backends);
     differs("control-socket", running.control.socket != new.control.socket);
+    differs("run-cgroups", running.run_cgroups != new.run_cgroups);
     names
 }
 
@@ -113,6 +119,7 @@ impl Default for DaemonConfig {
             reload: None,
             control: ControlConfig::default(),
             keep_gateway_chosen_ports: false,
+            run_cgroups: RunPlacement::Auto,
         }
     }
 }
@@ -136,7 +143,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     };
     let rules = config.policy.validate()?;
     // Where `natbinder run` puts programs; it must exist before the policy is compiled for the kernel.
-    let runs = Arc::new(RunCgroups::prepare(&cgroup.root)?);
+    let runs = Arc::new(RunCgroups::prepare(&cgroup.root, config.run_cgroups)?);
     let runs_base = runs.base_relative();
     let exposure = Arc::new(Exposure::new(
         Policy::new(rules, &scope, config.max_mappings_per_user).with_runs(&runs_base),
@@ -145,12 +152,19 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let netns_cookie = kernel::current_netns_cookie()?;
     let mut hooks =
         KernelHooks::attach_with_buffer(&cgroup.path, netns_cookie, config.min_port, config.event_buffer_bytes)?;
-    // The run cgroups are watched too: through the watched cgroup if it contains them, else directly.
+    // The run cgroups are watched too: through the watched cgroup if it contains them, else directly
+    // (the daemon's base now; each of systemd's scopes as it is made, since the slice comes and goes).
     let runs_apart = !(cgroup.is_root || runs.base().starts_with(&cgroup.path));
-    if runs_apart {
-        hooks.attach_also(runs.base())?;
-    }
-    info!("programs started with `natbinder run` go to {}", runs.base().display());
+    let _base_links = match runs_apart && !runs.by_systemd() {
+        true => Some(hooks.attach_also(runs.base())?),
+        false => None,
+    };
+    let mut scope_links: Vec<(PathBuf, AttachedLinks)> = Vec::new();
+    info!(
+        "programs started with `natbinder run` go to {}{}",
+        runs.base().display(),
+        if runs.by_systemd() { " (transient scopes made by systemd)" } else { "" }
+    );
     let kernel_rules = exposure.kernel_rules();
     hooks.set_policy(&kernel_rules)?;
     let table = TableHandle::new(
@@ -224,6 +238,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         }
     };
     let (reload_tx, mut reload_rx) = mpsc::unbounded_channel();
+    let (run_placed_tx, mut run_placed_rx) = mpsc::unbounded_channel::<RunPlaced>();
     let control_state = Arc::new(ControlState {
         table: table.clone(),
         runs: runs.clone(),
@@ -235,6 +250,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             runs: runs.clone(),
         },
         min_port: config.min_port,
+        run_placed: run_placed_tx,
         state_dir: config.state_dir.clone(),
         saving: Default::default(),
         facts: facts.clone(),
@@ -301,6 +317,29 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
                 let _ = answer.send(result);
                 resync_requested.notify_one();
                 hangups.send(Signal::CheckNow);
+                continue;
+            }
+            Some((run_cgroup, done)) = run_placed_rx.recv() => {
+                if runs.by_systemd() {
+                    // Links of scopes that ended are given back; the new scope is watched, and the
+                    // kernel's policy learns the slice's id (it is made anew when a run starts after
+                    // all had ended).
+                    let (gone, kept): (Vec<_>, Vec<_>) = scope_links.drain(..).partition(|(path, _)| !path.exists());
+                    scope_links = kept;
+                    for (_, links) in gone {
+                        hooks.detach_links(links);
+                    }
+                    if runs_apart {
+                        match hooks.attach_also(&run_cgroup) {
+                            Ok(links) => scope_links.push((run_cgroup, links)),
+                            Err(e) => warn!("{e:#}: that program's binds are not forwarded"),
+                        }
+                    }
+                    if let Err(e) = hooks.set_policy(&exposure.kernel_rules()) {
+                        warn!("{e:#}; the kernel refuses no bind until the next reload");
+                    }
+                }
+                let _ = done.send(());
                 continue;
             }
             _ = &mut shutdown => break,
@@ -406,6 +445,7 @@ impl Reload<'_> {
             event_buffer_bytes: kept.event_buffer_bytes,
             state_dir: kept.state_dir,
             backends: kept.backends,
+            run_cgroups: kept.run_cgroups,
             control: ControlConfig { socket: kept.control.socket, ..new.control.clone() },
             ..new
         };

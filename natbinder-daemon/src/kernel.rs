@@ -206,6 +206,13 @@ impl LossCounter for Losses {
     }
 }
 
+/// The links [`KernelHooks::attach_also`] made to one cgroup.
+#[derive(Default)]
+pub struct AttachedLinks {
+    sock: Vec<(&'static str, aya::programs::cgroup_sock::CgroupSockLinkId)>,
+    sock_addr: Vec<(&'static str, aya::programs::cgroup_sock_addr::CgroupSockAddrLinkId)>,
+}
+
 /// The loaded and attached programs. Dropping it detaches them.
 pub struct KernelHooks {
     ebpf: Ebpf,
@@ -295,29 +302,48 @@ impl KernelHooks {
             program.load().map_err(|e| explain(anyhow!(e).context(format!("loading {name}"))))?;
         }
         let mut hooks = Self { ebpf, config, policy, events, losses, held_elsewhere, releases, config_value };
-        hooks.attach_also(cgroup)?;
+        // The watched cgroup's links live as long as the hooks.
+        let _links = hooks.attach_also(cgroup)?;
         Ok(hooks)
     }
 
     /// Attaches the programs to one more cgroup (`natbinder run`'s, when the watched cgroup does not
     /// contain it), with the same maps: its binds are reported like the others. The cgroup must not
-    /// be inside one already attached, or its binds would be seen twice.
-    pub fn attach_also(&mut self, cgroup: &Path) -> Result<()> {
+    /// be inside one already attached, or its binds would be seen twice. The links die with the
+    /// cgroup; [`KernelHooks::detach_links`] gives back what they hold.
+    pub fn attach_also(&mut self, cgroup: &Path) -> Result<AttachedLinks> {
         let cgroup_file = File::open(cgroup).with_context(|| format!("opening cgroup {}", cgroup.display()))?;
+        let mut links = AttachedLinks::default();
         // Release first, then post_bind, then bind: a socket is never recorded before its release can be seen.
         for name in [names::SOCK_RELEASE, names::POST_BIND4, names::POST_BIND6] {
             let program: &mut CgroupSock = program(&mut self.ebpf, name)?.try_into()?;
-            program
+            let link = program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| explain(anyhow!(e).context(format!("attaching {name} to {}", cgroup.display()))))?;
+            links.sock.push((name, link));
         }
         for name in [names::BIND4, names::BIND6] {
             let program: &mut CgroupSockAddr = program(&mut self.ebpf, name)?.try_into()?;
-            program
+            let link = program
                 .attach(&cgroup_file, CgroupAttachMode::Single)
                 .map_err(|e| explain(anyhow!(e).context(format!("attaching {name} to {}", cgroup.display()))))?;
+            links.sock_addr.push((name, link));
         }
-        Ok(())
+        Ok(links)
+    }
+
+    /// Detaches links made by [`KernelHooks::attach_also`] (those of a cgroup that is gone).
+    pub fn detach_links(&mut self, links: AttachedLinks) {
+        for (name, link) in links.sock {
+            if let Ok(Ok(program)) = program(&mut self.ebpf, name).map(<&mut CgroupSock>::try_from) {
+                let _ = program.detach(link);
+            }
+        }
+        for (name, link) in links.sock_addr {
+            if let Ok(Ok(program)) = program(&mut self.ebpf, name).map(<&mut CgroupSockAddr>::try_from) {
+                let _ = program.detach(link);
+            }
+        }
     }
 
     pub fn held_elsewhere(&self) -> HeldElsewhere {

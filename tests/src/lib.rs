@@ -11,6 +11,7 @@ use std::{
 use anyhow::{anyhow, bail, Context, Result};
 pub use natbinder_lab::*;
 
+pub mod fake_systemd;
 pub mod inprocess;
 pub use inprocess::InProcessDaemon;
 pub use natbinder::{
@@ -158,6 +159,11 @@ impl Harness {
 
     /// Starts natbinder in lan1 (outside the watched cgroup) and waits until it is ready.
     pub fn start_daemon(&mut self, extra: &[&str]) -> Result<()> {
+        self.start_daemon_with_env(extra, &[])
+    }
+
+    /// As [`Harness::start_daemon`], with these environment variables set for natbinder.
+    pub fn start_daemon_with_env(&mut self, extra: &[&str], env: &[(&str, &str)]) -> Result<()> {
         let log_path = self.lab.dir.join(format!("natbinder-{}.log", Instant::now().elapsed().as_nanos()));
         let log = File::create(&log_path)?;
         let mut cmd = self.lab.command(&self.lab.lan1, false, natbinder_bin())?;
@@ -169,6 +175,7 @@ impl Harness {
             .arg("--control-socket")
             .arg(self.control_socket())
             .args(extra)
+            .envs(env.iter().copied())
             .env("NATBINDER_LOG", "natbinder=debug,info")
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -369,7 +376,9 @@ impl Drop for Harness {
         // Programs started with `natbinder run` live in run cgroups outside the lab's: end them, and
         // remove their cgroups (and the base, if no other run is left).
         self.lab.kill_processes_in(&self.lab.lan1);
-        if let Ok(runs) = cgroup2_root().and_then(|root| natbinder::run::cgroups::RunCgroups::prepare(&root)) {
+        if let Ok(runs) = cgroup2_root().and_then(|root| {
+            natbinder::run::cgroups::RunCgroups::prepare(&root, natbinder::run::cgroups::RunPlacement::Daemon)
+        }) {
             let deadline = Instant::now() + Duration::from_secs(2);
             while runs.sweep() > 0 && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));

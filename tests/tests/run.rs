@@ -426,3 +426,47 @@ fn rtorrent_under_run_wait_skips_the_port_another_host_took_and_is_reachable_on_
     let _ = rtorrent.kill();
     let _ = rtorrent.wait();
 }
+
+/// Where systemd runs, `run` asks it for a transient scope (systemd is not PID 1 on these machines: a
+/// stand-in for its manager answers on a private bus, and makes the scope as systemd does). The
+/// program runs in `natbinder.slice/natbinder-run-PID.scope`, outside the cgroup natbinder watches,
+/// and is forwarded there (without --wait, only the hooks attached to the scope can have seen its
+/// bind); a second run, with --wait, after the first scope and its slice are gone, too.
+#[test]
+fn where_systemd_runs_run_asks_it_for_a_transient_scope_and_the_program_is_forwarded_there() {
+    let mut h = Harness::lab_only(LabConfig::default()).unwrap();
+    let systemd = natbinder_tests::fake_systemd::FakeSystemd::start(&h.lab.dir.join("dbus")).unwrap();
+    h.start_daemon_with_env(&["--run-cgroups", "systemd"], &[("DBUS_SYSTEM_BUS_ADDRESS", systemd.address())]).unwrap();
+    for (port, name, wait) in [(9600u16, "first", false), (9601, "second", true)] {
+        let address = format!("0.0.0.0:{port}");
+        let run_args: &[&str] = if wait { &["--wait"] } else { &[] };
+        let (mut app, _out) = h.run_app(None, run_args, name, &["tcp-echo", &address]).unwrap();
+        // Without --wait, run became the program; with it, the program is run's child. The scope is
+        // named after run, and holds the program either way.
+        let run_pid = app.pid;
+        let program = if wait { child_of(run_pid) } else { run_pid };
+        let cgroup = std::fs::read_to_string(format!("/proc/{program}/cgroup")).unwrap();
+        assert!(cgroup.trim().ends_with(&format!("/natbinder.slice/natbinder-run-{run_pid}.scope")), "{cgroup}");
+        assert_eq!(h.reachable_tcp(port, LIMIT).as_deref(), Some(format!("{name}:ping").as_str()));
+        let call = systemd.calls().pop().unwrap();
+        assert_eq!((call.name.clone(), call.mode.as_str()), (format!("natbinder-run-{run_pid}.scope"), "fail"));
+        assert_eq!(call.property("PIDs"), Some(format!("[{run_pid}]").as_str()));
+        assert_eq!(call.property("Slice"), Some("natbinder.slice"));
+        assert_eq!(call.property("CollectMode"), Some("inactive-or-failed"));
+        assert!(call.property("Description").is_some_and(|d| d.starts_with("natbinder run: ")), "{call:?}");
+        let _ = app.child.kill();
+        let _ = app.child.wait();
+        // Released by the hooks at once (a lapsed reservation would take seconds).
+        h.daemon().wait_log(&format!("released tcp/{port}"), Duration::from_secs(2)).unwrap();
+        h.daemon().wait_log(&format!("removed mapping tcp/{port}"), LIMIT).unwrap();
+        // systemd removes an empty scope, and the slice with its last scope.
+        systemd.end_scopes();
+    }
+    assert_eq!(systemd.calls().len(), 2);
+}
+
+/// The child of process `parent` (there is one).
+fn child_of(parent: u32) -> u32 {
+    let children = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap();
+    children.split_whitespace().next().and_then(|c| c.parse().ok()).unwrap_or_else(|| panic!("{parent} has no child"))
+}

@@ -102,11 +102,6 @@ pub enum Command {
         #[command(flatten)]
         output: show::Output,
     },
-    /// Run COMMAND so that its wildcard binds (and those of everything it starts) are forwarded, under
-    /// the policy; with --wait, each bind() returns only once the gateway has answered, and fails with
-    /// EADDRINUSE when another host holds the port. Exits with COMMAND's status. Without a running
-    /// daemon, COMMAND runs with plain binds.
-    Run(crate::run::RunArgs),
     /// Change the description the gateway shows for a mapping (root or operators).
     Describe {
         #[command(flatten)]
@@ -116,6 +111,14 @@ pub enum Command {
         #[command(flatten)]
         output: show::Output,
     },
+    /// Run COMMAND with its wildcard binds forwarded (--wait: bind() returns once the gateway answered).
+    ///
+    /// Everything COMMAND starts is forwarded too, under the policy (the configuration's rules, the
+    /// deny list, the per-user limit). With --wait, each forwarded bind() returns only once the gateway
+    /// has answered, and fails with EADDRINUSE when another host holds the port, so that the program's
+    /// port search moves on. Exits with COMMAND's status. Without a running daemon, COMMAND runs with
+    /// plain binds.
+    Run(crate::run::RunArgs),
 }
 
 /// Options of `natbinder daemon`. Each can also be set in the configuration file; the command line wins.
@@ -181,6 +184,12 @@ pub struct DaemonArgs {
     /// of deleting it. For programs configured by hand to announce the port.
     #[arg(long)]
     pub keep_gateway_chosen_ports: bool,
+
+    /// Who makes the cgroups of the programs `natbinder run` starts: systemd (a transient scope in
+    /// natbinder.slice each), the daemon (natbinder-run/ under its own cgroup), or `auto`: systemd
+    /// where it runs. [default: auto]
+    #[arg(long, value_name = "WHO", value_enum)]
+    pub run_cgroups: Option<crate::run::cgroups::RunPlacement>,
 }
 
 impl DaemonArgs {
@@ -257,6 +266,7 @@ impl DaemonArgs {
             max_mappings_per_user,
             keep_gateway_chosen_ports: self.keep_gateway_chosen_ports
                 || file.keep_gateway_chosen_ports.unwrap_or(false),
+            run_cgroups: self.run_cgroups.or(file.run_cgroups).unwrap_or_default(),
             control: ControlConfig {
                 socket: self.control_socket.or(file.control_socket).unwrap_or(defaults.control.socket),
                 operator_group: match file.operator_group {

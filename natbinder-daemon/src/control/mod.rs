@@ -88,6 +88,9 @@ pub enum RunAllowed {
 /// need a restart, or why the configuration was refused.
 pub type ReloadRequest = oneshot::Sender<std::result::Result<Vec<String>, String>>;
 
+/// A run cgroup made for `natbinder run` (absolute path), and who waits until the kernel watches it.
+pub type RunPlaced = (PathBuf, oneshot::Sender<()>);
+
 /// What the service reads and asks for.
 pub struct ControlState {
     pub table: TableHandle,
@@ -96,6 +99,8 @@ pub struct ControlState {
     pub bind_waits: crate::run::wait::BindWaits,
     /// The lowest forwarded port, which `run --wait` needs to know which binds to hold.
     pub min_port: u16,
+    /// A run cgroup was made: the event loop attaches the hooks to it where needed and answers.
+    pub run_placed: mpsc::UnboundedSender<RunPlaced>,
     /// Where static mappings and disabled ports are kept ([`crate::operator_state`]).
     pub state_dir: PathBuf,
     /// Saves of that file, one at a time and in order.

@@ -302,14 +302,14 @@ async fn start_run(call: &Call, peer: &Peer, state: &ControlState) -> Result<Rep
     };
     // Opened now, while the caller waits for this reply: the move counts only if it still runs after.
     let pidfd = crate::run::cgroups::pidfd_open(pid).map_err(|e| refused(format!("pidfd_open({pid}): {e}")))?;
-    let runs = state.runs.clone();
     let owner = (peer.uid != 0).then_some(peer.uid);
-    let placed = tokio::task::spawn_blocking(move || runs.place(pid, &pidfd, owner)).await;
-    let cgroup = match placed {
-        Ok(Ok(cgroup)) => cgroup,
-        Ok(Err(e)) => return Err(refused(format!("{e:#}"))),
-        Err(e) => return Err(refused(e.to_string())),
-    };
+    let cgroup = state.runs.place(pid, pidfd, owner, &program).await.map_err(|e| refused(format!("{e:#}")))?;
+    // The event loop makes the kernel watch the new cgroup, if it does not yet, before the caller
+    // starts anything there.
+    let (done, watched) = tokio::sync::oneshot::channel();
+    if state.run_placed.send((state.runs.root().join(&cgroup), done)).is_ok() {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), watched).await;
+    }
     state.table.outcomes().publish(crate::outcome::Outcome::RunStarted {
         pid,
         uid: peer.uid,

@@ -1,57 +1,102 @@
-//! The cgroups `natbinder run` puts programs in: one per run, under `natbinder-run` in the daemon's
-//! own cgroup (its subtree is the daemon's to manage; on a systemd machine the unit delegates it).
-//! The hooks see these cgroups (they are attached to the base too when the watched cgroup does not
-//! contain it) and the policy forwards what runs in them ([`crate::policy::Policy::with_runs`]).
+//! The cgroups `natbinder run` puts programs in, one per run:
+//! * where systemd runs, a transient scope `natbinder.slice/natbinder-run-PID.scope` that systemd
+//!   makes and removes ([`super::systemd`]): systemd owns the cgroups of its units, and a program in
+//!   the daemon's own service cgroup would be killed at each restart of the daemon;
+//! * elsewhere, `natbinder-run/run-PID` under the daemon's own cgroup, which the daemon makes, and
+//!   removes once empty ([`RunCgroups::sweep`]).
 //!
-//! A run cgroup is created when `natbinder run` asks and the caller moves in at once; the program it
-//! starts, with everything that program forks, stays there. Empty run cgroups are removed by
-//! [`RunCgroups::sweep`]; populated ones outlive the daemon, and a daemon started later watches them
-//! again (its resync adopts their sockets).
+//! The hooks see these cgroups (attached to the base, or to each scope, when the watched cgroup does
+//! not contain them) and the policy forwards what runs in them ([`crate::policy::Policy::with_runs`]).
+//! The caller moves in at once; the program it starts, with everything that program forks, stays
+//! there. Populated run cgroups outlive the daemon, and a daemon started later watches them again
+//! (its resync adopts their sockets).
 use std::{
     io,
     os::fd::{FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use anyhow::{bail, Context, Result};
 use tracing::debug;
 
-/// The base's name, below the daemon's own cgroup.
+use super::systemd::{self, SystemdScopes};
+
+/// The base's name, below the daemon's own cgroup, where systemd does not manage cgroups.
 pub const BASE_NAME: &str = "natbinder-run";
+
+/// `run-cgroups`: who makes the cgroups of `natbinder run`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum RunPlacement {
+    /// systemd where it runs (/run/systemd/system exists), the daemon elsewhere.
+    #[default]
+    Auto,
+    /// Transient scopes in natbinder.slice, asked of systemd over D-Bus.
+    Systemd,
+    /// natbinder-run/ under the daemon's own cgroup.
+    Daemon,
+}
+
+enum Maker {
+    Daemon,
+    Systemd(SystemdScopes),
+}
 
 pub struct RunCgroups {
     /// The cgroup2 mount.
     root: PathBuf,
-    /// The base, absolute.
+    /// The base, absolute: natbinder.slice, or natbinder-run under the daemon's cgroup.
     base: PathBuf,
+    maker: Maker,
     /// Creating a run cgroup and moving a process in is one step for [`RunCgroups::sweep`], which
     /// would otherwise remove a cgroup made a moment ago and still empty.
     busy: Mutex<()>,
 }
 
 impl RunCgroups {
-    /// The base under the cgroup this process runs in, created if missing.
-    pub fn prepare(root: &Path) -> Result<Self> {
+    /// Where runs go on this machine. systemd is reached on the system bus (DBUS_SYSTEM_BUS_ADDRESS, or
+    /// its standard socket). With the daemon making them, the base is created now if missing.
+    pub fn prepare(root: &Path, placement: RunPlacement) -> Result<Self> {
+        let by_systemd = match placement {
+            RunPlacement::Auto => systemd::systemd_runs(),
+            RunPlacement::Systemd => true,
+            RunPlacement::Daemon => false,
+        };
+        if by_systemd {
+            return Ok(Self {
+                root: root.to_path_buf(),
+                base: root.join(systemd::SLICE),
+                maker: Maker::Systemd(SystemdScopes::new()),
+                busy: Mutex::new(()),
+            });
+        }
         let own = std::fs::read_to_string("/proc/self/cgroup").context("reading /proc/self/cgroup")?;
         let own = own
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
             .context("/proc/self/cgroup has no cgroup2 line: natbinder needs cgroup v2")?;
         let base = root.join(own.trim_start_matches('/')).join(BASE_NAME);
-        Self::at(root, base)
+        std::fs::create_dir_all(&base).with_context(|| {
+            format!(
+                "creating {} for the programs `natbinder run` starts (or set run-cgroups = \"systemd\")",
+                base.display()
+            )
+        })?;
+        Ok(Self { root: root.to_path_buf(), base, maker: Maker::Daemon, busy: Mutex::new(()) })
     }
 
-    /// A base at `base` (tests), created if missing.
-    pub fn at(root: &Path, base: PathBuf) -> Result<Self> {
-        if !base.starts_with(root) {
-            bail!("{} is not inside the cgroup2 hierarchy mounted at {}", base.display(), root.display());
-        }
-        std::fs::create_dir_all(&base)
-            .with_context(|| format!("creating {} for the programs `natbinder run` starts", base.display()))?;
-        Ok(Self { root: root.to_path_buf(), base, busy: Mutex::new(()) })
+    /// Whether systemd makes the run cgroups (one scope each, made and removed by systemd).
+    pub fn by_systemd(&self) -> bool {
+        matches!(self.maker, Maker::Systemd(_))
     }
 
+    /// The cgroup2 mount.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The base: natbinder.slice (which exists only while a run does), or natbinder-run.
     pub fn base(&self) -> &Path {
         &self.base
     }
@@ -68,13 +113,19 @@ impl RunCgroups {
         cgroup.strip_prefix(base.as_str()).is_some_and(|rest| rest.starts_with('/'))
     }
 
-    /// Moves process `pid` into a new run cgroup and returns that cgroup (relative to the cgroup2
-    /// root). `pidfd` must refer to the same process, opened before: the move counts only if the
-    /// process is still alive after it, so a pid taken over by another process meanwhile is never
-    /// moved. `owner`: the process must belong to that uid (None: any, for root's calls), so that
-    /// a caller whose pid was reused can at worst move another process of its own user.
-    pub fn place(&self, pid: u32, pidfd: &OwnedFd, owner: Option<u32>) -> Result<String> {
-        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
+    /// Moves process `pid` (running `program`) into a new run cgroup and returns that cgroup
+    /// (relative to the cgroup2 root). `pidfd` must refer to the same process, opened before: the
+    /// move counts only if the process is still alive after it, so a pid taken over by another
+    /// process meanwhile is never moved. `owner`: the process must belong to that uid (None: any,
+    /// for root's calls), so that a caller whose pid was reused can at worst move another process of
+    /// its own user.
+    pub async fn place(
+        self: &Arc<Self>,
+        pid: u32,
+        pidfd: OwnedFd,
+        owner: Option<u32>,
+        program: &str,
+    ) -> Result<String> {
         if let Some(uid) = owner {
             let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
                 .with_context(|| format!("reading /proc/{pid}/status"))?;
@@ -87,6 +138,26 @@ impl RunCgroups {
                 bail!("pid {pid} is not uid {uid}'s: the caller went away and its pid was reused");
             }
         }
+        match &self.maker {
+            Maker::Systemd(scopes) => {
+                let cgroup = scopes.start_scope(pid, program).await?;
+                if !alive(&pidfd) {
+                    bail!("pid {pid} exited while it was being moved into its run cgroup");
+                }
+                Ok(cgroup)
+            }
+            Maker::Daemon => {
+                let this = self.clone();
+                tokio::task::spawn_blocking(move || this.make_and_move(pid, &pidfd))
+                    .await
+                    .context("moving the caller into its run cgroup")?
+            }
+        }
+    }
+
+    /// natbinder-run/run-PID, made, with `pid` moved in.
+    fn make_and_move(&self, pid: u32, pidfd: &OwnedFd) -> Result<String> {
+        let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let mut dir = self.base.join(format!("run-{pid}"));
         let mut n = 1;
         loop {
@@ -111,8 +182,12 @@ impl RunCgroups {
         Ok(relative(&self.root, &dir))
     }
 
-    /// Removes the run cgroups nothing runs in any more; returns how many are still in use.
+    /// Removes the run cgroups nothing runs in any more; returns how many are still in use. (systemd
+    /// removes its scopes itself.)
     pub fn sweep(&self) -> usize {
+        if self.by_systemd() {
+            return 0;
+        }
         let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(entries) = std::fs::read_dir(&self.base) else { return 0 };
         let mut in_use = 0;
@@ -134,7 +209,7 @@ impl RunCgroups {
     /// At shutdown: the empty run cgroups go, and the base too if nothing runs there. Programs still
     /// running keep theirs.
     pub fn finish(&self) {
-        if self.sweep() == 0 {
+        if !self.by_systemd() && self.sweep() == 0 {
             let _ = std::fs::remove_dir(&self.base);
         }
     }
@@ -195,6 +270,7 @@ mod tests {
         let runs = RunCgroups {
             root: root.clone(),
             base: root.join("system.slice/natbinder.service/natbinder-run"),
+            maker: Maker::Daemon,
             busy: Mutex::new(()),
         };
         assert_eq!(runs.base_relative(), "system.slice/natbinder.service/natbinder-run");

@@ -33,6 +33,7 @@ use crate::control::{
 pub mod cgroups;
 pub mod seccomp;
 pub mod supervisor;
+pub mod systemd;
 pub mod wait;
 
 /// How long `--wait` holds a bind by default: the paper's 500 ms.

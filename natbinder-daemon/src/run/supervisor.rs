@@ -128,6 +128,8 @@ impl Supervisor {
                     }
                 }
                 Ok(None) => self.answer(n.id, Answer::Proceed),
+                // The thread went away meanwhile (killed): nothing waits for an answer.
+                Err(_) if !self.listener.still_valid(n.id) => {}
                 Err(e) => {
                     if !self.warned_unreadable.swap(true, Ordering::Relaxed) {
                         eprintln!(
