@@ -15,11 +15,13 @@
 //! * [`control`]: the control socket (Varlink, io.natbinder), its service and the CLI's client;
 //! * [`run`]: `natbinder run [--wait]`: its cgroups and its answers in the daemon, and in the CLI the
 //!   command itself with its seccomp supervisor (the paper's blocking bind);
+//! * [`doctor`]: `natbinder doctor`, what this machine offers natbinder and what to do about what it lacks;
 //! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`] and [`config`]: the command line.
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod doctor;
 pub mod gateway;
 pub mod host;
 pub mod journal;

@@ -32,6 +32,7 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => natbinder::run::run(args),
+        Command::Doctor { json, socket, discovery_timeout } => doctor(json, socket, discovery_timeout),
         command => client(command),
     }
 }
@@ -68,7 +69,7 @@ fn client(command: Command) -> ExitCode {
             Command::Describe { target, text, output } => {
                 show::change(output, "Describe", target.protocol, target.port, Some(text)).await.map(|()| true)
             }
-            Command::Daemon(_) | Command::Run(_) => unreachable!("handled in main"),
+            Command::Daemon(_) | Command::Run(_) | Command::Doctor { .. } => unreachable!("handled in main"),
         }
     });
     match result {
@@ -79,6 +80,29 @@ fn client(command: Command) -> ExitCode {
             eprintln!("natbinder: {text}");
             ExitCode::from(code)
         }
+    }
+}
+
+/// `natbinder doctor`: exits 1 when something keeps natbinder from working.
+fn doctor(json: bool, socket: std::path::PathBuf, discovery_timeout: u64) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("natbinder: {e}");
+            return ExitCode::from(exit::FAILED);
+        }
+    };
+    let options =
+        natbinder::doctor::Options { socket, discovery_timeout: std::time::Duration::from_secs(discovery_timeout) };
+    let checks = runtime.block_on(natbinder::doctor::examine(&options));
+    if json {
+        println!("{}", natbinder::doctor::to_json(&checks));
+    } else {
+        print!("{}", natbinder::doctor::to_text(&checks));
+    }
+    match natbinder::doctor::blocked(&checks) {
+        true => ExitCode::from(exit::FAILED),
+        false => ExitCode::SUCCESS,
     }
 }
 

@@ -111,6 +111,23 @@ pub enum Command {
         #[command(flatten)]
         output: show::Output,
     },
+    /// Check what natbinder needs on this machine, and say what to do about what is missing.
+    ///
+    /// The kernel's features (probed: BTF, the cgroup bind hooks, bpf_link, bpf_set_retval,
+    /// SO_NETNS_COOKIE), the cgroup2 mount, the privileges, each gateway protocol with how long it took
+    /// to answer, a double NAT, this host's firewall (would it drop what a mapping lets in?), and the
+    /// control socket. Exits 1 when something keeps natbinder from working.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// The daemon's control socket.
+        #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+        socket: PathBuf,
+        /// How long each gateway protocol may take to answer.
+        #[arg(long, value_name = "SECONDS", default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=60))]
+        discovery_timeout: u64,
+    },
     /// Run COMMAND with its wildcard binds forwarded (--wait: bind() returns once the gateway answered).
     ///
     /// Everything COMMAND starts is forwarded too, under the policy (the configuration's rules, the

@@ -125,6 +125,12 @@ pub fn status_text(s: &Value) -> String {
             format!("double NAT: {double}; mappings will not make this host reachable from the internet"),
         ));
     }
+    for finding in s.get("firewall").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
+        rows.push((
+            "warning",
+            format!("this host's firewall may drop what mappings let in: {finding} (see `natbinder doctor`)"),
+        ));
+    }
     let scope = match str_of(s, "policy_scope") {
         Some("sessions") => "programs in users' sessions",
         Some("users") => "ordinary users' programs (uid >= 1000)",

@@ -136,7 +136,12 @@ async fn serve(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, 
             parameters(call, &[])?;
             let views = state.table.read(|t| views::list(t, false, now));
             let facts = state.facts.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            Reply::ok(facts.status(VERSION, &views))
+            // Read now (a few ms: nft and friends), so that a rule added since is seen.
+            let firewall = tokio::task::spawn_blocking(crate::host::firewall::inspect).await.unwrap_or_default();
+            let mut status = facts.status(VERSION, &views);
+            status["firewall"] =
+                json!(firewall.iter().map(|f| format!("{}: {}", f.source, f.detail)).collect::<Vec<_>>());
+            Reply::ok(status)
         }
         "io.natbinder.List" => {
             let p = parameters(call, &["all"])?;

@@ -11,6 +11,7 @@
 //! Everything here that blocks (socket dumps, the /proc walk, netlink dumps) is called from the async
 //! side through `spawn_blocking`, never on the event loop itself.
 pub mod cgroup;
+pub mod firewall;
 pub mod lan;
 pub mod netlink;
 pub mod netwatch;

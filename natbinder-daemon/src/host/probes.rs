@@ -1,7 +1,7 @@
 //! What this kernel supports of what natbinder relies on, probed rather than read from a version
 //! string (distributions backport; containers lie about versions): BTF, the cgroup socket program
 //! types, bpf_link for cgroups, the helpers the programs call, and SO_NETNS_COOKIE. The daemon runs
-//! them to explain a failure to attach; `natbinder doctor` will show them all.
+//! them to explain a failure to attach; `natbinder doctor` shows them all.
 use std::os::fd::AsRawFd;
 
 use aya::{
