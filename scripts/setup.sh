@@ -18,7 +18,7 @@ fi
 # build and inspect the static test program that binds with a raw syscall; dbus-daemon carries the
 # stand-in for systemd's manager that `natbinder run`'s transient scopes are tested against.
 APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3 rtorrent gcc libc6-dev
-              binutils dbus-daemon)
+              binutils dbus-daemon systemd man-db lintian)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -78,6 +78,16 @@ else
         || fail "cargo install bpf-linker failed (LLVM $LLVM_MAJOR from $LLVM_SO)"
     basename "$LLVM_SO" > "$PREFIX/.built-for"
     bpf-linker --version >/dev/null || fail "bpf-linker was built but does not run: check that $PREFIX/lib holds $(basename "$LLVM_SO")"
+fi
+
+# --- 4. cargo-deb for `cargo xtask deb` (pinned: the package's metadata is written for its keys).
+CARGO_DEB_VERSION=3.8.0
+if cargo deb --version 2>/dev/null | grep -qx "cargo-deb $CARGO_DEB_VERSION"; then
+    say "cargo-deb present ($CARGO_DEB_VERSION)"
+else
+    say "installing cargo-deb $CARGO_DEB_VERSION"
+    cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION" --force \
+        || fail "cargo install cargo-deb $CARGO_DEB_VERSION failed: see cargo's message above (needs crates.io access)"
 fi
 
 # cargo-fuzz itself is installed on first use by scripts/fuzz.sh.

@@ -1,6 +1,13 @@
-//! The daemon's configuration file (TOML, `/etc/natbinder/natbinder.toml` by default). Parsed strictly:
-//! an unknown key is an error that names it, so a typo never silently does nothing. Every value can also
-//! be given on the command line, which wins.
+//! The daemon's configuration (TOML), as distributions lay it out ([`ConfigLayout`]):
+//! 1. `/etc/natbinder/natbinder.toml`, the administrator's (a conffile), or where it does not exist
+//!    the vendor's defaults in `/usr/lib/natbinder/natbinder.toml`;
+//! 2. drop-ins, `*.toml` in `/usr/lib/natbinder/natbinder.d/` and `/etc/natbinder/natbinder.d/`, in
+//!    the order of their names (one in /etc hides a vendor one of the same name).
+//!
+//! A setting in a later file replaces an earlier one; `[[rule]]`s add up in reading order (the first
+//! that matches decides). Parsed strictly: an unknown key is an error that names it, its file and
+//! line, so a typo never silently does nothing. Every value can also be given on the command line,
+//! which wins; `--config FILE` reads that file alone.
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -9,6 +16,72 @@ use serde::Deserialize;
 use crate::policy::{PolicySpec, RuleSpec};
 
 pub const DEFAULT_PATH: &str = "/etc/natbinder/natbinder.toml";
+
+/// Where the configuration files are.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigLayout {
+    /// The administrator's file.
+    pub main: PathBuf,
+    /// The administrator's drop-ins.
+    pub dropins: PathBuf,
+    /// The vendor's (the package's) defaults, read when `main` does not exist.
+    pub vendor_main: PathBuf,
+    pub vendor_dropins: PathBuf,
+}
+
+impl ConfigLayout {
+    /// /etc/natbinder and /usr/lib/natbinder.
+    pub fn system() -> Self {
+        Self::rooted(Path::new("/"))
+    }
+
+    /// The same layout below `root` (a package's tree, a test's directory).
+    pub fn rooted(root: &Path) -> Self {
+        Self {
+            main: root.join("etc/natbinder/natbinder.toml"),
+            dropins: root.join("etc/natbinder/natbinder.d"),
+            vendor_main: root.join("usr/lib/natbinder/natbinder.toml"),
+            vendor_dropins: root.join("usr/lib/natbinder/natbinder.d"),
+        }
+    }
+
+    /// The files to read, in order.
+    pub fn files(&self) -> Result<Vec<PathBuf>> {
+        let mut files = Vec::new();
+        if self.main.exists() {
+            files.push(self.main.clone());
+        } else if self.vendor_main.exists() {
+            files.push(self.vendor_main.clone());
+        }
+        let mut dropins: std::collections::BTreeMap<std::ffi::OsString, PathBuf> = Default::default();
+        for dir in [&self.vendor_dropins, &self.dropins] {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e).with_context(|| format!("reading the drop-in directory {}", dir.display())),
+            };
+            for entry in entries {
+                let path = entry.with_context(|| format!("reading {}", dir.display()))?.path();
+                if path.extension().is_some_and(|e| e == "toml") && path.is_file() {
+                    // The administrator's hides the vendor's of the same name.
+                    dropins.insert(path.file_name().unwrap_or_default().to_os_string(), path);
+                }
+            }
+        }
+        files.extend(dropins.into_values());
+        Ok(files)
+    }
+
+    /// Every file of the layout, read and merged in order.
+    pub fn load(&self) -> Result<(ConfigFile, Vec<PathBuf>)> {
+        let files = self.files()?;
+        let mut merged = ConfigFile::default();
+        for file in &files {
+            merged.merge(ConfigFile::load(file, true)?);
+        }
+        Ok((merged, files))
+    }
+}
 
 /// The file's contents; every key is optional.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
@@ -88,6 +161,33 @@ impl ConfigFile {
         }
     }
 
+    /// `later`'s settings over these; its rules after these.
+    pub fn merge(&mut self, later: ConfigFile) {
+        macro_rules! over {
+            ($($field:ident),* $(,)?) => { $( if later.$field.is_some() { self.$field = later.$field; } )* };
+        }
+        over!(
+            cgroup,
+            min_port,
+            lease_seconds,
+            reconcile_interval_seconds,
+            discovery_timeout_seconds,
+            event_buffer_kib,
+            state_dir,
+            backend,
+            backend_order,
+            max_mappings_per_user,
+            control_socket,
+            operator_group,
+            operator_uids,
+            run_allowed,
+            run_cgroups,
+            keep_gateway_chosen_ports,
+        );
+        self.rule.extend(later.rule);
+        self.rule_origins.extend(later.rule_origins);
+    }
+
     /// Reads `path`; `explicit` says the user named it, so a missing file is an error rather than
     /// "no configuration".
     pub fn load(path: &Path, explicit: bool) -> Result<Self> {
@@ -156,6 +256,39 @@ mod tests {
         assert!(err.contains("/etc/n.toml line 4") && err.contains("empty range"), "{err}");
         let err = format!("{:#}", ConfigFile::parse("[[rule]]\nacton = \"deny\"\n", Path::new("n.toml")).unwrap_err());
         assert!(err.contains("acton") && err.contains("line"), "{err}");
+    }
+
+    #[test]
+    fn the_administrators_file_hides_the_vendors_and_drop_ins_follow_in_name_order() {
+        let root = std::env::temp_dir().join(format!("natbinder-layout-test-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let layout = ConfigLayout::rooted(&root);
+        assert_eq!(layout.load().unwrap().1, Vec::<PathBuf>::new(), "nothing there: the defaults");
+        for dir in [&layout.dropins, &layout.vendor_dropins] {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        std::fs::write(&layout.vendor_main, "lease-seconds = 600\nmin-port = 2000\n").unwrap();
+        std::fs::write(layout.vendor_dropins.join("50-vendor.toml"), "[[rule]]\naction = \"deny\"\nports = 7000\n")
+            .unwrap();
+        std::fs::write(layout.vendor_dropins.join("60-hidden.toml"), "min-port = 9999\n").unwrap();
+        std::fs::write(layout.dropins.join("60-hidden.toml"), "reconcile-interval-seconds = 5\n").unwrap();
+        std::fs::write(layout.dropins.join("70-admin.toml"), "[[rule]]\naction = \"allow\"\nports = 8000\n").unwrap();
+        std::fs::write(layout.dropins.join("notes.txt"), "not read").unwrap();
+        let (c, files) = layout.load().unwrap();
+        assert_eq!(files[0], layout.vendor_main, "no /etc file: the vendor's");
+        assert_eq!((c.lease_seconds, c.min_port, c.reconcile_interval_seconds), (Some(600), Some(2000), Some(5)));
+        let origins = c.policy_spec().rules.iter().map(|(o, _)| o.clone()).collect::<Vec<_>>();
+        assert!(
+            origins[0].ends_with("50-vendor.toml line 1") && origins[1].ends_with("70-admin.toml line 1"),
+            "{origins:?}"
+        );
+        std::fs::write(&layout.main, "lease-seconds = 7200\n").unwrap();
+        let (c, files) = layout.load().unwrap();
+        assert_eq!((files[0].clone(), c.lease_seconds, c.min_port), (layout.main.clone(), Some(7200), None));
+        std::fs::write(layout.dropins.join("80-bad.toml"), "lease-second = 1\n").unwrap();
+        let err = format!("{:#}", layout.load().unwrap_err());
+        assert!(err.contains("80-bad.toml") && err.contains("lease-second"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

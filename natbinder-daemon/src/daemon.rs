@@ -33,6 +33,7 @@ use crate::{
         cgroups::{RunCgroups, RunPlacement},
         wait::BindWaits,
     },
+    service_manager,
     table::{Listener, Owner, Stack, TableConfig, TableHandle, DELETE_GRACE},
     Family, Protocol,
 };
@@ -72,14 +73,14 @@ pub struct DaemonConfig {
 #[derive(Clone, Debug)]
 pub struct ReloadSource {
     pub args: Box<crate::cli::DaemonArgs>,
-    pub default_file: PathBuf,
+    pub layout: crate::config::ConfigLayout,
 }
 
 impl ReloadSource {
     /// The configuration as it would be at a start now; an error (with the file and line) leaves the
     /// running one as it is.
     pub fn read(&self) -> Result<DaemonConfig> {
-        self.args.clone().into_config_with_default_file(&self.default_file)
+        self.args.clone().into_config_with_layout(&self.layout)
     }
 }
 
@@ -155,7 +156,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     // The run cgroups are watched too: through the watched cgroup if it contains them, else directly
     // (the daemon's base now; each of systemd's scopes as it is made, since the slice comes and goes).
     let runs_apart = !(cgroup.is_root || runs.base().starts_with(&cgroup.path));
-    let _base_links = match runs_apart && !runs.by_systemd() {
+    let _base_links = match runs_apart && runs.by_daemon() {
         true => Some(hooks.attach_also(runs.base())?),
         false => None,
     };
@@ -284,6 +285,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         tokio::spawn(resync.run(config.reconcile_interval, resync_requested.clone(), hooks.losses(), stop_rx.clone())),
         tokio::spawn(classify(classify_rx, table.clone(), stop_rx.clone())),
         tokio::spawn(sweep_runs(runs.clone(), stop_rx.clone())),
+        tokio::spawn(service_manager::follow(outcomes.clone(), stop_rx.clone())),
     ];
     let reconciler_task = tokio::spawn(reconciler.run(discover, stop_rx));
 
@@ -294,6 +296,9 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let hangups = signals.sender();
+    // Pinged from this loop, so that a loop that hangs is restarted by systemd (WatchdogSec=).
+    let mut watchdog = tokio::time::interval(service_manager::watchdog_interval().unwrap_or(Duration::from_secs(3600)));
+    let watchdog_on = service_manager::watchdog_interval().is_some();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -342,6 +347,10 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
                 let _ = done.send(());
                 continue;
             }
+            _ = watchdog.tick(), if watchdog_on => {
+                service_manager::watchdog_ping();
+                continue;
+            }
             _ = &mut shutdown => break,
         }
         for event in events.drain(..) {
@@ -357,6 +366,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     }
 
     info!("shutting down: no new binds are forwarded; removing this host's mappings");
+    service_manager::stopping();
     if let Err(e) = hooks.disable() {
         warn!("{e:#}");
     }

@@ -16,6 +16,7 @@
 //! * [`run`]: `natbinder run [--wait]`: its cgroups and its answers in the daemon, and in the CLI the
 //!   command itself with its seccomp supervisor (the paper's blocking bind);
 //! * [`doctor`]: `natbinder doctor`, what this machine offers natbinder and what to do about what it lacks;
+//! * [`service_manager`]: the daemon as a systemd service (readiness, status, watchdog);
 //! * [`daemon`]: wiring and lifecycle (`run(config, shutdown)`); [`cli`] and [`config`]: the command line.
 pub mod cli;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod outcome;
 pub mod policy;
 pub mod reconcile;
 pub mod run;
+pub mod service_manager;
 pub mod table;
 
 use std::fmt;
@@ -43,6 +45,14 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// "tcp" or "udp", as everything natbinder prints says it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+
     pub fn ip_proto(self) -> u16 {
         match self {
             Protocol::Tcp => natbinder_common::IPPROTO_TCP,
@@ -53,10 +63,7 @@ impl Protocol {
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        })
+        f.write_str(self.name())
     }
 }
 

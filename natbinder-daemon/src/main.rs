@@ -12,10 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(EnvFilter::try_from_env("NATBINDER_LOG").unwrap_or_else(|_| EnvFilter::new("info")))
-                .with_target(false)
-                .init();
+            init_logging();
             // aya-log forwards the eBPF programs' messages through the `log` facade.
             let _ = tracing_log::LogTracer::init();
             let result = args.into_config().and_then(|config| {
@@ -32,9 +29,59 @@ fn main() -> ExitCode {
             }
         }
         Command::Run(args) => natbinder::run::run(args),
+        Command::GenerateDocs { man, completions } => match natbinder::cli::docs::generate(&man, &completions) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("natbinder: {e:#}");
+                ExitCode::from(exit::FAILED)
+            }
+        },
+        Command::CheckConfig { config } => {
+            match natbinder::cli::check_config(config, &natbinder::config::ConfigLayout::system()) {
+                Ok(report) => {
+                    print!("{report}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("natbinder: the configuration is refused: {e:#}");
+                    ExitCode::from(exit::FAILED)
+                }
+            }
+        }
         Command::Doctor { json, socket, discovery_timeout } => doctor(json, socket, discovery_timeout),
         command => client(command),
     }
+}
+
+/// The log: to the journal with its fields when systemd connected stderr to it (JOURNAL_STREAM names
+/// stderr's device and inode), else to stderr, coloured only on a terminal. NATBINDER_LOG filters.
+fn init_logging() {
+    use std::{io::IsTerminal, os::unix::fs::MetadataExt};
+    use tracing_subscriber::prelude::*;
+    let filter = EnvFilter::try_from_env("NATBINDER_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let stderr_is_journal = std::env::var("JOURNAL_STREAM").ok().is_some_and(|stream| {
+        let stderr = std::fs::metadata("/proc/self/fd/2");
+        stderr.is_ok_and(|m| stream == format!("{}:{}", m.dev(), m.ino()))
+    });
+    if stderr_is_journal {
+        if let Ok(journal) = tracing_journald::layer() {
+            use tracing_journald::{Priority, PriorityMappings};
+            // syslog's levels, as journalctl -p expects them (the crate's default makes INFO a notice).
+            let levels =
+                PriorityMappings { info: Priority::Informational, debug: Priority::Debug, ..PriorityMappings::new() };
+            let journal = journal
+                .with_syslog_identifier("natbinder".into())
+                .with_field_prefix(Some("NATBINDER".into()))
+                .with_priority_mappings(levels);
+            tracing_subscriber::registry().with(filter).with(journal).init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
 }
 
 /// The commands that talk to a running daemon.
@@ -69,7 +116,13 @@ fn client(command: Command) -> ExitCode {
             Command::Describe { target, text, output } => {
                 show::change(output, "Describe", target.protocol, target.port, Some(text)).await.map(|()| true)
             }
-            Command::Daemon(_) | Command::Run(_) | Command::Doctor { .. } => unreachable!("handled in main"),
+            Command::Daemon(_)
+            | Command::Run(_)
+            | Command::Doctor { .. }
+            | Command::CheckConfig { .. }
+            | Command::GenerateDocs { .. } => {
+                unreachable!("handled in main")
+            }
         }
     });
     match result {

@@ -80,7 +80,8 @@ impl InProcessDaemon {
     pub fn start(ns: &Netns, args: &[String]) -> Result<Self> {
         install_log();
         clear_log();
-        let config = Cli::daemon_config(args, std::path::Path::new("/nonexistent/natbinder-tests/natbinder.toml"))?;
+        let layout = natbinder::config::ConfigLayout::rooted(std::path::Path::new("/nonexistent/natbinder-tests"));
+        let config = Cli::daemon_config(args, &layout)?;
         let netns = std::fs::File::open(ns.path()).with_context(|| format!("opening {}", ns.path().display()))?;
         let (events_tx, outcomes) = mpsc::channel();
         let (end_tx, end_rx) = oneshot::channel::<End>();

@@ -5,6 +5,7 @@
 //!   reachable from a WAN peer through a real miniupnpd gateway, and stops being so when it exits.
 //! * `test`:  setup, formatting and lint checks, then every test (the kernel/lab ones as root).
 //! * `bench`: bind() overhead and bind-to-reachable latency in the lab, against a same-run baseline.
+//! * `deb`:   setup, release build, man pages and completions, then the Debian package in target/debian/.
 mod bench;
 mod demo;
 
@@ -33,8 +34,15 @@ enum Task {
         #[arg(long)]
         no_build: bool,
     },
-    /// Run the whole test suite (installs what it needs first).
+    /// Run the whole test suite (installs what it needs first; builds the Debian package, which its
+    /// package tests check).
     Test,
+    /// Build the Debian package into target/debian/ (installs cargo-deb first).
+    Deb {
+        /// Skip setup (use the cargo-deb already installed).
+        #[arg(long)]
+        no_setup: bool,
+    },
     /// Measure bind() overhead and bind-to-reachable latency in the lab.
     Bench {
         #[arg(long)]
@@ -82,6 +90,39 @@ fn cargo() -> Command {
     cmd
 }
 
+/// Where cargo puts build output: CARGO_TARGET_DIR, or the workspace's target/.
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
+}
+
+/// The release binary, its man pages and completions (generated from its own command line, so never
+/// written twice), then `cargo deb`: the package metadata is natbinder-daemon's [package.metadata.deb].
+fn deb() -> Result<()> {
+    run(cargo().args(["build", "--release", "-p", "natbinder-daemon"]))?;
+    let docs = target_dir().join("release/natbinder-docs");
+    if docs.exists() {
+        std::fs::remove_dir_all(&docs).with_context(|| format!("removing the old {}", docs.display()))?;
+    }
+    let man = docs.join("man");
+    run(Command::new(target_dir().join("release/natbinder"))
+        .arg("generate-docs")
+        .arg("--man")
+        .arg(&man)
+        .arg("--completions")
+        .arg(docs.join("completions")))?;
+    // Debian policy: man pages compressed with gzip -9, without a timestamp (-n) so builds reproduce.
+    let mut gzip = Command::new("gzip");
+    gzip.args(["-9", "-n", "-f"]);
+    for page in std::fs::read_dir(&man).with_context(|| format!("reading {}", man.display()))? {
+        gzip.arg(page?.path());
+    }
+    run(&mut gzip)?;
+    let out = target_dir().join("debian");
+    run(cargo().args(["deb", "-p", "natbinder-daemon", "--no-build", "-o"]).arg(&out))?;
+    println!("packages in {}", out.display());
+    Ok(())
+}
+
 fn setup() -> Result<()> {
     run(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")))
 }
@@ -100,8 +141,10 @@ fn test() -> Result<()> {
     // Every parser that reads the network, fuzzed for a bounded time (before the tests, so that the
     // test summary stays the last line).
     run(Command::new("bash").arg(workspace_root().join("scripts/fuzz.sh")).arg(FUZZ_SECONDS_PER_TARGET.to_string()))?;
-    // The lab tests start target/debug/natbinder and natbinder-testapp: build them first.
+    // The lab tests start target/debug/natbinder and natbinder-testapp: build them first. The package
+    // tests (tests/package.rs) read target/debian/natbinder_*.deb.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    deb()?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--no-fail-fast"]);
     if !is_root() {
@@ -149,6 +192,12 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup(),
         Task::Test => test(),
+        Task::Deb { no_setup } => {
+            if !no_setup {
+                setup()?;
+            }
+            deb()
+        }
         Task::Demo { no_build } => {
             if !no_build {
                 setup()?;

@@ -3,37 +3,54 @@
 //! over the control socket ([`show`]).
 //!
 //! Exit codes: 0 done, 1 failed, 2 bad arguments, 3 the daemon is not running, 4 not permitted.
-use std::{
-    path::{Path, PathBuf},
-    time::Duration,
-};
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::{bail, Result};
 use clap::{Args, Parser, Subcommand};
 
+pub mod docs;
 pub mod show;
 
 use crate::{
-    config::{self, BackendChoice, ConfigFile},
+    config::{BackendChoice, ConfigFile, ConfigLayout},
     control::ControlConfig,
     daemon::{DaemonConfig, ReloadSource},
     gateway::select::{self, Backend},
 };
 
 #[derive(Debug, Parser)]
-#[command(name = "natbinder", version, about = "Makes NAT transparent to programs that listen", long_about = None)]
+#[command(
+    name = "natbinder",
+    version,
+    about = "Makes NAT transparent to programs that listen",
+    long_about = "Makes NAT transparent to programs that listen.\n\n\
+        The daemon (natbinder.service) watches binds through small eBPF programs on the cgroup bind and \
+        release hooks. When a program binds a non-privileged port on the wildcard address and the exposure \
+        policy allows it, the LAN gateway forwards that port to it (UPnP IGD, PCP or NAT-PMP) until the \
+        socket is released, however the program ends. A port another host holds on the gateway makes bind() \
+        fail with EADDRINUSE where the kernel knows it in time (always under `natbinder run --wait`).\n\n\
+        The other commands ask the running daemon over its control socket, or check this machine (doctor, \
+        check-config).",
+    after_long_help = "Files:\n  \
+        /etc/natbinder/natbinder.toml       the configuration (every key commented)\n  \
+        /etc/natbinder/natbinder.d/*.toml   drop-ins, read in name order after it\n  \
+        /usr/lib/natbinder/                 the vendor's defaults, hidden by /etc's files of the same name\n  \
+        /var/lib/natbinder/                 the journal of mappings (crash recovery) and static mappings\n  \
+        /run/natbinder/io.natbinder         the control socket\n\n\
+        Troubleshooting: `natbinder doctor`. Logs: `journalctl -u natbinder`."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
 }
 
 impl Cli {
-    /// The configuration `natbinder daemon ARGS...` would run with, reading `default_file` (if it
-    /// exists) when ARGS name no --config: for running the daemon in another program's process.
-    pub fn daemon_config(args: &[String], default_file: &Path) -> Result<DaemonConfig> {
+    /// The configuration `natbinder daemon ARGS...` would run with, reading the files of `layout`
+    /// when ARGS name no --config: for running the daemon in another program's process.
+    pub fn daemon_config(args: &[String], layout: &ConfigLayout) -> Result<DaemonConfig> {
         let argv = ["natbinder", "daemon"].into_iter().map(String::from).chain(args.iter().cloned());
         match Cli::try_parse_from(argv)?.command {
-            Command::Daemon(daemon) => daemon.into_config_with_default_file(default_file),
+            Command::Daemon(daemon) => daemon.into_config_with_layout(layout),
             _ => unreachable!("parsed as `natbinder daemon`"),
         }
     }
@@ -110,6 +127,24 @@ pub enum Command {
         text: String,
         #[command(flatten)]
         output: show::Output,
+    },
+    /// Write the man pages and the shell completions (for packages: `cargo xtask deb`).
+    #[command(hide = true)]
+    GenerateDocs {
+        #[arg(long, value_name = "DIR")]
+        man: PathBuf,
+        #[arg(long, value_name = "DIR")]
+        completions: PathBuf,
+    },
+    /// Read the whole configuration as the daemon would, and say what it amounts to or what is wrong.
+    ///
+    /// /etc/natbinder/natbinder.toml (or the vendor's /usr/lib/natbinder/natbinder.toml), then the
+    /// drop-ins in /usr/lib/natbinder/natbinder.d and /etc/natbinder/natbinder.d in name order; or the
+    /// one file --config names. Exits 1 with the file, the line and what is wrong.
+    CheckConfig {
+        /// Check this file alone.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
     },
     /// Check what natbinder needs on this machine, and say what to do about what is missing.
     ///
@@ -209,20 +244,66 @@ pub struct DaemonArgs {
     pub run_cgroups: Option<crate::run::cgroups::RunPlacement>,
 }
 
+/// `natbinder check-config`: the files read and the settings they make, or the first error.
+pub fn check_config(config: Option<PathBuf>, layout: &ConfigLayout) -> Result<String> {
+    let mut argv = vec!["natbinder".into(), "daemon".into()];
+    if let Some(file) = config {
+        argv.extend(["--config".into(), file.into_os_string()]);
+    }
+    let Command::Daemon(args) = Cli::try_parse_from(argv)?.command else { unreachable!("parsed as daemon") };
+    let (config, files) = args.read_config(layout)?;
+    let rules = config.policy.validate()?.len();
+    let mut out = String::from("configuration: ok\n");
+    let read: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    out.push_str(&format!(
+        "read: {}\n",
+        if read.is_empty() { "no file (the defaults)".to_string() } else { read.join(", ") }
+    ));
+    let backends: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
+    let lines = [
+        ("cgroup", config.cgroup.as_ref().map_or("the whole machine".to_string(), |c| c.display().to_string())),
+        ("min-port", config.min_port.to_string()),
+        ("lease-seconds", config.lease.as_secs().to_string()),
+        ("reconcile-interval-seconds", config.reconcile_interval.as_secs().to_string()),
+        ("discovery-timeout-seconds", config.discovery_timeout.as_secs().to_string()),
+        ("event-buffer-kib", (config.event_buffer_bytes / 1024).to_string()),
+        ("state-dir", config.state_dir.display().to_string()),
+        ("backends, best first", backends.join(", ")),
+        ("max-mappings-per-user", config.max_mappings_per_user.to_string()),
+        ("control-socket", config.control.socket.display().to_string()),
+        ("operator-group", config.control.operator_group.clone().unwrap_or_else(|| "none".into())),
+        ("operator-uids", format!("{:?}", config.control.operator_uids)),
+        ("run-allowed", format!("{:?}", config.control.run_allowed).to_lowercase()),
+        ("run-cgroups", format!("{:?}", config.run_cgroups).to_lowercase()),
+        ("keep-gateway-chosen-ports", config.keep_gateway_chosen_ports.to_string()),
+        ("rules", format!("{rules} of yours, then the deny list, `natbinder run`'s programs and the default")),
+    ];
+    for (key, value) in lines {
+        out.push_str(&format!("{key}: {value}\n"));
+    }
+    Ok(out)
+}
+
 impl DaemonArgs {
-    /// Reads the configuration file, lets the command line override it, and validates the result.
+    /// Reads the configuration (/etc/natbinder, /usr/lib/natbinder), lets the command line override
+    /// it, and validates the result.
     pub fn into_config(self) -> Result<DaemonConfig> {
-        self.into_config_with_default_file(Path::new(config::DEFAULT_PATH))
+        self.into_config_with_layout(&ConfigLayout::system())
     }
 
-    /// As [`DaemonArgs::into_config`], reading `default_file` (if it exists) when no --config is given.
-    pub fn into_config_with_default_file(self, default_file: &Path) -> Result<DaemonConfig> {
-        let again = ReloadSource { args: Box::new(self.clone()), default_file: default_file.to_path_buf() };
-        let (file_path, explicit) = match &self.config {
-            Some(path) => (path.clone(), true),
-            None => (default_file.to_path_buf(), false),
+    /// As [`DaemonArgs::into_config`], with the configuration files of `layout` when no --config
+    /// names one file.
+    pub fn into_config_with_layout(self, layout: &ConfigLayout) -> Result<DaemonConfig> {
+        self.read_config(layout).map(|(config, _)| config)
+    }
+
+    /// The configuration and the files it was read from.
+    pub fn read_config(self, layout: &ConfigLayout) -> Result<(DaemonConfig, Vec<PathBuf>)> {
+        let again = ReloadSource { args: Box::new(self.clone()), layout: layout.clone() };
+        let (file, files) = match &self.config {
+            Some(path) => (ConfigFile::load(path, true)?, vec![path.clone()]),
+            None => layout.load()?,
         };
-        let file = ConfigFile::load(&file_path, explicit)?;
         let max_mappings_per_user = self
             .max_mappings_per_user
             .or(file.max_mappings_per_user)
@@ -270,7 +351,7 @@ impl DaemonArgs {
         if buffer_kib < 4 || !buffer_kib.is_power_of_two() || buffer_kib > 1 << 20 {
             bail!("event-buffer-kib {buffer_kib} must be a power of two from 4 to 1048576");
         }
-        Ok(DaemonConfig {
+        let config = DaemonConfig {
             cgroup: self.cgroup.or(file.cgroup),
             min_port,
             lease: Duration::from_secs(lease),
@@ -296,12 +377,15 @@ impl DaemonArgs {
             },
             reload: Some(again),
             ..defaults
-        })
+        };
+        Ok((config, files))
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     /// As the command line is parsed, but never reading this machine's /etc: with no --config, the
@@ -309,7 +393,7 @@ mod tests {
     fn parse(args: &[&str]) -> Result<DaemonConfig> {
         let cli = Cli::try_parse_from(args)?;
         let Command::Daemon(args) = cli.command else { panic!("not a daemon command") };
-        args.into_config_with_default_file(Path::new("/nonexistent/natbinder-test/natbinder.toml"))
+        args.into_config_with_layout(&ConfigLayout::rooted(Path::new("/nonexistent/natbinder-test")))
     }
 
     #[test]
@@ -343,7 +427,8 @@ mod tests {
         let Command::Daemon(args) = Cli::try_parse_from(["natbinder", "daemon"]).unwrap().command else {
             panic!("not a daemon command")
         };
-        assert_eq!(args.into_config_with_default_file(&file).unwrap().reconcile_interval.as_secs(), 7);
+        let layout = ConfigLayout { main: file.clone(), ..ConfigLayout::rooted(&dir) };
+        assert_eq!(args.into_config_with_layout(&layout).unwrap().reconcile_interval.as_secs(), 7);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -396,6 +481,27 @@ mod tests {
         std::fs::write(&file, "[[rule]]\naction = \"alow\"\n").unwrap();
         let e = format!("{:#}", c.reload.as_ref().unwrap().read().unwrap_err());
         assert!(e.contains(&format!("{f} line 1")) && e.contains("\"alow\""), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn check_config_says_what_was_read_and_what_it_makes_or_where_it_is_wrong() {
+        let dir = std::env::temp_dir().join(format!("natbinder-check-config-{}", std::process::id()));
+        let layout = ConfigLayout::rooted(&dir);
+        std::fs::create_dir_all(&layout.dropins).unwrap();
+        let report = check_config(None, &layout).unwrap();
+        assert!(report.contains("read: no file (the defaults)") && report.contains("min-port: 1024"), "{report}");
+        std::fs::write(&layout.main, "lease-seconds = 7200\n").unwrap();
+        std::fs::write(layout.dropins.join("10-games.toml"), "[[rule]]\naction = \"allow\"\nports = 27015\n").unwrap();
+        let report = check_config(None, &layout).unwrap();
+        assert!(report.contains("lease-seconds: 7200") && report.contains("rules: 1 of yours"), "{report}");
+        assert!(report.contains("natbinder.toml, ") && report.contains("10-games.toml"), "{report}");
+        std::fs::write(layout.dropins.join("20-bad.toml"), "\n[[rule]]\naction = \"allow\"\nports = \"9-1\"\n")
+            .unwrap();
+        let err = format!("{:#}", check_config(None, &layout).unwrap_err());
+        assert!(err.contains("20-bad.toml line 2") && err.contains("empty range"), "{err}");
+        let err = format!("{:#}", check_config(Some(dir.join("missing.toml")), &layout).unwrap_err());
+        assert!(err.contains("missing.toml"), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -294,37 +294,6 @@ impl Facts {
     }
 }
 
-/// The outcome's kind, as `Watch` names it.
-pub fn kind(outcome: &Outcome) -> &'static str {
-    match outcome {
-        Outcome::Watching { .. } => "watching",
-        Outcome::PolicyApplied { .. } => "policy-applied",
-        Outcome::ReloadRefused { .. } => "reload-refused",
-        Outcome::NeedsRestart { .. } => "needs-restart",
-        Outcome::SocketBound { .. } => "socket-bound",
-        Outcome::SocketClassified { .. } => "socket-classified",
-        Outcome::SocketReleased { .. } => "socket-released",
-        Outcome::NotForwarded { .. } => "not-forwarded",
-        Outcome::RunStarted { .. } => "run-started",
-        Outcome::BindRefused { .. } => "bind-refused",
-        Outcome::Mapped { .. } => "mapped",
-        Outcome::Pending { .. } => "pending",
-        Outcome::Conflict { .. } => "conflict",
-        Outcome::Dropped { .. } => "dropped",
-        Outcome::Removed { .. } => "removed",
-        Outcome::RemoveFailed { .. } => "remove-failed",
-        Outcome::GatewayFound { .. } => "gateway-found",
-        Outcome::GatewayNotFound { .. } => "gateway-not-found",
-        Outcome::GatewayLost { .. } => "gateway-lost",
-        Outcome::GatewayLostMappings { .. } => "gateway-lost-mappings",
-        Outcome::Ready { .. } => "ready",
-        Outcome::ExternalAddress { .. } => "external-address",
-        Outcome::DoubleNat(_) => "double-nat",
-        Outcome::EventsLost { .. } => "events-lost",
-        Outcome::StormOver => "storm-over",
-    }
-}
-
 fn listener_json(l: &Listener) -> Value {
     json!({
         "protocol": l.protocol.to_string(),
@@ -423,7 +392,7 @@ pub fn watch_event(event: &Event, now: Instant) -> Value {
     json!({
         "seq": event.seq,
         "time": rfc3339(wall.duration_since(UNIX_EPOCH).unwrap_or_default()),
-        "event": kind(&event.outcome),
+        "event": event.outcome.kind(),
         "text": describe(&event.outcome).1,
         "details": details(&event.outcome),
     })

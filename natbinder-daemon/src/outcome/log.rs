@@ -7,12 +7,56 @@ use tracing::{debug, info, warn, Level};
 use super::{DoubleNat, Found, Lease, Outcome, Removal, Seen};
 use crate::table::{PendingReason, Stack};
 
+/// Logs the outcome in words, with its kind and the port and program it concerns as fields of their
+/// own: the journal keeps them (NATBINDER_EVENT=mapped, NATBINDER_PORT=8080, ...), so that
+/// `journalctl -u natbinder NATBINDER_PORT=8080` finds one port's story.
 pub fn log(outcome: &Outcome) {
     let (level, text) = describe(outcome);
+    let Subject { protocol, port, pid, uid } = Subject::of(outcome);
+    let event = outcome.kind();
     match level {
-        Level::WARN | Level::ERROR => warn!("{text}"),
-        Level::INFO => info!("{text}"),
-        _ => debug!("{text}"),
+        Level::WARN | Level::ERROR => warn!(event, protocol, port, pid, uid, "{text}"),
+        Level::INFO => info!(event, protocol, port, pid, uid, "{text}"),
+        _ => debug!(event, protocol, port, pid, uid, "{text}"),
+    }
+}
+
+/// The port and program an outcome is about, where it is about one.
+#[derive(Default)]
+struct Subject {
+    protocol: Option<&'static str>,
+    port: Option<u16>,
+    pid: Option<u32>,
+    uid: Option<u32>,
+}
+
+impl Subject {
+    fn of(outcome: &Outcome) -> Subject {
+        let listener = |l: &crate::table::Listener| Subject {
+            protocol: Some(l.protocol.name()),
+            port: Some(l.port),
+            pid: Some(l.owner.pid),
+            uid: Some(l.owner.uid),
+        };
+        let key = |protocol: crate::Protocol, port: u16| Subject {
+            protocol: Some(protocol.name()),
+            port: Some(port),
+            ..Subject::default()
+        };
+        match outcome {
+            Outcome::SocketBound { listener: l, .. }
+            | Outcome::SocketClassified { listener: l, .. }
+            | Outcome::SocketReleased { listener: l, .. }
+            | Outcome::NotForwarded { listener: l, .. }
+            | Outcome::BindRefused { listener: l, .. } => listener(l),
+            Outcome::Mapped { key: k, .. }
+            | Outcome::Conflict { key: k, .. }
+            | Outcome::Removed { key: k, .. }
+            | Outcome::RemoveFailed { key: k, .. } => key(k.protocol, k.port),
+            Outcome::Pending { key: k, .. } => k.as_ipv4().map(|k| key(k.protocol, k.port)).unwrap_or_default(),
+            Outcome::RunStarted { pid, uid, .. } => Subject { pid: Some(*pid), uid: Some(*uid), ..Subject::default() },
+            _ => Subject::default(),
+        }
     }
 }
 

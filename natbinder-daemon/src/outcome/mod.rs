@@ -245,6 +245,39 @@ pub enum Outcome {
     StormOver,
 }
 
+impl Outcome {
+    /// The outcome's kind, as `Watch` and the journal (NATBINDER_EVENT=) name it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Outcome::Watching { .. } => "watching",
+            Outcome::PolicyApplied { .. } => "policy-applied",
+            Outcome::ReloadRefused { .. } => "reload-refused",
+            Outcome::NeedsRestart { .. } => "needs-restart",
+            Outcome::SocketBound { .. } => "socket-bound",
+            Outcome::SocketClassified { .. } => "socket-classified",
+            Outcome::SocketReleased { .. } => "socket-released",
+            Outcome::NotForwarded { .. } => "not-forwarded",
+            Outcome::RunStarted { .. } => "run-started",
+            Outcome::BindRefused { .. } => "bind-refused",
+            Outcome::Mapped { .. } => "mapped",
+            Outcome::Pending { .. } => "pending",
+            Outcome::Conflict { .. } => "conflict",
+            Outcome::Dropped { .. } => "dropped",
+            Outcome::Removed { .. } => "removed",
+            Outcome::RemoveFailed { .. } => "remove-failed",
+            Outcome::GatewayFound { .. } => "gateway-found",
+            Outcome::GatewayNotFound { .. } => "gateway-not-found",
+            Outcome::GatewayLost { .. } => "gateway-lost",
+            Outcome::GatewayLostMappings { .. } => "gateway-lost-mappings",
+            Outcome::Ready { .. } => "ready",
+            Outcome::ExternalAddress { .. } => "external-address",
+            Outcome::DoubleNat(_) => "double-nat",
+            Outcome::EventsLost { .. } => "events-lost",
+            Outcome::StormOver => "storm-over",
+        }
+    }
+}
+
 /// One published outcome, numbered and timed.
 #[derive(Clone, Debug)]
 pub struct Event {

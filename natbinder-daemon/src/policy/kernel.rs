@@ -58,6 +58,9 @@ fn compile_rule(rule: &Rule, resolve: &impl Fn(&str) -> Option<(u16, u64)>, out:
                 base.cgroup_level = level;
                 base.cgroup_id = id;
             }
+            // natbinder's own cgroup, not made yet: nothing binds there until it is, and then this is
+            // compiled again.
+            None if literal && rule.recompiled_when_made => return,
             None => certain = false,
         }
     }

@@ -80,6 +80,10 @@ pub struct Rule {
     pub protocol: Option<Protocol>,
     /// Empty: every port.
     pub ports: Vec<RangeInclusive<u16>>,
+    /// The cgroup is natbinder's own and the kernel's policy is compiled again whenever it is made
+    /// (`natbinder run`'s): while it does not exist no bind can come from it, so the kernel needs no
+    /// entry for it. (An administrator's cgroup may appear at any time: it compiles to UNKNOWN.)
+    pub recompiled_when_made: bool,
 }
 
 impl Rule {
@@ -95,6 +99,7 @@ impl Rule {
             exe: None,
             protocol: None,
             ports: Vec::new(),
+            recompiled_when_made: false,
         }
     }
 
@@ -279,6 +284,7 @@ impl Policy {
         let mut runs = Rule::new(Action::Allow, "natbinder run");
         runs.reason = Some("programs started with `natbinder run` are forwarded".into());
         runs.cgroup = Some(Pattern::new(&Pattern::escape(base.trim_matches('/'))).expect("an escaped literal"));
+        runs.recompiled_when_made = true;
         self.rules.insert(self.defaults_at, runs);
         self.defaults_at += 1;
         self

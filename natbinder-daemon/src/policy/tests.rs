@@ -244,3 +244,14 @@ fn programs_started_with_run_are_forwarded_wherever_they_came_from_but_the_deny_
     assert!(kernel::kernel_forwards(&compiled, &ancestors, 0, 0, Protocol::Tcp, 51413));
     assert!(!kernel::kernel_forwards(&compiled, &ancestors, 0, 0, Protocol::Tcp, 5432));
 }
+
+#[test]
+fn while_run_cgroups_do_not_exist_the_kernel_still_refuses_what_the_scope_certainly_forwards() {
+    // systemd makes natbinder.slice with the first run: before, the kernel needs no entry for it, and
+    // must not stop at one it cannot check (that would end every EADDRINUSE).
+    let p = Policy::new(Vec::new(), &Scope::Cgroup("lab".into()), 32).with_runs("natbinder.slice");
+    let compiled = kernel::compile(&p, |_| None);
+    assert!(kernel::kernel_forwards(&compiled, &[1, 2], 0, 0, Protocol::Tcp, 51413));
+    let resolved = kernel::compile(&p, |path| (path == "natbinder.slice").then_some((1u16, 9u64)));
+    assert!(kernel::kernel_forwards(&resolved, &[1, 9, 10], 0, 0, Protocol::Tcp, 51413), "in a run scope");
+}

@@ -41,6 +41,8 @@ pub enum RunPlacement {
 enum Maker {
     Daemon,
     Systemd(SystemdScopes),
+    /// The daemon could not make its base (why): `natbinder run` is refused, the rest works.
+    Unavailable(String),
 }
 
 pub struct RunCgroups {
@@ -77,13 +79,24 @@ impl RunCgroups {
             .find_map(|l| l.strip_prefix("0::"))
             .context("/proc/self/cgroup has no cgroup2 line: natbinder needs cgroup v2")?;
         let base = root.join(own.trim_start_matches('/')).join(BASE_NAME);
-        std::fs::create_dir_all(&base).with_context(|| {
-            format!(
-                "creating {} for the programs `natbinder run` starts (or set run-cgroups = \"systemd\")",
-                base.display()
-            )
-        })?;
-        Ok(Self { root: root.to_path_buf(), base, maker: Maker::Daemon, busy: Mutex::new(()) })
+        let maker = match std::fs::create_dir_all(&base) {
+            Ok(()) => Maker::Daemon,
+            Err(e) => {
+                let why = format!(
+                    "creating {} for the programs `natbinder run` starts: {e} (natbinder needs CAP_DAC_OVERRIDE \
+                     to make cgroups itself; or set run-cgroups = \"systemd\")",
+                    base.display()
+                );
+                tracing::warn!("{why}; `natbinder run` is refused until that is fixed");
+                Maker::Unavailable(why)
+            }
+        };
+        Ok(Self { root: root.to_path_buf(), base, maker, busy: Mutex::new(()) })
+    }
+
+    /// Whether the daemon makes the run cgroups, under a base that exists from the start.
+    pub fn by_daemon(&self) -> bool {
+        matches!(self.maker, Maker::Daemon)
     }
 
     /// Whether systemd makes the run cgroups (one scope each, made and removed by systemd).
@@ -146,6 +159,7 @@ impl RunCgroups {
                 }
                 Ok(cgroup)
             }
+            Maker::Unavailable(why) => bail!("natbinder run is unavailable: {why}"),
             Maker::Daemon => {
                 let this = self.clone();
                 tokio::task::spawn_blocking(move || this.make_and_move(pid, &pidfd))
@@ -185,7 +199,7 @@ impl RunCgroups {
     /// Removes the run cgroups nothing runs in any more; returns how many are still in use. (systemd
     /// removes its scopes itself.)
     pub fn sweep(&self) -> usize {
-        if self.by_systemd() {
+        if !matches!(self.maker, Maker::Daemon) {
             return 0;
         }
         let _busy = self.busy.lock().unwrap_or_else(|e| e.into_inner());
@@ -209,7 +223,7 @@ impl RunCgroups {
     /// At shutdown: the empty run cgroups go, and the base too if nothing runs there. Programs still
     /// running keep theirs.
     pub fn finish(&self) {
-        if !self.by_systemd() && self.sweep() == 0 {
+        if matches!(self.maker, Maker::Daemon) && self.sweep() == 0 {
             let _ = std::fs::remove_dir(&self.base);
         }
     }
