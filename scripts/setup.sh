@@ -18,7 +18,7 @@ fi
 # build and inspect the static test program that binds with a raw syscall; dbus-daemon carries the
 # stand-in for systemd's manager that `natbinder run`'s transient scopes are tested against.
 APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3 rtorrent gcc libc6-dev
-              binutils dbus-daemon systemd man-db lintian)
+              binutils dbus-daemon systemd man-db lintian rpm)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -88,6 +88,16 @@ else
     say "installing cargo-deb $CARGO_DEB_VERSION"
     cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION" --force \
         || fail "cargo install cargo-deb $CARGO_DEB_VERSION failed: see cargo's message above (needs crates.io access)"
+fi
+
+# --- 5. cargo-generate-rpm for `cargo xtask rpm` (pinned likewise).
+CARGO_GENERATE_RPM_VERSION=0.21.1
+if cargo generate-rpm --version 2>/dev/null | grep -qx "cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"; then
+    say "cargo-generate-rpm present ($CARGO_GENERATE_RPM_VERSION)"
+else
+    say "installing cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"
+    cargo install --locked cargo-generate-rpm --version "$CARGO_GENERATE_RPM_VERSION" --force \
+        || fail "cargo install cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION failed: see cargo's message above (needs crates.io access)"
 fi
 
 # cargo-fuzz itself is installed on first use by scripts/fuzz.sh.

@@ -9,6 +9,9 @@
 //!   of its own; nothing reaches the real root): the group, the directories, the unit enabled and
 //!   started, restarted on upgrade, stopped on removal, the state gone on purge. systemd is not PID 1
 //!   here, so a stand-in `systemctl` records what the maintainer scripts ask of it;
+//! * the RPM (`cargo xtask rpm`) installed with rpm into such a root the same way: the same files, the
+//!   configuration kept on upgrade and saved on erase, the unit preset on install, restarted on
+//!   upgrade, disabled and stopped on erase;
 //! * the installed binary started as the unit starts it (ExecStart, its capability bounding set and
 //!   no_new_privs, NOTIFY_SOCKET and WATCHDOG_USEC as systemd sets them) through the lab's core
 //!   scenario: READY=1 once ready, watchdog pings, a program's port reachable from the WAN and
@@ -75,6 +78,18 @@ impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// target/rpm/natbinder-VERSION-RELEASE.ARCH.rpm.
+fn rpm_package() -> PathBuf {
+    let dir = target_dir().join("rpm");
+    let found: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}: build the RPM first with `cargo xtask rpm`", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "rpm"))
+        .collect();
+    assert_eq!(found.len(), 1, "one .rpm in {}: {found:?} (cargo xtask rpm)", dir.display());
+    found.into_iter().next().unwrap()
 }
 
 /// The package's files, unpacked.
@@ -259,10 +274,12 @@ impl ThrowawayRoot {
             mkdir -p $d/merged/run/systemd/journal
             mount --bind $d/shared/journal $d/merged/run/systemd/journal
             cp {deb} $d/merged/run/natbinder-test/natbinder.deb
+            cp {rpm} $d/merged/run/natbinder-test/natbinder.rpm
             echo ready > $d/shared/ready
             exec chroot $d/merged sleep infinity"#,
             dir = dir.display(),
             deb = package(false).display(),
+            rpm = rpm_package().display(),
         );
         let holder = Command::new("unshare")
             .args(["--mount", "--propagation", "private", "sh", "-c", &script])
@@ -308,7 +325,7 @@ impl Drop for ThrowawayRoot {
 const FAKE_SYSTEMCTL: &str = r#"#!/bin/sh
 echo "$*" >> /run/natbinder-test/systemctl.log
 case "$*" in
-    --root=*) exec /bin/systemctl "$@";;
+    --root=*) exec /usr/bin/systemctl.real "$@";;
     --version*) echo "systemd 252 (252)";;
     *is-enabled*) [ -L /etc/systemd/system/multi-user.target.wants/natbinder.service ] && echo enabled || echo disabled;;
     *is-active*) [ -e /run/natbinder-test/active ];;
@@ -317,13 +334,23 @@ case "$*" in
 esac
 "#;
 
+/// Puts the stand-in in systemctl's place (maintainer scripts run with a PATH of their own), and
+/// /run/systemd/system, which makes them believe systemd runs.
+fn install_fake_systemctl(root: &ThrowawayRoot) {
+    std::fs::write(root.shared.join("systemctl"), FAKE_SYSTEMCTL).unwrap();
+    root.sh(
+        "mv /usr/bin/systemctl /usr/bin/systemctl.real && install -m 755 /run/natbinder-test/systemctl /usr/bin/systemctl \
+         && mkdir -p /run/systemd/system",
+    );
+}
+
 #[test]
 fn dpkg_installs_enables_and_starts_it_restarts_it_on_upgrade_stops_it_on_removal_and_purges_its_state() {
     let _serial = serial();
     let root = ThrowawayRoot::new("dpkg");
     std::fs::write(root.shared.join("systemctl"), FAKE_SYSTEMCTL).unwrap();
     // What makes the maintainer scripts believe systemd runs.
-    root.sh("install -m 755 /run/natbinder-test/systemctl /usr/local/sbin/systemctl && mkdir -p /run/systemd/system");
+    install_fake_systemctl(&root);
     let calls = |root: &ThrowawayRoot| std::fs::read_to_string(root.shared.join("systemctl.log")).unwrap_or_default();
 
     println!("{}", root.sh("dpkg -i /run/natbinder-test/natbinder.deb"));
@@ -368,6 +395,57 @@ fn dpkg_installs_enables_and_starts_it_restarts_it_on_upgrade_stops_it_on_remova
          test -e $p && echo \"left: $p\"; done; true",
     );
     assert!(!after_purge.contains("left:"), "{after_purge}");
+}
+
+#[test]
+fn rpm_installs_the_same_files_presets_the_unit_restarts_it_on_upgrade_and_stops_it_on_erase() {
+    let _serial = serial();
+    let root = ThrowawayRoot::new("rpm");
+    install_fake_systemctl(&root);
+    let calls = |root: &ThrowawayRoot| std::fs::read_to_string(root.shared.join("systemctl.log")).unwrap_or_default();
+    // Debian's rpm keeps its own database, which knows neither libc nor systemd: --nodeps.
+    let rpm = "rpm --nodeps";
+
+    // The same files as the Debian package, where an RPM distribution keeps them.
+    let listed = root.sh("rpm -qpl /run/natbinder-test/natbinder.rpm; rpm -qpc /run/natbinder-test/natbinder.rpm");
+    let deb_files = ok("dpkg-deb", &["-c", package(false).to_str().unwrap()]);
+    for path in deb_files.lines().filter_map(|l| l.split_whitespace().last()?.strip_prefix('.')) {
+        if path.ends_with('/') || path.contains("changelog") || path.contains("copyright") {
+            continue;
+        }
+        let path = path.replace("zsh/vendor-completions", "zsh/site-functions");
+        assert!(listed.lines().any(|l| l == path), "{path} is in the .deb but not in the RPM:\n{listed}");
+    }
+    let requires = root.sh("rpm -qp --requires /run/natbinder-test/natbinder.rpm");
+    assert!(requires.lines().any(|l| l.trim() == "systemd"), "{requires}");
+
+    root.sh(&format!("{rpm} -i /run/natbinder-test/natbinder.rpm"));
+    let installed = calls(&root);
+    assert!(installed.contains("--no-reload preset natbinder.service"), "not preset:\n{installed}");
+    let state = root.sh("getent group natbinder; stat -c '%a %U %n' /var/lib/natbinder /etc/natbinder/natbinder.d; \
+         natbinder --version; readelf -S -W /usr/bin/natbinder | grep -c debug_info || true");
+    for expected in
+        ["natbinder:x:", "750 root /var/lib/natbinder", "755 root /etc/natbinder/natbinder.d", "natbinder 0.1"]
+    {
+        assert!(state.contains(expected), "{expected:?} not in:\n{state}");
+    }
+    assert!(state.trim_end().ends_with('0'), "the RPM's binary carries debug info:\n{state}");
+
+    // Upgrade: the administrator's edit stays (noreplace), the service is restarted.
+    root.sh("echo '# edited' >> /etc/natbinder/natbinder.toml");
+    std::fs::write(root.shared.join("systemctl.log"), "").unwrap();
+    root.sh(&format!("{rpm} -U --replacepkgs /run/natbinder-test/natbinder.rpm"));
+    let upgraded = calls(&root);
+    assert!(upgraded.contains("try-restart natbinder.service"), "not restarted:\n{upgraded}");
+    assert!(root.sh("tail -n1 /etc/natbinder/natbinder.toml").contains("# edited"));
+
+    // Erase: disabled and stopped (which removes its mappings); an edited configuration is saved.
+    std::fs::write(root.shared.join("systemctl.log"), "").unwrap();
+    root.sh(&format!("{rpm} -e natbinder"));
+    let erased = calls(&root);
+    assert!(erased.contains("--no-reload disable --now natbinder.service"), "not stopped:\n{erased}");
+    let after = root.sh("test ! -e /usr/bin/natbinder && echo no-binary; ls /etc/natbinder");
+    assert!(after.contains("no-binary") && after.contains("natbinder.toml.rpmsave"), "{after}");
 }
 
 /// A socket standing for systemd's notification socket: what the daemon says, one datagram each.

@@ -6,6 +6,7 @@
 //! * `test`:  setup, formatting and lint checks, then every test (the kernel/lab ones as root).
 //! * `bench`: bind() overhead and bind-to-reachable latency in the lab, against a same-run baseline.
 //! * `deb`:   setup, release build, man pages and completions, then the Debian package in target/debian/.
+//! * `rpm`:   the same, then an RPM in target/rpm/.
 mod bench;
 mod demo;
 
@@ -40,6 +41,12 @@ enum Task {
     /// Build the Debian package into target/debian/ (installs cargo-deb first).
     Deb {
         /// Skip setup (use the cargo-deb already installed).
+        #[arg(long)]
+        no_setup: bool,
+    },
+    /// Build the RPM into target/rpm/ (installs cargo-generate-rpm first).
+    Rpm {
+        /// Skip setup (use the cargo-generate-rpm already installed).
         #[arg(long)]
         no_setup: bool,
     },
@@ -95,21 +102,23 @@ fn target_dir() -> PathBuf {
     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| workspace_root().join("target"))
 }
 
-/// The release binary, its man pages and completions (generated from its own command line, so never
-/// written twice), then `cargo deb`: the package metadata is natbinder-daemon's [package.metadata.deb].
-fn deb() -> Result<()> {
+/// The release binary, and what both packages take from it: a stripped copy (for the RPM; cargo-deb
+/// strips its own and keeps the symbols for -dbgsym), and its man pages and completions, generated
+/// from its own command line so that they are never written twice. All in target/release/natbinder-package/.
+fn package_inputs() -> Result<()> {
     run(cargo().args(["build", "--release", "-p", "natbinder-daemon"]))?;
-    let docs = target_dir().join("release/natbinder-docs");
-    if docs.exists() {
-        std::fs::remove_dir_all(&docs).with_context(|| format!("removing the old {}", docs.display()))?;
+    let binary = target_dir().join("release/natbinder");
+    let staging = target_dir().join("release/natbinder-package");
+    if staging.exists() {
+        std::fs::remove_dir_all(&staging).with_context(|| format!("removing the old {}", staging.display()))?;
     }
-    let man = docs.join("man");
-    run(Command::new(target_dir().join("release/natbinder"))
+    let man = staging.join("man");
+    run(Command::new(&binary)
         .arg("generate-docs")
         .arg("--man")
         .arg(&man)
         .arg("--completions")
-        .arg(docs.join("completions")))?;
+        .arg(staging.join("completions")))?;
     // Debian policy: man pages compressed with gzip -9, without a timestamp (-n) so builds reproduce.
     let mut gzip = Command::new("gzip");
     gzip.args(["-9", "-n", "-f"]);
@@ -117,9 +126,31 @@ fn deb() -> Result<()> {
         gzip.arg(page?.path());
     }
     run(&mut gzip)?;
+    run(Command::new("strip").arg("--strip-unneeded").arg("-o").arg(staging.join("natbinder")).arg(&binary))
+}
+
+fn package(no_setup: bool, build: fn() -> Result<()>) -> Result<()> {
+    if !no_setup {
+        setup()?;
+    }
+    package_inputs()?;
+    build()
+}
+
+/// `cargo deb` with natbinder-daemon's [package.metadata.deb], into target/debian/.
+fn deb() -> Result<()> {
     let out = target_dir().join("debian");
     run(cargo().args(["deb", "-p", "natbinder-daemon", "--no-build", "-o"]).arg(&out))?;
-    println!("packages in {}", out.display());
+    println!("Debian packages in {}", out.display());
+    Ok(())
+}
+
+/// `cargo generate-rpm` with natbinder-daemon's [package.metadata.generate-rpm], into target/rpm/.
+fn rpm() -> Result<()> {
+    let out = target_dir().join("rpm");
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    run(cargo().args(["generate-rpm", "-p", "natbinder-daemon", "-o"]).arg(&out))?;
+    println!("RPM in {}", out.display());
     Ok(())
 }
 
@@ -142,9 +173,11 @@ fn test() -> Result<()> {
     // test summary stays the last line).
     run(Command::new("bash").arg(workspace_root().join("scripts/fuzz.sh")).arg(FUZZ_SECONDS_PER_TARGET.to_string()))?;
     // The lab tests start target/debug/natbinder and natbinder-testapp: build them first. The package
-    // tests (tests/package.rs) read target/debian/natbinder_*.deb.
+    // tests (tests/package.rs) read target/debian/natbinder_*.deb and target/rpm/natbinder-*.rpm.
     run(cargo().args(["build", "--workspace", "--bins"]))?;
+    package_inputs()?;
     deb()?;
+    rpm()?;
     let mut test = cargo();
     test.args(["test", "--workspace", "--no-fail-fast"]);
     if !is_root() {
@@ -192,12 +225,8 @@ fn main() -> Result<()> {
     match cli.command {
         Task::Setup => setup(),
         Task::Test => test(),
-        Task::Deb { no_setup } => {
-            if !no_setup {
-                setup()?;
-            }
-            deb()
-        }
+        Task::Deb { no_setup } => package(no_setup, deb),
+        Task::Rpm { no_setup } => package(no_setup, rpm),
         Task::Demo { no_build } => {
             if !no_build {
                 setup()?;
