@@ -22,7 +22,9 @@ use crate::{
         select::{self, Backend},
         signals::{Signal, Signals},
     },
-    host::{self, cgroup, lan::LanWatch, netwatch, process::CgroupNames, resync::Resynchronizer, sockdiag},
+    host::{
+        self, cgroup, lan::LanWatch, lan6::Lan6Watch, netwatch, process::CgroupNames, resync::Resynchronizer, sockdiag,
+    },
     journal::Journal,
     kernel::{self, AttachedLinks, BoundSocket, KernelEvent, KernelHooks},
     operator_state::OperatorState,
@@ -211,6 +213,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let nonces = NonceKey::load_or_create(&config.state_dir)?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let lan = LanWatch::new();
+    let lan6 = Lan6Watch::new();
     let signals = Signals::new();
     let resync_requested = Arc::new(Notify::new());
     let (classify_tx, classify_rx) = mpsc::unbounded_channel();
@@ -223,16 +226,22 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let (settings_tx, settings_rx) = watch::channel(reconciler_config.clone());
     let reconciler =
         Reconciler::new(reconciler_config, table.clone(), signals.clone(), Ownership::new(host::hostname(), journal))
-            .following(settings_rx);
+            .following(settings_rx)
+            .with_lan6(lan6.clone());
     let names: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
     info!("gateway protocols, best first: {}", names.join(", "));
     let discover = {
-        let (lan, signals, backends, timeout) =
-            (lan.clone(), signals.sender(), config.backends.clone(), config.discovery_timeout);
+        let (lan, lan6, signals, backends, timeout) =
+            (lan.clone(), lan6.clone(), signals.sender(), config.backends.clone(), config.discovery_timeout);
         move |session: u64| {
-            let (lan, signals, backends, nonces) = (lan.clone(), signals.clone(), backends.clone(), nonces.clone());
+            let (lan, lan6, signals, backends, nonces) =
+                (lan.clone(), lan6.clone(), signals.clone(), backends.clone(), nonces.clone());
             async move {
                 let lan = lan.refresh().await.lan?;
+                // The IPv6 side is read with the IPv4 one: each session asks the router it finds.
+                if let Err(e) = lan6.refresh(lan.interface_index).await {
+                    warn!("{e}");
+                }
                 let gateway = select::discover(&lan, &backends, timeout, &nonces, &signals, session).await?;
                 Ok((gateway, lan))
             }
@@ -280,7 +289,8 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let tasks = vec![
         tokio::spawn(follow_facts),
         tokio::spawn(control.serve(control_state.clone(), stop_rx.clone())),
-        tokio::spawn(netwatch::watch(lan.clone(), signals.sender(), stop_rx.clone())),
+        tokio::spawn(netwatch::watch(lan.clone(), lan6.clone(), signals.sender(), stop_rx.clone())),
+        tokio::spawn(follow_ipv6_addresses(lan6.clone(), table.clone(), signals.sender(), stop_rx.clone())),
         tokio::spawn(announcements::listen(lan.clone(), signals.sender(), stop_rx.clone())),
         tokio::spawn(resync.run(config.reconcile_interval, resync_requested.clone(), hooks.losses(), stop_rx.clone())),
         tokio::spawn(classify(classify_rx, table.clone(), stop_rx.clone())),
@@ -496,6 +506,32 @@ fn handle_event(
         }
         KernelEvent::Released { cookie } => table.update(|t| t.socket_released(cookie, Seen::Released, now)),
         KernelEvent::Refused(socket) => table.update(|t| t.bind_refused(listener(socket))),
+    }
+}
+
+/// Gives the table this host's IPv6 addresses as they change (a privacy address made or expired, a
+/// prefix change): each [::] listener's pinholes follow. A gateway whose pinhole service could not be
+/// asked for want of an address is asked again at once (a check).
+async fn follow_ipv6_addresses(
+    lan6: Lan6Watch,
+    table: TableHandle,
+    signals: crate::gateway::signals::SignalSender,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut changes = lan6.subscribe();
+    loop {
+        let addresses = changes.borrow_and_update().addresses.clone();
+        let had_none = table.read(|t| t.ipv6_addresses().is_empty());
+        if table.read(|t| *t.ipv6_addresses() != addresses) {
+            table.update(|t| t.set_ipv6_addresses(addresses.clone(), std::time::Instant::now()));
+            if had_none != addresses.is_empty() {
+                signals.send(Signal::CheckNow);
+            }
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
     }
 }
 

@@ -10,13 +10,17 @@
 //! temporary file, then rename), so a crash at any point leaves the previous or the next version, never
 //! a torn one. A process crash loses nothing (the page cache survives it). Against power loss, versions
 //! that hold a permanent mapping are also fsynced; a leased mapping lost that way ends with its lease.
+//!
+//! IPv6 pinholes are journalled beside the mappings, with the UniqueID the gateway named each by:
+//! they are closed by that id, and a pinhole a crashed run left must be closed before its lease ends
+//! (pinholes are always leased).
 //! A change returns the write ([`JournalWrite`]) for the caller to commit where blocking is allowed:
 //! the reconciler commits it off the event loop, one write at a time, in order.
 use std::{
     collections::BTreeMap,
     fs,
     io::Write,
-    net::Ipv4Addr,
+    net::{Ipv4Addr, Ipv6Addr},
     path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -24,7 +28,10 @@ use std::{
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use crate::{table::PortKey, Protocol};
+use crate::{
+    table::{PinholeKey, PortKey},
+    Protocol,
+};
 
 const FILE_NAME: &str = "mappings.json";
 const FORMAT_VERSION: u32 = 1;
@@ -43,14 +50,38 @@ pub struct JournalEntry {
     pub expires_unix: u64,
 }
 
+fn protocol_of(name: &str) -> Option<Protocol> {
+    match name {
+        "tcp" => Some(Protocol::Tcp),
+        "udp" => Some(Protocol::Udp),
+        _ => None,
+    }
+}
+
 impl JournalEntry {
     pub fn key(&self) -> Option<PortKey> {
-        let protocol = match self.protocol.as_str() {
-            "tcp" => Protocol::Tcp,
-            "udp" => Protocol::Udp,
-            _ => return None,
-        };
-        Some(PortKey::new(protocol, self.port))
+        Some(PortKey::new(protocol_of(&self.protocol)?, self.port))
+    }
+}
+
+/// An IPv6 pinhole natbinder asked for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PinholeEntry {
+    pub protocol: String,
+    pub port: u16,
+    /// This host's address it opens.
+    pub address: Ipv6Addr,
+    /// The gateway (next hop of the IPv4 default route, as for mappings) that holds it.
+    pub gateway: Ipv4Addr,
+    /// The UniqueID the gateway named it by; None until it answered (or for protocols that name it
+    /// by what it opens).
+    pub unique_id: Option<u16>,
+    pub expires_unix: u64,
+}
+
+impl PinholeEntry {
+    pub fn key(&self) -> Option<PinholeKey> {
+        Some(PinholeKey { protocol: protocol_of(&self.protocol)?, port: self.port, address: self.address })
     }
 }
 
@@ -59,11 +90,16 @@ impl JournalEntry {
 struct JournalFile {
     version: u32,
     entries: Vec<JournalEntry>,
+    /// Left out when empty, so that a journal without pinholes reads in natbinder versions that
+    /// predate them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pinholes: Vec<PinholeEntry>,
 }
 
 pub struct Journal {
     path: Option<PathBuf>,
     entries: BTreeMap<PortKey, JournalEntry>,
+    pinholes: BTreeMap<PinholeKey, PinholeEntry>,
 }
 
 /// One version of the journal, to be written to disk ([`JournalWrite::commit`] blocks).
@@ -98,7 +134,7 @@ fn unix_now() -> u64 {
 impl Journal {
     /// A journal that keeps nothing on disk (tests, or no state directory).
     pub fn in_memory() -> Self {
-        Self { path: None, entries: BTreeMap::new() }
+        Self { path: None, entries: BTreeMap::new(), pinholes: BTreeMap::new() }
     }
 
     /// Opens (creating the directory if needed) the journal in `state_dir`. A journal that cannot be
@@ -108,6 +144,7 @@ impl Journal {
             .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
         let path = state_dir.join(FILE_NAME);
         let mut entries = BTreeMap::new();
+        let mut pinholes = BTreeMap::new();
         match fs::read(&path) {
             Ok(bytes) => {
                 let file: JournalFile = serde_json::from_slice(&bytes).with_context(|| {
@@ -131,11 +168,16 @@ impl Journal {
                         entries.insert(key, entry);
                     }
                 }
+                for pinhole in file.pinholes {
+                    if let (Some(key), false) = (pinhole.key(), pinhole.expires_unix < now) {
+                        pinholes.insert(key, pinhole);
+                    }
+                }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         }
-        Ok(Self { path: Some(path), entries })
+        Ok(Self { path: Some(path), entries, pinholes })
     }
 
     pub fn entries(&self) -> impl Iterator<Item = &JournalEntry> {
@@ -182,9 +224,52 @@ impl Journal {
         self.snapshot()
     }
 
+    /// Records a pinhole about to be asked for (`unique_id` None), or that the gateway opened. Returns
+    /// the write to commit, if anything changed.
+    pub fn record_pinhole(
+        &mut self,
+        key: PinholeKey,
+        gateway: Ipv4Addr,
+        unique_id: Option<u16>,
+        lease: Duration,
+    ) -> Option<JournalWrite> {
+        let known = self.pinholes.get(&key);
+        let entry = PinholeEntry {
+            protocol: key.protocol.to_string(),
+            port: key.port,
+            address: key.address,
+            gateway,
+            // A renewal asked without the id keeps the one the gateway gave.
+            unique_id: unique_id.or_else(|| known.filter(|k| k.gateway == gateway).and_then(|k| k.unique_id)),
+            expires_unix: unix_now() + lease.as_secs(),
+        };
+        if let Some(known) = known {
+            let same = PinholeEntry { expires_unix: known.expires_unix, ..entry.clone() } == *known;
+            if same && known.expires_unix.abs_diff(entry.expires_unix) < 60 {
+                return None;
+            }
+        }
+        self.pinholes.insert(key, entry);
+        self.snapshot()
+    }
+
+    /// Forgets a pinhole that is closed. Returns the write to commit, if it was known.
+    pub fn forget_pinhole(&mut self, key: &PinholeKey) -> Option<JournalWrite> {
+        self.pinholes.remove(key)?;
+        self.snapshot()
+    }
+
+    pub fn pinholes(&self) -> impl Iterator<Item = &PinholeEntry> {
+        self.pinholes.values()
+    }
+
     fn snapshot(&self) -> Option<JournalWrite> {
         let path = self.path.clone()?;
-        let file = JournalFile { version: FORMAT_VERSION, entries: self.entries.values().cloned().collect() };
+        let file = JournalFile {
+            version: FORMAT_VERSION,
+            entries: self.entries.values().cloned().collect(),
+            pinholes: self.pinholes.values().cloned().collect(),
+        };
         // Plain strings, numbers and addresses: encoding cannot fail.
         let bytes = serde_json::to_vec_pretty(&file).expect("encoding the journal");
         let durable = self.entries.values().any(|e| e.permanent);
@@ -229,6 +314,34 @@ mod tests {
         assert_eq!(entries.len(), 2);
         assert!(j.get(&udp).unwrap().permanent);
         assert!(!j.get(&tcp).unwrap().permanent);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn pinholes_survive_a_restart_with_their_ids_and_expire() {
+        let d = dir("pinholes");
+        let key = PinholeKey { protocol: Protocol::Tcp, port: 8080, address: "2001:db8:77::10".parse().unwrap() };
+        {
+            let mut j = Journal::open(&d).unwrap();
+            j.record_pinhole(key, GW, None, Duration::from_secs(3600)).unwrap().commit().unwrap();
+            j.record_pinhole(key, GW, Some(7), Duration::from_secs(3600)).unwrap().commit().unwrap();
+            assert!(j.record_pinhole(key, GW, None, Duration::from_secs(3600)).is_none(), "a renewal keeps the id");
+        }
+        let mut j = Journal::open(&d).unwrap();
+        let entries: Vec<PinholeEntry> = j.pinholes().cloned().collect();
+        assert_eq!(entries.len(), 1);
+        assert_eq!((entries[0].key(), entries[0].unique_id, entries[0].gateway), (Some(key), Some(7), GW));
+        j.forget_pinhole(&key).unwrap().commit().unwrap();
+        let text = fs::read_to_string(d.join(FILE_NAME)).unwrap();
+        assert!(!text.contains("pinholes"), "a journal without pinholes reads in older versions: {text}");
+        fs::write(
+            d.join(FILE_NAME),
+            r#"{"version":1,"entries":[],"pinholes":[
+                {"protocol":"udp","port":9,"address":"2001:db8::1","gateway":"192.168.1.1","unique_id":3,"expires_unix":5}
+            ]}"#,
+        )
+        .unwrap();
+        assert_eq!(Journal::open(&d).unwrap().pinholes().count(), 0, "an expired pinhole is gone by itself");
         fs::remove_dir_all(&d).unwrap();
     }
 

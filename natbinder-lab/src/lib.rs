@@ -9,6 +9,9 @@
 //! (UPnP IGD and/or NAT-PMP/PCP) on br0, or a scripted fake gateway ([`fake_igd`], [`fake_pmp`]). The WAN peer has no route to the LAN: it reaches a LAN
 //! program only through a port mapping on the gateway's WAN address, exactly as the internet would.
 //!
+//! With [`LabConfig::ipv6`] every host also gets a global IPv6 address and the gateway routes IPv6
+//! without NAT, opening its firewall per pinhole (see [`ipv6`]).
+//!
 //! Everything the lab creates (namespaces, a cgroup, processes, files) is removed when the [`Lab`] is
 //! dropped, also when a test panics; labs left behind by a killed run are removed by the next one.
 //! All traffic stays inside these namespaces.
@@ -30,6 +33,13 @@ use anyhow::{anyhow, bail, Context, Result};
 
 pub mod fake_igd;
 pub mod fake_pmp;
+pub mod ipv6;
+
+pub use ipv6::{
+    parse_nft_pinholes, parse_pcp_map6_reply, pcp_map6_request, tcp6_from_wan, udp6_from_wan, AddressChange,
+    GatewayPinhole, LabAddress6, PcpMap6Reply, PinholeSoapReply, GW_LAN_IP6, GW_LAN_LL6, GW_WAN_IP6, LAN1_IP6,
+    LAN2_IP6, LAN6_PREFIX, PINHOLE_CONTROL_PATH, WAN6_PREFIX, WANIPV6_FIREWALL_CONTROL, WAN_PEER_IP6,
+};
 
 pub const GW_LAN_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 1);
 pub const LAN1_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 10);
@@ -74,6 +84,17 @@ pub struct LabConfig {
     /// miniupnpd started, a common router setting. A restart that loses every mapping then keeps the
     /// epoch counting, and the epoch rule sees nothing.
     pub system_uptime: bool,
+    /// IPv6 as well: global addresses ([`GW_LAN_IP6`], [`LAN1_IP6`], [`LAN2_IP6`], [`GW_WAN_IP6`],
+    /// [`WAN_PEER_IP6`]), IPv6 forwarding in the gateway behind the same drop-by-default forward chain,
+    /// and miniupnpd with IPv6 on (pinholes over UPnP WANIPv6FirewallControl and PCP). Off by default:
+    /// with IPv6 on, miniupnpd 2.3.1 rescans its whole nftables chain on every request, which makes
+    /// each request a few milliseconds slower per rule the gateway holds.
+    pub ipv6: bool,
+    /// With `ipv6`: also give miniupnpd `ipv6_listening_ip=<GW_LAN_IP6>`, as some routers do. miniupnpd
+    /// 2.3.1 then binds its only HTTP socket to that address: UPnP over IPv4 (and SSDP's LOCATION, which
+    /// names the IPv4 address) stops working, as do HTTP and PCP on the link-local address and SSDP over
+    /// IPv6 multicast. For tests of exactly that router.
+    pub ipv6_listening_ip: bool,
 }
 
 impl Default for LabConfig {
@@ -86,6 +107,8 @@ impl Default for LabConfig {
             min_lifetime: None,
             max_lifetime: None,
             system_uptime: false,
+            ipv6: false,
+            ipv6_listening_ip: false,
         }
     }
 }
@@ -436,25 +459,61 @@ impl Lab {
                  link add name eth0 netns {wan} type veth peer name wan0 netns {gw}\n"
             ),
         )?;
-        run_ip_batch(
-            Some(gw),
-            &format!(
-                "link set lan1 master br0\nlink set lan2 master br0\n\
-                 addr add {GW_LAN_IP}/24 dev br0\naddr add {GW_WAN_IP}/24 dev wan0\n\
-                 link set lo up\nlink set br0 up\nlink set lan1 up\nlink set lan2 up\nlink set wan0 up\n"
-            ),
-        )?;
-        for (ns, ip, route) in [(lan1, LAN1_IP, true), (lan2, LAN2_IP, true), (wan, WAN_PEER_IP, false)] {
+        let ipv6 = self.config.ipv6;
+        if ipv6 {
+            // DAD off on the hosts' interfaces, so that their link-local and (kernel-made) temporary
+            // addresses are usable at once; the lab's own addresses are added with `nodad` anyway.
+            for (ns, dev) in [(&self.gw, "wan0"), (&self.lan1, "eth0"), (&self.lan2, "eth0"), (&self.wan, "eth0")] {
+                ns.sysctl(&format!("net/ipv6/conf/{dev}/accept_dad"), "0")?;
+            }
+            self.gw.sysctl("net/ipv6/conf/all/forwarding", "1")?;
+        }
+        let mut gw_cmds = String::new();
+        if ipv6 {
+            // br0's only link-local address is a fixed fe80::1 (as many routers use); the bridge ports get
+            // none. Both must be set before the links go up.
+            gw_cmds.push_str(&format!(
+                "link set br0 addrgenmode none\nlink set lan1 addrgenmode none\nlink set lan2 addrgenmode none\n\
+                 addr add {GW_LAN_LL6}/64 dev br0 nodad\naddr add {GW_LAN_IP6}/64 dev br0 nodad\n\
+                 addr add {GW_WAN_IP6}/64 dev wan0 nodad\n"
+            ));
+        }
+        gw_cmds.push_str(&format!(
+            "link set lan1 master br0\nlink set lan2 master br0\n\
+             addr add {GW_LAN_IP}/24 dev br0\naddr add {GW_WAN_IP}/24 dev wan0\n\
+             link set lo up\nlink set br0 up\nlink set lan1 up\nlink set lan2 up\nlink set wan0 up\n"
+        ));
+        run_ip_batch(Some(gw), &gw_cmds)?;
+        for (ns, ip, ip6, route) in
+            [(lan1, LAN1_IP, LAN1_IP6, true), (lan2, LAN2_IP, LAN2_IP6, true), (wan, WAN_PEER_IP, WAN_PEER_IP6, false)]
+        {
             let mut cmds = format!("addr add {ip}/24 dev eth0\nlink set lo up\nlink set eth0 up\n");
             if route {
                 cmds.push_str(&format!("route add default via {GW_LAN_IP}\n"));
+            }
+            if ipv6 {
+                cmds.push_str(&format!("addr add {ip6}/64 dev eth0 nodad\n"));
+                if route {
+                    // The default router is the gateway's link-local address, as a router advertisement
+                    // would give it (RFC 4861 routers advertise from link-local). miniupnpd serves HTTP
+                    // and PCP there too (unless `ipv6_listening_ip` is set), so a client that takes its
+                    // gateway from the default route can use it, binding its source to the global
+                    // address it opens; routing works the same via GW_LAN_IP6.
+                    cmds.push_str(&format!("route add default via {GW_LAN_LL6} dev eth0\n"));
+                } else {
+                    // The WAN peer (the internet) routes the LAN's prefix to the gateway.
+                    cmds.push_str(&format!("route add {LAN6_PREFIX}/64 via {GW_WAN_IP6}\n"));
+                }
             }
             run_ip_batch(Some(ns), &cmds)?;
         }
         self.gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         // LAN hosts talk to each other through br0 unfiltered, as on a home router's switch. Where the
         // br_netfilter module is loaded (bridge-nf-call-iptables=1), bridged frames pass the forward
-        // chain below, hence its br0 -> br0 rule.
+        // chain below, hence its br0 -> br0 rule. The forward chain serves IPv6 too (an `inet` table):
+        // only established/related traffic and miniupnpd's pinholes come in from the WAN. Masquerading
+        // is IPv4 only: IPv6 LAN hosts keep their own addresses. Neighbor discovery is addressed to the
+        // gateway itself (no input filter), so nothing else needs accepting.
         let rules = self.dir.join("gateway.nft");
         fs::write(
             &rules,
@@ -477,7 +536,7 @@ impl Lab {
     chain postrouting {
         type nat hook postrouting priority srcnat; policy accept;
         jump postrouting_miniupnpd
-        oifname "wan0" masquerade
+        oifname "wan0" meta nfproto ipv4 masquerade
     }
     chain postrouting_miniupnpd {
     }
@@ -488,21 +547,30 @@ impl Lab {
         Ok(())
     }
 
-    /// `ipv6_disable=yes`: with IPv6 on, miniupnpd 2.3's nftables backend scans every rule for expired
-    /// pinholes on each request, which made each SOAP call several milliseconds slower per mapping held.
+    /// `ipv6_disable=yes` unless [`LabConfig::ipv6`]: with IPv6 on, miniupnpd 2.3.1's nftables backend
+    /// re-reads its whole `miniupnpd` chain (looking for expired pinholes) every time its main loop
+    /// wakes, so every request costs a few milliseconds more per rule held: measured here, a SOAP
+    /// request took ~3 ms with an empty chain, ~12 ms with 100 pinholes and ~330 ms with 100 IPv4
+    /// mappings (~110 ms with IPv6 off); an AddPinhole with 100 pinholes held ~225 ms.
+    /// With IPv6 on, `ipv6_listening_ip` stays unset unless [`LabConfig::ipv6_listening_ip`] (see there):
+    /// miniupnpd then finds GW_LAN_IP6 on br0 itself and names it in SSDP answers over IPv6.
     fn miniupnpd_config(&self) -> String {
         let yn = |b: bool| if b { "yes" } else { "no" };
         let mut conf = format!(
             "ext_ifname=wan0\next_ip={EXTERNAL_IP_PLACEHOLDER}\nlistening_ip=br0\nhttp_port={}\n\
              enable_upnp={}\nenable_natpmp={}\nsecure_mode=yes\nsystem_uptime={}\n\
              lease_file={}\nuuid=3d3cec3a-8cf0-11e0-98ee-001a6bd2d07b\nnotify_interval=60\n\
-             clean_ruleset_interval=600\nipv6_disable=yes\n",
+             clean_ruleset_interval=600\nipv6_disable={}\n",
             self.config.http_port,
             yn(self.config.upnp),
             yn(self.config.natpmp),
             yn(self.config.system_uptime),
-            self.dir.join("miniupnpd.leases").display()
+            self.dir.join("miniupnpd.leases").display(),
+            yn(!self.config.ipv6),
         );
+        if self.config.ipv6 && self.config.ipv6_listening_ip {
+            conf.push_str(&format!("ipv6_listening_ip={GW_LAN_IP6}\n"));
+        }
         if let Some(seconds) = self.config.min_lifetime {
             conf.push_str(&format!("min_lifetime={seconds}\n"));
         }
@@ -550,9 +618,15 @@ impl Lab {
     /// on the LAN, so miniupnpd serves it).
     fn miniupnpd_answers(&self) -> bool {
         let (upnp, natpmp, port) = (self.config.upnp, self.config.natpmp, self.config.http_port);
+        // With `ipv6_listening_ip` miniupnpd's HTTP server answers on that address only.
+        let http = if self.config.ipv6 && self.config.ipv6_listening_ip {
+            SocketAddr::from((GW_LAN_IP6, port))
+        } else {
+            SocketAddr::from((GW_LAN_IP, port))
+        };
         self.gw.run(move || {
             let wait = Duration::from_millis(200);
-            (!upnp || TcpStream::connect_timeout(&SocketAddr::from((GW_LAN_IP, port)), wait).is_ok())
+            (!upnp || TcpStream::connect_timeout(&http, wait).is_ok())
                 && (!natpmp || natpmp_external_address(wait).is_some())
         })
     }
@@ -563,7 +637,8 @@ impl Lab {
 
     /// Stops miniupnpd and forgets its state, like a gateway that lost power: its chains are flushed
     /// and its lease file deleted, so the next [`Lab::start_miniupnpd`] starts with an empty table and a
-    /// new epoch. Without a running miniupnpd it only empties the chains, which is harmless.
+    /// new epoch. Without a running miniupnpd it only empties the chains, which is harmless. IPv6
+    /// pinholes (rules in the `miniupnpd` chain) are lost too.
     pub fn stop_miniupnpd(&mut self) {
         self.terminate_miniupnpd();
         for chain in ["miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"] {
@@ -573,7 +648,8 @@ impl Lab {
     }
 
     /// Empties miniupnpd's chains while it keeps running, as a firewall reload on a router does: every
-    /// mapping stops forwarding, miniupnpd is not told, and its epoch goes on counting.
+    /// mapping stops forwarding, miniupnpd is not told, and its epoch goes on counting. IPv6 pinholes
+    /// go too (miniupnpd then answers UpdatePinhole/DeletePinhole for their ids with 402).
     pub fn flush_gateway_rules(&self) -> Result<()> {
         for chain in ["miniupnpd", "prerouting_miniupnpd", "postrouting_miniupnpd"] {
             self.gw.exec("nft", &["flush", "chain", "inet", "filter", chain])?;
@@ -615,7 +691,11 @@ impl Lab {
 
     /// Restarts miniupnpd keeping its state, like a gateway whose daemon was restarted: its rules stay
     /// in nftables and it reloads them from its lease file. The epoch starts again near 0 and, with
-    /// NAT-PMP on, it multicasts one PCP ANNOUNCE; UPnP comes back on `config.http_port`.
+    /// NAT-PMP on, it multicasts one PCP ANNOUNCE; UPnP comes back on `config.http_port`. IPv6
+    /// pinholes stay (miniupnpd neither removes them when it stops nor reloads them: it reads them back
+    /// from nftables, still expiring on time), but its UniqueID counter starts again at 1, so a new
+    /// pinhole may get the id of an old one. A restart that loses pinholes is [`Lab::stop_miniupnpd`]
+    /// then [`Lab::start_miniupnpd`].
     pub fn restart_miniupnpd(&mut self) -> Result<()> {
         self.terminate_miniupnpd();
         self.start_miniupnpd()
@@ -1023,43 +1103,50 @@ impl Reach {
 /// reads the answer (the lab's test programs echo).
 pub fn tcp_from_wan(lab: &Lab, port: u16, probe: &str) -> Reach {
     let probe = probe.to_string();
-    lab.wan.run(move || {
-        let addr = SocketAddr::from((GW_WAN_IP, port));
-        let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Reach::Refused,
-            Err(_) => return Reach::TimedOut,
-        };
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        if s.write_all(probe.as_bytes()).is_err() {
-            return Reach::Refused;
-        }
-        let mut buf = [0u8; 512];
-        match s.read(&mut buf) {
-            Ok(n) if n > 0 => Reach::Answered(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Ok(_) => Reach::Refused,
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Reach::Refused,
-            Err(_) => Reach::TimedOut,
-        }
-    })
+    lab.wan.run(move || tcp_probe(SocketAddr::from((GW_WAN_IP, port)), &probe))
 }
 
 /// From the WAN peer: sends a UDP datagram to the gateway's WAN address and port from a fresh source
 /// port (a new conntrack flow each time), and waits for the echo.
 pub fn udp_from_wan(lab: &Lab, port: u16, probe: &str) -> Reach {
     let probe = probe.to_string();
-    lab.wan.run(move || {
-        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-        s.connect(SocketAddr::from((GW_WAN_IP, port))).unwrap();
-        s.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
-        let mut buf = [0u8; 512];
-        let _ = s.send(probe.as_bytes());
-        match s.recv(&mut buf) {
-            Ok(n) => Reach::Answered(String::from_utf8_lossy(&buf[..n]).into_owned()),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Reach::Refused,
-            Err(_) => Reach::TimedOut,
-        }
-    })
+    lab.wan.run(move || udp_probe(SocketAddr::from((GW_WAN_IP, port)), &probe))
+}
+
+/// Connects to `addr` from the calling thread's namespace, sends `probe` and reads the answer.
+fn tcp_probe(addr: SocketAddr, probe: &str) -> Reach {
+    let mut s = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => return Reach::Refused,
+        Err(_) => return Reach::TimedOut,
+    };
+    s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    if s.write_all(probe.as_bytes()).is_err() {
+        return Reach::Refused;
+    }
+    let mut buf = [0u8; 512];
+    match s.read(&mut buf) {
+        Ok(n) if n > 0 => Reach::Answered(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Ok(_) => Reach::Refused,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Reach::Refused,
+        Err(_) => Reach::TimedOut,
+    }
+}
+
+/// Sends `probe` to `addr` from a fresh UDP socket in the calling thread's namespace and waits for the
+/// echo.
+fn udp_probe(addr: SocketAddr, probe: &str) -> Reach {
+    let any: SocketAddr = if addr.is_ipv6() { "[::]:0".parse().unwrap() } else { "0.0.0.0:0".parse().unwrap() };
+    let s = std::net::UdpSocket::bind(any).unwrap();
+    s.connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(700))).unwrap();
+    let mut buf = [0u8; 512];
+    let _ = s.send(probe.as_bytes());
+    match s.recv(&mut buf) {
+        Ok(n) => Reach::Answered(String::from_utf8_lossy(&buf[..n]).into_owned()),
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Reach::Refused,
+        Err(_) => Reach::TimedOut,
+    }
 }
 
 /// Polls `f` until it returns Some or `limit` passes (a generous safety net, not a timing assertion).

@@ -156,6 +156,20 @@ pub fn status_text(s: &Value) -> String {
             num(c, "removing")
         ),
     ));
+    let ipv6 = &s["ipv6"];
+    let addresses: Vec<&str> =
+        ipv6.get("addresses").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str).collect();
+    let addresses = if addresses.is_empty() { "no global address".to_string() } else { addresses.join(", ") };
+    let ipv6_text = match str_of(ipv6, "firewall") {
+        Some("pinholes") => format!("[::] listeners get a pinhole per address ({addresses})"),
+        Some("open") => format!("the gateway's IPv6 firewall is off: no pinholes needed ({addresses})"),
+        Some("unavailable") => format!(
+            "[::] listeners are not opened: {} ({addresses})",
+            str_of(ipv6, "detail").unwrap_or("the gateway cannot be asked")
+        ),
+        _ => format!("not checked yet ({addresses})"),
+    };
+    rows.push(("ipv6", ipv6_text));
     rows.push(("lost events", num(s, "lost_events").to_string()));
     let width = rows.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     rows.iter().map(|(k, v)| format!("{:<width$}  {v}\n", format!("{k}:"), width = width + 1)).collect()
@@ -227,10 +241,15 @@ pub fn table_text(rows: &[Value]) -> String {
             (None, Some(holder)) => format!("held by {holder}"),
             (None, None) => String::new(),
         };
+        // A pinhole has no NAT in between: it is reached at this host's own address and port.
+        let (external, internal) = match str_of(r, "pinhole_address") {
+            Some(address) => (format!("[{address}]:{}", num(r, "external_port")), "(pinhole)".to_string()),
+            None => (num(r, "external_port").to_string(), num(r, "internal_port").to_string()),
+        };
         lines.push(vec![
             str_of(r, "protocol").unwrap_or("?").to_string(),
-            num(r, "external_port").to_string(),
-            num(r, "internal_port").to_string(),
+            external,
+            internal,
             str_of(r, "state").unwrap_or("?").to_string(),
             lease,
             str_of(r, "backend").unwrap_or("-").to_string(),

@@ -155,8 +155,10 @@ async fn serve(call: &Call, peer: &Peer, state: &ControlState) -> Result<Reply, 
         }
         "io.natbinder.Get" => {
             let (protocol, port) = protocol_port(&parameters(call, &["protocol", "port"])?)?;
-            match state.table.read(|t| views::get(t, protocol, port, now)) {
-                Some(view) => Reply::ok(json!({ "mapping": view })),
+            let (view, pinholes) =
+                state.table.read(|t| (views::get(t, protocol, port, now), views::pinholes_of(t, protocol, port, now)));
+            match view.or_else(|| pinholes.first().cloned()) {
+                Some(view) => Reply::ok(json!({ "mapping": view, "pinholes": pinholes })),
                 None => {
                     Reply::error("io.natbinder.NoSuchMapping", json!({"protocol": protocol.to_string(), "port": port}))
                 }

@@ -2,7 +2,8 @@
 //! `Mapping` objects, the daemon's facts for `Status`, and outcomes as `Watch` events. The JSON is
 //! stable: fields are only ever added.
 use std::{
-    net::IpAddr,
+    collections::BTreeSet,
+    net::{IpAddr, Ipv6Addr},
     path::PathBuf,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -14,7 +15,9 @@ use crate::{
     gateway::Backend,
     outcome::{log::describe, DoubleNat, Event, Lease, Outcome},
     policy::Scope,
-    table::{is_static, Listener, MappingKey, MappingState, PendingReason, PortKey, Table, DISABLED_RULE},
+    table::{
+        is_static, Listener, MappingKey, MappingState, PendingReason, PinholeService, PortKey, Table, DISABLED_RULE,
+    },
     Protocol,
 };
 
@@ -44,6 +47,9 @@ pub struct MappingView {
     pub backend: Option<String>,
     /// On a conflict: the external port the gateway offered instead (deleted by natbinder).
     pub offered_port: Option<u16>,
+    /// An IPv6 firewall pinhole to this address of this host (no NAT: external = internal); None for
+    /// an IPv4 port mapping.
+    pub pinhole_address: Option<String>,
 }
 
 fn owner(l: &Listener) -> OwnerView {
@@ -69,7 +75,11 @@ pub fn pending_reason(reason: &PendingReason) -> String {
 pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
     let mut views = Vec::new();
     for (key, m) in table.mappings() {
-        let Some(port_key) = key.as_ipv4() else { continue };
+        let port_key = PortKey::new(key.protocol(), key.port());
+        let pinhole = match key {
+            MappingKey::Ipv4(_) => None,
+            MappingKey::Ipv6Pinhole(p) => Some(p.address),
+        };
         let owners: Vec<OwnerView> = m
             .sockets
             .iter()
@@ -96,7 +106,8 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
                 ("conflict", Some(reason), None, false)
             }
         };
-        let held = table.held().find(|(k, _)| **k == port_key).map(|(_, h)| *h);
+        // Only IPv4 ports are held by other hosts: a pinhole opens this host's own address.
+        let held = table.held().find(|(k, _)| **k == port_key && pinhole.is_none()).map(|(_, h)| *h);
         let holder = held.and_then(|h| h.holder).map(|h| h.to_string());
         views.push(MappingView {
             protocol: port_key.protocol.to_string(),
@@ -112,12 +123,13 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
             permanent,
             backend: m.backend.filter(|_| state == "mapped").map(|b| b.to_string()),
             offered_port: held.and_then(|h| h.offered).filter(|_| state == "conflict"),
+            pinhole_address: pinhole.map(|a| a.to_string()),
         });
     }
     let min_port = table.config().min_port;
     for record in table.sockets() {
         let l = &record.listener;
-        if record.mapping.is_some() || l.port < min_port || !record.stack.takes_ipv4() {
+        if !record.mappings.is_empty() || l.port < min_port || !record.stack.takes_ipv4() {
             continue;
         }
         let key = PortKey::new(l.protocol, l.port);
@@ -158,6 +170,7 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
             permanent: false,
             backend: None,
             offered_port: None,
+            pinhole_address: None,
         });
     }
     if all {
@@ -179,10 +192,18 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
                 permanent: false,
                 backend: None,
                 offered_port: None,
+                pinhole_address: None,
             });
         }
     }
-    views.sort_by(|a, b| (&a.protocol, a.external_port, a.state).cmp(&(&b.protocol, b.external_port, b.state)));
+    views.sort_by(|a, b| {
+        (&a.protocol, a.external_port, &a.pinhole_address, a.state).cmp(&(
+            &b.protocol,
+            b.external_port,
+            &b.pinhole_address,
+            b.state,
+        ))
+    });
     views
 }
 
@@ -190,10 +211,20 @@ pub fn list(table: &Table, all: bool, now: Instant) -> Vec<MappingView> {
 /// chose another), if the table has one.
 pub fn get(table: &Table, protocol: Protocol, port: u16, now: Instant) -> Option<MappingView> {
     let name = protocol.to_string();
-    let views: Vec<MappingView> = list(table, true, now).into_iter().filter(|v| v.protocol == name).collect();
+    let views: Vec<MappingView> =
+        list(table, true, now).into_iter().filter(|v| v.protocol == name && v.pinhole_address.is_none()).collect();
     let by_internal = views.iter().position(|v| v.internal_port == port);
     let index = by_internal.or_else(|| views.iter().position(|v| v.external_port == port))?;
     views.into_iter().nth(index)
+}
+
+/// The pinholes opened (or being opened) for `protocol`/`port`, one per address of this host.
+pub fn pinholes_of(table: &Table, protocol: Protocol, port: u16, now: Instant) -> Vec<MappingView> {
+    let name = protocol.to_string();
+    list(table, false, now)
+        .into_iter()
+        .filter(|v| v.protocol == name && v.internal_port == port && v.pinhole_address.is_some())
+        .collect()
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
@@ -233,6 +264,10 @@ pub struct Facts {
     pub policy_scope: Option<Scope>,
     pub max_mappings_per_user: u32,
     pub lost_events: u64,
+    /// What the gateway in use needs for IPv6 listeners.
+    pub ipv6_firewall: PinholeService,
+    /// This host's addresses that pinholes are opened for.
+    pub ipv6_addresses: BTreeSet<Ipv6Addr>,
 }
 
 impl Facts {
@@ -267,6 +302,13 @@ impl Facts {
                 })
             }
             Outcome::EventsLost { total } => self.lost_events = *total,
+            Outcome::Ipv6Firewall { service, .. } => self.ipv6_firewall = service.clone(),
+            Outcome::Ipv6AddressesChanged { added, removed } => {
+                self.ipv6_addresses.extend(added);
+                for address in removed {
+                    self.ipv6_addresses.remove(address);
+                }
+            }
             _ => {}
         }
     }
@@ -290,6 +332,19 @@ impl Facts {
             "max_mappings_per_user": self.max_mappings_per_user,
             "counts": counts(views),
             "lost_events": self.lost_events,
+            "ipv6": {
+                "firewall": match &self.ipv6_firewall {
+                    PinholeService::Unknown => "unknown",
+                    PinholeService::Needed => "pinholes",
+                    PinholeService::FirewallOpen => "open",
+                    PinholeService::Unavailable { .. } => "unavailable",
+                },
+                "detail": match &self.ipv6_firewall {
+                    PinholeService::Unavailable { why } => Some(why.clone()),
+                    _ => None,
+                },
+                "addresses": self.ipv6_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            },
         })
     }
 }
@@ -304,9 +359,13 @@ fn listener_json(l: &Listener) -> Value {
 }
 
 fn key_json(key: &MappingKey) -> Value {
-    match key.as_ipv4() {
-        Some(k) => json!({"protocol": k.protocol.to_string(), "external_port": k.port, "internal_port": k.port}),
-        None => json!({}),
+    match key {
+        MappingKey::Ipv4(k) => {
+            json!({"protocol": k.protocol.to_string(), "external_port": k.port, "internal_port": k.port})
+        }
+        MappingKey::Ipv6Pinhole(k) => {
+            json!({"protocol": k.protocol.to_string(), "port": k.port, "address": k.address.to_string()})
+        }
     }
 }
 
@@ -355,6 +414,39 @@ pub fn details(outcome: &Outcome) -> Value {
         }),
         Outcome::RemoveFailed { key, error } => json!({
             "protocol": key.protocol.to_string(), "external_port": key.port, "error": error,
+        }),
+        Outcome::PinholeOpened { key, lease, backend, renewal, took } => json!({
+            "protocol": key.protocol.to_string(),
+            "port": key.port,
+            "address": key.address.to_string(),
+            "lease_seconds": match lease { Lease::For(d) => Some(d.as_secs()), Lease::Permanent => None },
+            "backend": backend.to_string(),
+            "renewal": renewal,
+            "took_ms": took.as_secs_f64() * 1e3,
+        }),
+        Outcome::PinholeClosed { key, why } => json!({
+            "protocol": key.protocol.to_string(), "port": key.port, "address": key.address.to_string(),
+            "why": format!("{why:?}").to_lowercase(),
+        }),
+        Outcome::PinholeCloseFailed { key, error } => json!({
+            "protocol": key.protocol.to_string(), "port": key.port, "address": key.address.to_string(), "error": error,
+        }),
+        Outcome::PinholesDropped { keys } => json!({
+            "pinholes": keys.iter().map(|k| format!("{}/{} [{}]", k.protocol, k.port, k.address)).collect::<Vec<_>>(),
+        }),
+        Outcome::Ipv6AddressesChanged { added, removed } => json!({
+            "added": added.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "removed": removed.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        }),
+        Outcome::Ipv6Firewall { gateway, service } => json!({
+            "gateway": gateway,
+            "service": match service {
+                PinholeService::Unknown => "unknown",
+                PinholeService::Needed => "pinholes",
+                PinholeService::FirewallOpen => "open",
+                PinholeService::Unavailable { .. } => "unavailable",
+            },
+            "detail": match service { PinholeService::Unavailable { why } => Some(why.clone()), _ => None },
         }),
         Outcome::Dropped { keys, all } => json!({
             "mappings": keys.iter().map(|k| k.to_string()).collect::<Vec<_>>(), "all": all,

@@ -1,7 +1,9 @@
 //! UPnP IGD through igd-next: SSDP discovery restricted to the default gateway, and the mapping calls
-//! translated into [`AddError`]s the reconciler understands.
+//! translated into [`AddError`]s the reconciler understands. IPv6 pinholes go through
+//! [`igd_pinhole`] to the WANIPv6FirewallControl service igd-next finds in the description, sent to
+//! the IPv6 router from the address each pinhole opens.
 use std::{
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     time::Duration,
 };
 
@@ -11,10 +13,15 @@ use igd_next::{
 };
 
 use super::{
+    igd_pinhole::{self, PinholeEndpoint, PinholeFault},
     igd_soap::{self, PortListingQuery, SoapError},
-    AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest,
+    AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest, OpenedPinhole, PinholeRequest,
 };
-use crate::{host::lan::LanInfo, Protocol};
+use crate::{
+    host::{lan::LanInfo, lan6::Ipv6Router},
+    table::PinholeService,
+    Protocol,
+};
 
 /// Time allowed for one SOAP call. A gateway on the LAN answers in milliseconds; igd-next's own limit
 /// is 10 s, which would hold every other mapping back that long behind a gateway that went silent.
@@ -202,9 +209,78 @@ impl Gateway for IgdGateway {
         })
         .await
     }
+
+    async fn pinhole_service(&self, router: Ipv6Router, from: Ipv6Addr) -> PinholeService {
+        let endpoint = match self.pinhole_endpoint(router, from) {
+            Ok(endpoint) => endpoint,
+            Err(e) => return PinholeService::Unavailable { why: e.to_string() },
+        };
+        match igd_pinhole::get_firewall_status(&endpoint, SOAP_TIMEOUT).await {
+            Ok(status) if !status.firewall_enabled => PinholeService::FirewallOpen,
+            Ok(status) if !status.inbound_pinhole_allowed => PinholeService::Unavailable {
+                why: "the gateway's IPv6 firewall allows no inbound pinholes (InboundPinholeAllowed is 0): \
+                      turn UPnP pinholes on in the router's settings"
+                    .into(),
+            },
+            Ok(_) => PinholeService::Needed,
+            Err(e) => PinholeService::Unavailable { why: format!("asking {endpoint} for its firewall status: {e}") },
+        }
+    }
+
+    async fn open_pinhole(&self, request: &PinholeRequest) -> Result<OpenedPinhole, AddError> {
+        let key = request.key;
+        let endpoint = self.pinhole_endpoint(request.router, key.address).map_err(AddError::from)?;
+        let id = igd_pinhole::add_pinhole(&endpoint, key.protocol, key.port, request.lease, SOAP_TIMEOUT).await?;
+        Ok(OpenedPinhole { lease: request.lease, id: Some(id) })
+    }
+
+    async fn renew_pinhole(&self, request: &PinholeRequest, id: Option<u16>) -> Result<OpenedPinhole, AddError> {
+        // Without the id the gateway named it by (lost with a journal write), it can only be opened
+        // again: the gateway answers with the id it has for it, or a new pinhole.
+        let Some(id) = id else { return self.open_pinhole(request).await };
+        let endpoint = self.pinhole_endpoint(request.router, request.key.address).map_err(AddError::from)?;
+        match igd_pinhole::update_pinhole(&endpoint, id, request.lease, SOAP_TIMEOUT).await {
+            Ok(()) => Ok(OpenedPinhole { lease: request.lease, id: Some(id) }),
+            // miniupnpd answers an id it does not know (lost in a restart) with 402, not 704: the
+            // request is otherwise well-formed, so 402 means the same.
+            Err(e) if e.is_no_such_entry() || e.fault() == Some(PinholeFault::InvalidArgs) => {
+                Err(AddError::Gone(e.to_string()))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn close_pinhole(&self, request: &PinholeRequest, id: Option<u16>) -> Result<(), AddError> {
+        // Never named by the gateway (its AddPinhole did not answer): nothing to name it by. Its
+        // lease ends it.
+        let Some(id) = id else { return Ok(()) };
+        let endpoint = self.pinhole_endpoint(request.router, request.key.address).map_err(AddError::from)?;
+        match igd_pinhole::delete_pinhole(&endpoint, id, SOAP_TIMEOUT).await {
+            Ok(()) => Ok(()),
+            // Already gone: miniupnpd's answer to an id it does not know (see renew_pinhole).
+            Err(e) if e.fault() == Some(PinholeFault::InvalidArgs) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
 }
 
 impl IgdGateway {
+    /// Where pinhole requests from `from` go: the IPv6 router, on the port the description came from
+    /// (miniupnpd serves both families on one port), at the firewall service's control path.
+    fn pinhole_endpoint(
+        &self,
+        router: Ipv6Router,
+        from: Ipv6Addr,
+    ) -> Result<PinholeEndpoint, igd_pinhole::PinholeError> {
+        let control_url = self.inner.ipv6_firewall_control_url.as_deref().ok_or_else(|| {
+            igd_pinhole::PinholeError::InvalidRequest(
+                "the gateway's UPnP IGD offers no WANIPv6FirewallControl service".into(),
+            )
+        })?;
+        let gateway = SocketAddrV6::new(router.address, self.inner.addr.port(), 0, router.scope_id());
+        PinholeEndpoint::new(from, gateway, self.inner.addr.ip(), control_url)
+    }
+
     async fn list_in_one_call(&self) -> Result<Vec<GatewayEntry>, AddError> {
         let mut entries = Vec::new();
         for protocol in [Protocol::Tcp, Protocol::Udp] {

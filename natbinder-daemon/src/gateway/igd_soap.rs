@@ -197,7 +197,7 @@ fn check_service_type(service_type: &str) -> Result<(), SoapError> {
 }
 
 /// `arguments` are (element name, value); names are our constants, values are escaped here.
-fn build_soap_request(
+pub(super) fn build_soap_request(
     service_type: &str,
     action: &str,
     arguments: &[(&str, String)],
@@ -476,7 +476,7 @@ fn parse_description(text: &str, context: &str) -> Result<String, SoapError> {
 }
 
 /// Quotes at most 60 characters of untrusted text for an error message, control characters escaped.
-fn excerpt(text: &str) -> String {
+pub(super) fn excerpt(text: &str) -> String {
     const MAX_CHARS: usize = 60;
     match text.char_indices().nth(MAX_CHARS) {
         Some((cut, _)) => format!("{:?}…", &text[..cut]),
@@ -1251,6 +1251,7 @@ mod tests {
             control_schema_url: "/WANIPCn.xml".into(),
             control_schema: HashMap::new(),
             service_type: WANIP2.into(),
+            ipv6_firewall_control_url: None,
             provider: Tokio,
         }
     }

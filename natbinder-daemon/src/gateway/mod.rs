@@ -12,6 +12,7 @@
 //!   network watcher.
 pub mod announcements;
 pub mod igd;
+pub mod igd_pinhole;
 pub mod igd_soap;
 pub mod multicast;
 pub mod natpmp;
@@ -31,7 +32,11 @@ use std::{
 
 pub use select::Backend;
 
-use crate::Protocol;
+use crate::{
+    host::lan6::Ipv6Router,
+    table::{PinholeKey, PinholeService},
+    Protocol,
+};
 
 /// One port mapping natbinder asks for: external port = internal port, a finite lease.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,6 +103,28 @@ pub enum AddError {
     /// The protocol cannot do this at all (NAT-PMP and PCP cannot list the gateway's table).
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The gateway no longer holds it (a pinhole's UniqueID it does not know: IGD 704 NoSuchEntry).
+    #[error("the gateway no longer holds it: {0}")]
+    Gone(String),
+}
+
+/// One IPv6 pinhole natbinder asks for: inbound `key.protocol` traffic to `key.address`:`key.port`
+/// from anywhere, asked of `router` from `key.address` (gateways open pinholes only for the host
+/// that asks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PinholeRequest {
+    pub key: PinholeKey,
+    pub lease: Duration,
+    pub router: Ipv6Router,
+}
+
+/// What the gateway granted for a pinhole.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OpenedPinhole {
+    pub lease: Duration,
+    /// How the gateway names it from now on (IGD's UniqueID), where it names it by anything else
+    /// than what it opens.
+    pub id: Option<u16>,
 }
 
 /// What the gateway granted for an add.
@@ -154,4 +181,34 @@ pub trait Gateway: Send + Sync + 'static {
     /// The gateway's external address. Ok(None) when the protocol tells it only with a mapping (PCP):
     /// the call then only checks that the gateway is there and still has its state.
     fn external_address(&self) -> impl Future<Output = Result<Option<IpAddr>, AddError>> + Send;
+    /// Whether [::] listeners need pinholes on this gateway, and whether it can open them: asked at
+    /// the start of a session and at each periodic check, from `from` (an address of this host that
+    /// pinholes would be opened for) to `router`.
+    fn pinhole_service(
+        &self,
+        _router: Ipv6Router,
+        _from: std::net::Ipv6Addr,
+    ) -> impl Future<Output = PinholeService> + Send {
+        let why = format!("{} cannot open IPv6 pinholes", self.backend());
+        std::future::ready(PinholeService::Unavailable { why })
+    }
+    fn open_pinhole(&self, _request: &PinholeRequest) -> impl Future<Output = Result<OpenedPinhole, AddError>> + Send {
+        std::future::ready(Err(AddError::Unsupported("this protocol cannot open IPv6 pinholes")))
+    }
+    /// Extends a pinhole's lease. [`AddError::Gone`] when the gateway no longer holds it.
+    fn renew_pinhole(
+        &self,
+        _request: &PinholeRequest,
+        _id: Option<u16>,
+    ) -> impl Future<Output = Result<OpenedPinhole, AddError>> + Send {
+        std::future::ready(Err(AddError::Unsupported("this protocol cannot open IPv6 pinholes")))
+    }
+    /// Closing a pinhole that is not there is success.
+    fn close_pinhole(
+        &self,
+        _request: &PinholeRequest,
+        _id: Option<u16>,
+    ) -> impl Future<Output = Result<(), AddError>> + Send {
+        std::future::ready(Err(AddError::Unsupported("this protocol cannot open IPv6 pinholes")))
+    }
 }

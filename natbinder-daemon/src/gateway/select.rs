@@ -17,9 +17,13 @@ use super::{
     pcp::{NonceKey, PcpGateway},
     pmp_client::PmpClient,
     signals::{Announcement, SignalSender},
-    AddError, Gateway, GatewayEntry, Granted, MappingRequest,
+    AddError, Gateway, GatewayEntry, Granted, MappingRequest, OpenedPinhole, PinholeRequest,
 };
-use crate::{host::lan::LanInfo, Protocol};
+use crate::{
+    host::{lan::LanInfo, lan6::Ipv6Router},
+    table::PinholeService,
+    Protocol,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -202,6 +206,22 @@ impl Gateway for AnyGateway {
 
     async fn external_address(&self) -> Result<Option<IpAddr>, AddError> {
         each!(self, g => g.external_address().await)
+    }
+
+    async fn pinhole_service(&self, router: Ipv6Router, from: std::net::Ipv6Addr) -> PinholeService {
+        each!(self, g => g.pinhole_service(router, from).await)
+    }
+
+    async fn open_pinhole(&self, request: &PinholeRequest) -> Result<OpenedPinhole, AddError> {
+        each!(self, g => g.open_pinhole(request).await)
+    }
+
+    async fn renew_pinhole(&self, request: &PinholeRequest, id: Option<u16>) -> Result<OpenedPinhole, AddError> {
+        each!(self, g => g.renew_pinhole(request, id).await)
+    }
+
+    async fn close_pinhole(&self, request: &PinholeRequest, id: Option<u16>) -> Result<(), AddError> {
+        each!(self, g => g.close_pinhole(request, id).await)
     }
 }
 

@@ -3,7 +3,8 @@
 //! * [`sockdiag`]: sockets as NETLINK_SOCK_DIAG lists them (IPV6_V6ONLY, wildcard listeners);
 //! * [`resync`]: bringing the table's sockets in line with the sockets that exist;
 //! * [`lan`]: where this host sits on its LAN (default route, local address), and [`netwatch`], which
-//!   follows its changes over rtnetlink;
+//!   follows its changes over rtnetlink; [`lan6`]: the IPv6 addresses pinholes are opened for, and the
+//!   IPv6 router;
 //! * [`netlink`]: the one blocking netlink dump both of those use;
 //! * [`probes`]: what this kernel supports, probed rather than read from a version string;
 //! * [`process`]: what the exposure policy needs about a bind's program (cgroup path, exe, groups).
@@ -13,6 +14,7 @@
 pub mod cgroup;
 pub mod firewall;
 pub mod lan;
+pub mod lan6;
 pub mod netlink;
 pub mod netwatch;
 pub mod probes;

@@ -1,25 +1,30 @@
-//! Watching for signs that the way to the gateway changed: links, IPv4 addresses and routes, over
-//! rtnetlink. After a burst of changes settles, [`LanWatch`] reads the default route and this host's
-//! address again; if they differ, the old gateway's mappings are no use and the new gateway must be
-//! found and mapped, which the reconciler hears as [`Signal::Rediscover`].
+//! Watching for signs that the way to the gateway changed: links, addresses and routes of both
+//! families, over rtnetlink. After a burst of changes settles, [`LanWatch`] reads the default route
+//! and this host's address again; if they differ, the old gateway's mappings are no use and the new
+//! gateway must be found and mapped, which the reconciler hears as [`Signal::Rediscover`].
+//! [`Lan6Watch`] is read again too: a new IPv6 router is a new gateway to ask (rediscovered as well);
+//! new, deprecated and removed IPv6 addresses reach the table through the watch's subscribers.
 use std::time::Duration;
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 use tokio::{io::unix::AsyncFd, sync::watch};
 use tracing::warn;
 
-use super::lan::LanWatch;
+use super::{lan::LanWatch, lan6::Lan6Watch};
 use crate::gateway::signals::{Signal, SignalSender};
 
 const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+const RTMGRP_IPV6_IFADDR: u32 = 0x100;
+const RTMGRP_IPV6_ROUTE: u32 = 0x400;
 /// Network changes come in bursts (link up, address, routes): act once it is quiet for this long.
 const SETTLE: Duration = Duration::from_millis(300);
 
 fn route_monitor() -> std::io::Result<AsyncFd<Socket>> {
     let mut socket = Socket::new(NETLINK_ROUTE)?;
-    socket.bind(&SocketAddr::new(0, RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE))?;
+    let groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_IFADDR | RTMGRP_IPV6_ROUTE;
+    socket.bind(&SocketAddr::new(0, groups))?;
     socket.set_non_blocking(true)?;
     // SAFETY: the fd belongs to `socket`, owned by the AsyncFd for as long as it is registered.
     unsafe { AsyncFd::register_with_interest(socket, tokio::io::Interest::READABLE) }
@@ -33,7 +38,7 @@ fn drain(socket: &Socket) {
 }
 
 /// Runs until `stop` turns true.
-pub async fn watch(lan: LanWatch, signals: SignalSender, mut stop: watch::Receiver<bool>) {
+pub async fn watch(lan: LanWatch, lan6: Lan6Watch, signals: SignalSender, mut stop: watch::Receiver<bool>) {
     let monitor = match route_monitor() {
         Ok(m) => m,
         Err(e) => {
@@ -62,6 +67,12 @@ pub async fn watch(lan: LanWatch, signals: SignalSender, mut stop: watch::Receiv
                 Err(e) => format!("the network changed: {e}"),
             };
             signals.send(Signal::Rediscover(why));
+        } else if let Ok(l) = &refreshed.lan {
+            match lan6.refresh(l.interface_index).await {
+                Ok(true) => signals.send(Signal::Rediscover("the IPv6 router changed".into())),
+                Ok(false) => {}
+                Err(e) => warn!("{e}"),
+            }
         }
     }
 }

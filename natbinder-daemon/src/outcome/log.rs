@@ -5,7 +5,7 @@
 use tracing::{debug, info, warn, Level};
 
 use super::{DoubleNat, Found, Lease, Outcome, Removal, Seen};
-use crate::table::{PendingReason, Stack};
+use crate::table::{PendingReason, PinholeService, Stack};
 
 /// Logs the outcome in words, with its kind and the port and program it concerns as fields of their
 /// own: the journal keeps them (NATBINDER_EVENT=mapped, NATBINDER_PORT=8080, ...), so that
@@ -53,7 +53,10 @@ impl Subject {
             | Outcome::Conflict { key: k, .. }
             | Outcome::Removed { key: k, .. }
             | Outcome::RemoveFailed { key: k, .. } => key(k.protocol, k.port),
-            Outcome::Pending { key: k, .. } => k.as_ipv4().map(|k| key(k.protocol, k.port)).unwrap_or_default(),
+            Outcome::PinholeOpened { key: k, .. }
+            | Outcome::PinholeClosed { key: k, .. }
+            | Outcome::PinholeCloseFailed { key: k, .. } => key(k.protocol, k.port),
+            Outcome::Pending { key: k, .. } => key(k.protocol(), k.port()),
             Outcome::RunStarted { pid, uid, .. } => Subject { pid: Some(*pid), uid: Some(*uid), ..Subject::default() },
             _ => Subject::default(),
         }
@@ -200,8 +203,59 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             Removal::Drifted => (Level::INFO, format!("removed {key}, which pointed elsewhere")),
             Removal::Policy => (Level::INFO, format!("removed mapping {key}: the policy no longer forwards it")),
             Removal::Disabled => (Level::INFO, format!("removed mapping {key}: disabled by an operator")),
+            // Only pinholes are removed for these; said here for completeness.
+            Removal::AddressGone | Removal::NotNeeded => (Level::INFO, format!("removed mapping {key}")),
         },
         Outcome::RemoveFailed { key, error } => (Level::WARN, format!("could not remove mapping {key}: {error}; its lease will end it")),
+        Outcome::PinholeOpened { key, lease, backend, renewal, took } => {
+            let lease = match lease {
+                Lease::Permanent => "permanent".to_string(),
+                Lease::For(d) => format!("lease {}s", d.as_secs()),
+            };
+            let renewal = if *renewal { ", a renewal" } else { "" };
+            (Level::INFO, format!(
+                "opened pinhole {}/{} to [{}] via {backend} ({lease}) in {:.1} ms{renewal}",
+                key.protocol, key.port, key.address, took.as_secs_f64() * 1e3
+            ))
+        }
+        Outcome::PinholeClosed { key, why } => {
+            let why = match why {
+                Removal::Released | Removal::Shutdown => String::new(),
+                Removal::Leftover => ", left by an earlier natbinder run with no socket needing it".to_string(),
+                Removal::Drifted => ", which pointed elsewhere".to_string(),
+                Removal::Policy => ": the policy no longer forwards it".to_string(),
+                Removal::Disabled => ": disabled by an operator".to_string(),
+                Removal::AddressGone => ": the address is no longer this host's to offer (gone or deprecated)".to_string(),
+                Removal::NotNeeded => ": the gateway no longer needs pinholes".to_string(),
+            };
+            (Level::INFO, format!("closed pinhole {}/{} to [{}]{why}", key.protocol, key.port, key.address))
+        }
+        Outcome::PinholeCloseFailed { key, error } => (Level::WARN, format!(
+            "could not close pinhole {}/{} to [{}]: {error}; its lease will end it", key.protocol, key.port, key.address
+        )),
+        Outcome::PinholesDropped { keys } => {
+            let keys: Vec<String> = keys.iter().map(|k| format!("{}/{} to [{}]", k.protocol, k.port, k.address)).collect();
+            (Level::WARN, format!("the gateway dropped pinhole {}; opening it again", keys.join(", ")))
+        }
+        Outcome::Ipv6AddressesChanged { added, removed } => {
+            let list = |a: &[std::net::Ipv6Addr]| a.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
+            let text = match (added.is_empty(), removed.is_empty()) {
+                (false, true) => format!("IPv6 address {} now offered to [::] listeners", list(added)),
+                (true, false) => format!("IPv6 address {} no longer offered (gone or deprecated)", list(removed)),
+                _ => format!("IPv6 addresses changed: {} in, {} out", list(added), list(removed)),
+            };
+            (Level::INFO, text)
+        }
+        Outcome::Ipv6Firewall { gateway, service } => match service {
+            PinholeService::Needed => (Level::INFO, format!("{gateway} firewalls inbound IPv6: [::] listeners get pinholes")),
+            PinholeService::FirewallOpen => (Level::INFO, format!(
+                "{gateway} lets all inbound IPv6 in (its firewall is off): [::] listeners need no pinholes"
+            )),
+            PinholeService::Unavailable { why } => (Level::WARN, format!(
+                "[::] listeners are not opened over IPv6 at {gateway}: {why}"
+            )),
+            PinholeService::Unknown => (Level::DEBUG, format!("{gateway}: IPv6 firewall not checked yet")),
+        },
         Outcome::GatewayFound { gateway, backend, local } => {
             (Level::INFO, format!("gateway: {gateway} ({backend}); this host is {local} on its LAN"))
         }

@@ -21,7 +21,7 @@ use tokio::sync::broadcast;
 
 use crate::{
     gateway::Backend,
-    table::{Listener, MappingKey, PendingReason, PortKey, Stack},
+    table::{Listener, MappingKey, PendingReason, PinholeKey, PinholeService, PortKey, Stack},
 };
 
 pub mod log;
@@ -72,6 +72,10 @@ pub enum Removal {
     Policy,
     /// An operator turned the port off (`natbinder disable`).
     Disabled,
+    /// A pinhole's address is no longer this host's to offer (gone, or deprecated).
+    AddressGone,
+    /// The gateway no longer needs pinholes (its IPv6 firewall is off, or another gateway serves).
+    NotNeeded,
 }
 
 /// Why the host is not reachable from the internet through this gateway, although mappings work.
@@ -204,6 +208,37 @@ pub enum Outcome {
         key: PortKey,
         error: String,
     },
+    /// The gateway's firewall lets `key` in (a pinhole opened or renewed).
+    PinholeOpened {
+        key: PinholeKey,
+        lease: Lease,
+        backend: Backend,
+        renewal: bool,
+        took: Duration,
+    },
+    PinholeClosed {
+        key: PinholeKey,
+        why: Removal,
+    },
+    /// Closing a pinhole failed; its lease will end it.
+    PinholeCloseFailed {
+        key: PinholeKey,
+        error: String,
+    },
+    /// Pinholes of ours the gateway no longer held (a renewal found them gone): opened again.
+    PinholesDropped {
+        keys: Vec<PinholeKey>,
+    },
+    /// This host's IPv6 addresses that pinholes are opened for changed.
+    Ipv6AddressesChanged {
+        added: Vec<std::net::Ipv6Addr>,
+        removed: Vec<std::net::Ipv6Addr>,
+    },
+    /// What the gateway in use needs for IPv6 listeners to be reached.
+    Ipv6Firewall {
+        gateway: String,
+        service: PinholeService,
+    },
     /// A gateway was found and is being used.
     GatewayFound {
         gateway: String,
@@ -265,6 +300,12 @@ impl Outcome {
             Outcome::Dropped { .. } => "dropped",
             Outcome::Removed { .. } => "removed",
             Outcome::RemoveFailed { .. } => "remove-failed",
+            Outcome::PinholeOpened { .. } => "pinhole-opened",
+            Outcome::PinholeClosed { .. } => "pinhole-closed",
+            Outcome::PinholeCloseFailed { .. } => "pinhole-close-failed",
+            Outcome::PinholesDropped { .. } => "pinholes-dropped",
+            Outcome::Ipv6AddressesChanged { .. } => "ipv6-addresses-changed",
+            Outcome::Ipv6Firewall { .. } => "ipv6-firewall",
             Outcome::GatewayFound { .. } => "gateway-found",
             Outcome::GatewayNotFound { .. } => "gateway-not-found",
             Outcome::GatewayLost { .. } => "gateway-lost",

@@ -10,6 +10,7 @@
 //!   mappings entry by entry, or, where no table can be read (NAT-PMP, PCP), an exchange and a renewal
 //!   of every mapping, which is both the check and the repair.
 //! * [`ownership`]: which of the gateway's mappings are ours (the tag and the journal).
+//! * [`pinholes`]: IPv6 pinholes: whether the gateway needs them, and the calls for each.
 use std::{future::Future, net::SocketAddrV4, time::Duration};
 
 use tokio::{sync::watch, time::Instant};
@@ -21,13 +22,14 @@ use crate::{
         signals::{Signal, Signals},
         AddError, Gateway, GatewayEntry,
     },
-    host::lan::LanInfo,
+    host::{lan::LanInfo, lan6::Lan6Watch},
     outcome::{Lease, Outcome, Removal},
     table::{Grant, Learned, MappingKey, PortKey, TableHandle, Work},
 };
 
 pub mod audit;
 pub mod ownership;
+pub mod pinholes;
 
 pub use ownership::{description, is_ours, Ownership, TAG_PREFIX};
 
@@ -49,6 +51,8 @@ pub struct Reconciler {
     pub table: TableHandle,
     pub signals: Signals,
     pub ownership: Ownership,
+    /// This host's IPv6 addresses and router: where pinhole requests go, and from.
+    pub lan6: Lan6Watch,
     sessions: u64,
     /// Whether `Ready` was published since start (the first session's check, or the first search
     /// that found nothing).
@@ -83,7 +87,22 @@ fn std_now() -> std::time::Instant {
 
 impl Reconciler {
     pub fn new(config: ReconcilerConfig, table: TableHandle, signals: Signals, ownership: Ownership) -> Self {
-        Self { config, settings: None, table, signals, ownership, sessions: 0, ready_published: false }
+        Self {
+            config,
+            settings: None,
+            table,
+            signals,
+            ownership,
+            lan6: Lan6Watch::new(),
+            sessions: 0,
+            ready_published: false,
+        }
+    }
+
+    /// Reads this host's IPv6 side from `lan6` (the daemon's record, which netwatch keeps current).
+    pub fn with_lan6(mut self, lan6: Lan6Watch) -> Self {
+        self.lan6 = lan6;
+        self
     }
 
     /// Follows `settings` (a reload): a new lease applies to the next add or renewal, a new interval
@@ -221,7 +240,11 @@ impl Reconciler {
     }
 
     async fn serve<G: Gateway>(&mut self, session: &mut GatewaySession<G>, stop: &mut watch::Receiver<bool>) -> Ended {
-        match self.audit(session, true).await {
+        // Before the first check, so that the pinholes an earlier run left are found wanted or not.
+        self.check_pinhole_service(session).await;
+        let first_check = self.audit(session, true).await;
+        self.audit_pinholes(session, true).await;
+        match first_check {
             Err(AddError::Unreachable(e)) => {
                 return Ended::Rediscover(format!("{} did not answer: {e}", session.describe()))
             }
@@ -297,6 +320,8 @@ impl Reconciler {
             Err(e) => debug!("checking {} failed: {e}", session.describe()),
             Ok(()) => {}
         }
+        self.check_pinhole_service(session).await;
+        self.audit_pinholes(session, false).await;
         if session.gateway.can_read_table() {
             if let Err(AddError::Unreachable(e)) = session.refresh_external_address().await {
                 return Flow::Rediscover(format!("{} did not answer: {e}", session.describe()));
@@ -351,9 +376,9 @@ impl Reconciler {
     /// One piece of the table's work, as gateway calls; the answer goes back into the table.
     async fn perform<G: Gateway>(&mut self, session: &mut GatewaySession<G>, work: Work) -> Result<(), AddError> {
         let key = work.key();
-        let Some(port_key) = key.as_ipv4() else {
-            debug!("{key}: IPv6 pinholes are not made yet");
-            return Ok(());
+        let port_key = match key {
+            MappingKey::Ipv4(port_key) => port_key,
+            MappingKey::Ipv6Pinhole(pinhole) => return self.perform_pinhole(session, work, pinhole).await,
         };
         let renewal = matches!(work, Work::Renew { .. });
         match work {
@@ -378,6 +403,7 @@ impl Reconciler {
                             backend: session.backend(),
                             renewal,
                             took: started.elapsed(),
+                            handle: None,
                         };
                         self.table.update(|t| t.record_mapped(key, grant, std_now()));
                         Ok(())
@@ -459,7 +485,16 @@ impl Reconciler {
         }
         let deadline = Instant::now() + self.config.shutdown_grace;
         for key in keys {
-            let Some(port_key) = key.as_ipv4() else { continue };
+            let port_key = match key {
+                MappingKey::Ipv4(port_key) => port_key,
+                MappingKey::Ipv6Pinhole(pinhole) => {
+                    if tokio::time::timeout_at(deadline, self.close_at_shutdown(session, pinhole)).await.is_err() {
+                        warn!("shutdown grace period over; remaining pinholes end with their leases");
+                        break;
+                    }
+                    continue;
+                }
+            };
             match tokio::time::timeout_at(deadline, session.delete(port_key)).await {
                 Ok(Ok(())) => {
                     self.ownership.forget(port_key).await;

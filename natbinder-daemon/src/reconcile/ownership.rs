@@ -14,7 +14,7 @@ use crate::{
     gateway::GatewayEntry,
     host::lan::LanInfo,
     journal::{Journal, JournalWrite},
-    table::PortKey,
+    table::{PinholeKey, PortKey},
 };
 
 /// Prefix of every description natbinder writes; followed by this host's name.
@@ -121,6 +121,29 @@ impl Ownership {
         for key in gone {
             self.forget(key).await;
         }
+    }
+
+    /// Journals a pinhole about to be asked for (`unique_id` None), or that the gateway opened.
+    pub async fn record_pinhole(
+        &mut self,
+        key: PinholeKey,
+        gateway: Ipv4Addr,
+        unique_id: Option<u16>,
+        lease: Duration,
+    ) {
+        let write = self.journal.record_pinhole(key, gateway, unique_id, lease);
+        commit(write).await;
+    }
+
+    /// Forgets a pinhole that is closed.
+    pub async fn forget_pinhole(&mut self, key: PinholeKey) {
+        let write = self.journal.forget_pinhole(&key);
+        commit(write).await;
+    }
+
+    /// The pinholes the journal says natbinder opened on `gateway`, with their ids.
+    pub fn pinholes_on(&self, gateway: Ipv4Addr) -> Vec<(PinholeKey, Option<u16>)> {
+        self.journal.pinholes().filter(|p| p.gateway == gateway).filter_map(|p| Some((p.key()?, p.unique_id))).collect()
     }
 
     /// What the journal says natbinder made on `gateway` for `local`.

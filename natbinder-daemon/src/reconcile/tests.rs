@@ -20,11 +20,15 @@ use super::*;
 use crate::{
     gateway::{
         signals::{AnnouncedBy, Announcement, SignalSender},
-        Backend, Granted, MappingRequest,
+        Backend, Granted, MappingRequest, OpenedPinhole, PinholeRequest,
     },
+    host::lan6::{Ipv6Router, Lan6},
     journal::Journal,
     outcome::{Event, Found, OutcomeBus, Seen},
-    table::{KernelMirror, Listener, MappingState, Owner, PendingReason, Stack, TableConfig, HELD_ELSEWHERE_MEMORY},
+    table::{
+        KernelMirror, Listener, MappingState, Owner, PendingReason, PinholeKey, PinholeService, Stack, TableConfig,
+        HELD_ELSEWHERE_MEMORY,
+    },
     Family, Protocol,
 };
 
@@ -34,6 +38,9 @@ const OTHER: Ipv4Addr = Ipv4Addr::new(192, 168, 77, 20);
 const HOST: &str = "testbox";
 const LEASE: Duration = Duration::from_secs(3600);
 const INTERVAL: Duration = Duration::from_secs(600);
+
+/// This host's global IPv6 address in the tests.
+const V6_A: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x10);
 
 const TCP: Protocol = Protocol::Tcp;
 const UDP: Protocol = Protocol::Udp;
@@ -84,6 +91,11 @@ struct GatewayState {
     session: u64,
     /// Answers adds as a PCP server behind another NAT does (ADDRESS_MISMATCH).
     behind_another_nat: bool,
+    /// What it answers about its IPv6 firewall (None: it has no pinhole service).
+    firewall: Option<PinholeService>,
+    /// Open pinholes by UniqueID, and the next id it hands out.
+    pinholes: BTreeMap<u16, crate::table::PinholeKey>,
+    next_pinhole_id: u16,
 }
 
 /// An in-memory UPnP IGD. The table is keyed by (protocol, external port) and shared by every handle.
@@ -261,7 +273,50 @@ impl FakeGateway {
     }
 }
 
+impl FakeGateway {
+    /// A gateway that firewalls inbound IPv6 and opens pinholes on request (WANIPv6FirewallControl).
+    fn with_pinholes(self) -> Self {
+        self.state.lock().unwrap().firewall = Some(PinholeService::Needed);
+        self
+    }
+    fn pinholes(&self) -> BTreeMap<u16, crate::table::PinholeKey> {
+        self.state.lock().unwrap().pinholes.clone()
+    }
+    /// Forgets every pinhole behind the reconciler's back (a firewall reload).
+    fn forget_pinholes(&self) {
+        self.state.lock().unwrap().pinholes.clear();
+    }
+}
+
 impl Gateway for FakeGateway {
+    async fn pinhole_service(&self, _router: Ipv6Router, _from: std::net::Ipv6Addr) -> PinholeService {
+        let firewall = self.state.lock().unwrap().firewall.clone();
+        firewall.unwrap_or(PinholeService::Unavailable { why: "no WANIPv6FirewallControl".into() })
+    }
+
+    async fn open_pinhole(&self, request: &PinholeRequest) -> Result<OpenedPinhole, AddError> {
+        let mut s = self.state.lock().unwrap();
+        s.next_pinhole_id += 1;
+        let id = s.next_pinhole_id;
+        s.pinholes.insert(id, request.key);
+        Ok(OpenedPinhole { lease: request.lease, id: Some(id) })
+    }
+
+    async fn renew_pinhole(&self, request: &PinholeRequest, id: Option<u16>) -> Result<OpenedPinhole, AddError> {
+        let s = self.state.lock().unwrap();
+        match id.and_then(|id| s.pinholes.get(&id)) {
+            Some(key) if *key == request.key => Ok(OpenedPinhole { lease: request.lease, id }),
+            _ => Err(AddError::Gone("UPnP error 704 NoSuchEntry".into())),
+        }
+    }
+
+    async fn close_pinhole(&self, _request: &PinholeRequest, id: Option<u16>) -> Result<(), AddError> {
+        if let Some(id) = id {
+            self.state.lock().unwrap().pinholes.remove(&id);
+        }
+        Ok(())
+    }
+
     fn describe(&self) -> String {
         format!("fake IGD at {ROUTER}")
     }
@@ -436,7 +491,13 @@ impl Harness {
         let signals = Signals::new();
         let discoveries = Arc::new(AtomicUsize::new(0));
         let (stop, stop_rx) = watch::channel(false);
-        let reconciler = Reconciler::new(config, table.clone(), signals.clone(), Ownership::new(HOST.into(), journal));
+        let lan6 = Lan6 {
+            router: Some(Ipv6Router { address: "fe80::1".parse().unwrap(), interface_index: 2 }),
+            addresses: [V6_A].into(),
+        };
+        table.update(|t| t.set_ipv6_addresses(lan6.addresses.clone(), Instant::now().into_std()));
+        let reconciler = Reconciler::new(config, table.clone(), signals.clone(), Ownership::new(HOST.into(), journal))
+            .with_lan6(Lan6Watch::fixed(lan6));
         let (found, count, sender) = (gateway.clone(), discoveries.clone(), signals.sender());
         let discover = move |session: u64| {
             count.fetch_add(1, Ordering::SeqCst);
@@ -1196,4 +1257,74 @@ async fn a_sign_of_a_new_network_finds_the_gateway_again_and_an_earlier_sessions
 
 fn forwarded() -> crate::policy::Decision {
     crate::policy::Decision::new(true, "allow everything (test)")
+}
+
+// ---------------------------------------------------------------------------------------------------
+// IPv6 pinholes
+// ---------------------------------------------------------------------------------------------------
+
+fn v6_sock(cookie: u64, port: u16) -> Listener {
+    Listener { family: Family::Ipv6, ..sock(cookie, TCP, port) }
+}
+
+fn pinhole_key(port: u16) -> PinholeKey {
+    PinholeKey { protocol: TCP, port, address: V6_A }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_dual_stack_listener_gets_its_mapping_and_a_pinhole_that_follow_it() {
+    let gw = FakeGateway::new().with_pinholes();
+    let mut h = Harness::start(&gw).await;
+    assert!(h.outcomes().iter().any(|o| matches!(o, Outcome::Ipv6Firewall { service: PinholeService::Needed, .. })));
+    h.bind_with(v6_sock(1, 8080), Stack::DualStack);
+    settle().await;
+    assert!(gw.entries().contains_key(&(TCP, 8080)), "the IPv4 mapping");
+    assert_eq!(gw.pinholes().values().copied().collect::<Vec<_>>(), vec![pinhole_key(8080)], "and the pinhole");
+    // The gateway forgets it (a firewall reload): the renewal at the next check finds it gone.
+    gw.forget_pinholes();
+    sleep(INTERVAL.as_secs() + 1).await;
+    assert!(h.outcomes().iter().any(|o| matches!(o, Outcome::PinholesDropped { .. })));
+    assert_eq!(gw.pinholes().len(), 1, "opened again");
+    h.release(1);
+    settle().await;
+    assert!(gw.pinholes().is_empty() && gw.entries().is_empty(), "both gone with the socket");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pinholes_close_at_shutdown_and_an_earlier_runs_are_closed_or_adopted_at_start() {
+    let gw = FakeGateway::new().with_pinholes();
+    // An earlier run opened two pinholes and crashed; one listener is still there.
+    let mut journal = Journal::in_memory();
+    for (id, port) in [(41, 9001), (42, 9002)] {
+        gw.state.lock().unwrap().pinholes.insert(id, pinhole_key(port));
+        let _ = journal.record_pinhole(pinhole_key(port), ROUTER, Some(id), LEASE);
+    }
+    gw.state.lock().unwrap().next_pinhole_id = 100;
+    let h = Harness::start_with_journal(&gw, config(), &[], journal);
+    h.bind_with(v6_sock(1, 9002), Stack::Ipv6Only);
+    // The socket is in the table before the session starts, as sockets adopted at start-up are.
+    settle().await;
+    let open: Vec<(u16, u16)> = gw.pinholes().iter().map(|(id, k)| (*id, k.port)).collect();
+    // The leftover nobody wants is closed; the wanted one is adopted by its id and renewed, not
+    // opened a second time.
+    assert_eq!(open, vec![(42, 9002)]);
+    h.stop().await;
+    assert!(gw.pinholes().is_empty(), "closed at shutdown");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_gateway_with_its_ipv6_firewall_off_gets_no_pinholes() {
+    let gw = FakeGateway::new();
+    gw.state.lock().unwrap().firewall = Some(PinholeService::FirewallOpen);
+    let mut h = Harness::start(&gw).await;
+    h.bind_with(v6_sock(1, 8080), Stack::DualStack);
+    settle().await;
+    assert!(gw.pinholes().is_empty());
+    assert!(gw.entries().contains_key(&(TCP, 8080)));
+    assert!(h
+        .outcomes()
+        .iter()
+        .any(|o| matches!(o, Outcome::Ipv6Firewall { service: PinholeService::FirewallOpen, .. })));
+    h.stop().await;
 }

@@ -3,8 +3,9 @@
 //! Events go in: sockets bound, released, refused (from the kernel hooks), sockets adopted and found
 //! gone (from sock_diag listings), and the gateway's answers as the reconciler records them. The table
 //! decides, and owns what it decided:
-//! * which mappings are wanted (external port = internal port, IPv4; keys say their family, so IPv6
-//!   pinholes fit beside them), and which socket wants each;
+//! * which mappings are wanted, and which socket wants each: an IPv4 port mapping (external port =
+//!   internal port) for a socket that takes IPv4, and an IPv6 firewall pinhole per global address of
+//!   this host for one that takes IPv6, where the gateway's firewall needs them ([`PinholeService`]);
 //! * why a wanted mapping is pending, its retries and their backoff;
 //! * conflicts, with the holder, and the one record of ports other hosts hold on the gateway, which
 //!   [`TableHandle`] mirrors into the kernel so that binds of them fail with EADDRINUSE;
@@ -18,7 +19,7 @@
 //! shared across fork have one cookie): the mapping lives while any of them does.
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet},
-    net::{Ipv4Addr, SocketAddrV4},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddrV4},
     path::PathBuf,
     sync::Arc,
     time::{Duration, Instant},
@@ -87,6 +88,27 @@ impl Stack {
     pub fn takes_ipv4(self) -> bool {
         matches!(self, Stack::Ipv4 | Stack::DualStack)
     }
+
+    /// Whether the socket takes IPv6 traffic, and so needs pinholes where the gateway firewalls IPv6.
+    pub fn takes_ipv6(self) -> bool {
+        matches!(self, Stack::DualStack | Stack::Ipv6Only)
+    }
+}
+
+/// Whether the gateway must be asked to let IPv6 traffic in, as the reconciler learned it of the
+/// gateway in use.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum PinholeService {
+    /// Not known yet (no gateway checked): no pinhole is wanted.
+    #[default]
+    Unknown,
+    /// The gateway firewalls inbound IPv6 and opens pinholes on request: [::] listeners want them.
+    Needed,
+    /// The gateway's IPv6 firewall is off: everything already reaches this host, nothing to open.
+    FirewallOpen,
+    /// The gateway cannot be asked (no WANIPv6FirewallControl, no IPv6 router, inbound pinholes not
+    /// allowed): [::] listeners stay unreachable over IPv6 from the internet, and `why` says so.
+    Unavailable { why: String },
 }
 
 /// Why a wanted mapping is not on the gateway.
@@ -162,9 +184,9 @@ pub struct SocketRecord {
     /// Forwarded by the policy but waiting: its user holds as many mappings as they may. It is
     /// mapped when one of theirs goes.
     pub over_limit: bool,
-    /// The mapping this socket wants; None when it wants none (IPv6-only, below the minimum port, or
-    /// not classified yet).
-    pub mapping: Option<MappingKey>,
+    /// The mappings this socket wants: its IPv4 mapping first, then its pinholes. Empty when it
+    /// wants none (not forwarded, below the minimum port, not classified yet, or no pinhole needed).
+    pub mappings: Vec<MappingKey>,
 }
 
 /// How the table learned that another host holds a port.
@@ -217,10 +239,13 @@ pub struct Grant {
     /// The external port: the internal one, unless the gateway chose another and it was kept.
     pub external_port: u16,
     pub lease: Lease,
+    /// Where an IPv4 mapping points (this host's LAN address); not used for pinholes, whose key says.
     pub internal: SocketAddrV4,
     pub backend: Backend,
     pub renewal: bool,
     pub took: Duration,
+    /// How the gateway names it from now on (an IGD pinhole's UniqueID); None: as natbinder does.
+    pub handle: Option<GatewayHandle>,
 }
 
 /// What a listing of the gateway's table showed, sorted by the reconciler's ownership rules.
@@ -283,6 +308,9 @@ pub struct Table {
     /// ([`reservations`]): cookie -> (the mapping, the process that will bind).
     reservations: BTreeMap<u64, (MappingKey, u32)>,
     next_reservation: u64,
+    /// This host's addresses that pinholes are opened for ([`crate::host::lan6`]).
+    ipv6_addresses: BTreeSet<Ipv6Addr>,
+    pinhole_service: PinholeService,
 }
 
 impl Table {
@@ -318,15 +346,34 @@ impl Table {
         if max == 0 {
             return BTreeSet::new();
         }
+        let mut ports: HashSet<(u32, Protocol, u16)> = HashSet::new();
+        for (key, m) in self.mappings.iter().filter(|(_, m)| !m.sockets.is_empty()) {
+            ports.insert((m.uid, key.protocol(), key.port()));
+        }
         let mut counts: HashMap<u32, u32> = HashMap::new();
-        for m in self.mappings.values().filter(|m| !m.sockets.is_empty()) {
-            *counts.entry(m.uid).or_default() += 1;
+        for (uid, _, _) in ports {
+            *counts.entry(uid).or_default() += 1;
         }
         counts.into_iter().filter(|(_, n)| *n >= max).map(|(uid, _)| uid).collect()
     }
 
+    /// How many ports `uid` has forwarded: a port's IPv4 mapping and its pinholes count once, as the
+    /// user asked for one thing (a reachable port).
     fn mappings_of(&self, uid: u32) -> u32 {
-        self.mappings.values().filter(|m| m.uid == uid && !m.sockets.is_empty()).count() as u32
+        let ports: HashSet<(Protocol, u16)> = self
+            .mappings
+            .iter()
+            .filter(|(_, m)| m.uid == uid && !m.sockets.is_empty())
+            .map(|(k, _)| (k.protocol(), k.port()))
+            .collect();
+        ports.len() as u32
+    }
+
+    /// Whether `uid` already forwards `key`'s port (then another key for it is not one more mapping).
+    fn forwards_port(&self, uid: u32, key: MappingKey) -> bool {
+        self.mappings.iter().any(|(k, m)| {
+            m.uid == uid && !m.sockets.is_empty() && k.protocol() == key.protocol() && k.port() == key.port()
+        })
     }
 
     /// The held-elsewhere record, if it changed since the last call.
@@ -347,16 +394,14 @@ impl Table {
             }
             return;
         }
-        let key = self.wanted_key(&listener, stack);
         self.publish(Outcome::SocketBound { listener: listener.clone(), stack, found });
-        if !decision.forward && self.wanted_key(&listener, Stack::Ipv4).is_some() {
+        if !decision.forward && self.forwardable_port(&listener) {
             self.publish(Outcome::NotForwarded { listener: listener.clone(), rule: decision.rule.clone() });
         }
-        let key = key.filter(|_| decision.forward);
-        self.sockets.insert(cookie, SocketRecord { listener, stack, decision, over_limit: false, mapping: None });
-        if let Some(key) = key {
-            self.want(key, cookie, now);
-        }
+        let keys = if decision.forward { self.wanted_keys(&listener, stack) } else { Vec::new() };
+        self.sockets
+            .insert(cookie, SocketRecord { listener, stack, decision, over_limit: false, mappings: Vec::new() });
+        self.want_all(keys, cookie, now);
     }
 
     /// An AF_INET6 socket was found dual-stack or IPv6-only.
@@ -368,16 +413,56 @@ impl Table {
         record.stack = stack;
         let listener = record.listener.clone();
         let forward = record.decision.forward;
-        let key = self.wanted_key(&listener, stack).filter(|_| forward);
+        let keys = if forward { self.wanted_keys(&listener, stack) } else { Vec::new() };
         self.publish(Outcome::SocketClassified { listener: listener.clone(), stack });
-        if let Some(key) = key {
-            self.want(key, cookie, now);
-        }
+        self.want_all(keys, cookie, now);
     }
 
-    fn wanted_key(&self, listener: &Listener, stack: Stack) -> Option<MappingKey> {
-        (stack.takes_ipv4() && listener.port >= self.config.min_port && listener.port != 0)
+    /// Whether the listener's port is one natbinder forwards at all (not below the minimum).
+    fn forwardable_port(&self, listener: &Listener) -> bool {
+        listener.port >= self.config.min_port && listener.port != 0
+    }
+
+    /// The IPv4 mapping a listener on `stack` wants, if it takes IPv4.
+    fn wanted_ipv4_key(&self, listener: &Listener, stack: Stack) -> Option<MappingKey> {
+        (stack.takes_ipv4() && self.forwardable_port(listener))
             .then(|| MappingKey::ipv4(listener.protocol, listener.port))
+    }
+
+    /// The pinholes a listener on `stack` wants: one per address, where the gateway needs them.
+    fn wanted_pinholes(&self, listener: &Listener, stack: Stack) -> Vec<MappingKey> {
+        if !stack.takes_ipv6() || !self.forwardable_port(listener) || self.pinhole_service != PinholeService::Needed {
+            return Vec::new();
+        }
+        self.ipv6_addresses
+            .iter()
+            .map(|address| {
+                MappingKey::Ipv6Pinhole(PinholeKey {
+                    protocol: listener.protocol,
+                    port: listener.port,
+                    address: *address,
+                })
+            })
+            .collect()
+    }
+
+    /// Everything a forwarded listener on `stack` wants: its IPv4 mapping first, then its pinholes.
+    fn wanted_keys(&self, listener: &Listener, stack: Stack) -> Vec<MappingKey> {
+        let mut keys: Vec<MappingKey> = self.wanted_ipv4_key(listener, stack).into_iter().collect();
+        keys.extend(self.wanted_pinholes(listener, stack));
+        keys
+    }
+
+    /// Socket `cookie` wants each of `keys`, in order, as long as it may (its user's limit, a disabled
+    /// port stop it at the first key).
+    fn want_all(&mut self, keys: Vec<MappingKey>, cookie: u64, now: Instant) {
+        for key in keys {
+            self.want(key, cookie, now);
+            let Some(record) = self.sockets.get(&cookie) else { return };
+            if !record.mappings.contains(&key) {
+                return;
+            }
+        }
     }
 
     /// Socket `cookie` wants mapping `key`: the socket's record says so, and the mapping is wanted,
@@ -391,7 +476,7 @@ impl Table {
         }
         let (uid, comm) = (record.listener.owner.uid, record.listener.owner.comm.clone());
         let max = self.config.max_mappings_per_user;
-        let new_for_user = self.mappings.get(&key).is_none_or(|m| m.sockets.is_empty());
+        let new_for_user = !self.forwards_port(uid, key);
         if max > 0 && new_for_user && self.mappings_of(uid) >= max {
             let record = self.sockets.get_mut(&cookie).expect("looked up above");
             if !record.over_limit {
@@ -407,7 +492,9 @@ impl Table {
         }
         let record = self.sockets.get_mut(&cookie).expect("looked up above");
         record.over_limit = false;
-        record.mapping = Some(key);
+        if !record.mappings.contains(&key) {
+            record.mappings.push(key);
+        }
         let held = key.as_ipv4().and_then(|k| self.held.get(&k).copied());
         let reason = if self.adds_paused { PendingReason::EventStorm } else { PendingReason::Queued };
         let mut published = None;
@@ -467,21 +554,24 @@ impl Table {
         if self.config.max_mappings_per_user == 0 {
             return;
         }
-        let mut waiting: Vec<(u64, MappingKey)> = self
+        let mut waiting: Vec<(u64, Vec<MappingKey>)> = self
             .sockets
             .values()
             .filter(|r| r.over_limit)
-            .filter_map(|r| self.wanted_key(&r.listener, r.stack).map(|k| (r.listener.cookie, k)))
+            .map(|r| (r.listener.cookie, self.wanted_keys(&r.listener, r.stack)))
             .collect();
         waiting.sort_unstable();
-        for (cookie, key) in waiting {
-            self.want(key, cookie, now);
+        for (cookie, keys) in waiting {
+            self.want_all(keys, cookie, now);
         }
     }
 
     /// The socket no longer wants its mapping: released, or (`why` = Policy) the policy no longer
     /// forwards it.
     fn unwant(&mut self, cookie: u64, key: MappingKey, why: Removal, now: Instant) {
+        if let Some(record) = self.sockets.get_mut(&cookie) {
+            record.mappings.retain(|k| *k != key);
+        }
         let Some(mapping) = self.mappings.get_mut(&key) else { return };
         mapping.sockets.remove(&cookie);
         if !mapping.sockets.is_empty() {
@@ -497,11 +587,19 @@ impl Table {
         self.admit_over_limit(now);
     }
 
+    /// The socket wants none of its mappings any more.
+    fn unwant_all(&mut self, cookie: u64, why: Removal, now: Instant) {
+        let keys = self.sockets.get(&cookie).map(|r| r.mappings.clone()).unwrap_or_default();
+        for key in keys {
+            self.unwant(cookie, key, why, now);
+        }
+    }
+
     /// A socket is gone: released (the hook saw it) or missing from sock_diag listings.
     pub fn socket_released(&mut self, cookie: u64, seen: Seen, now: Instant) {
         let Some(record) = self.sockets.remove(&cookie) else { return };
         self.publish(Outcome::SocketReleased { listener: record.listener, seen });
-        if let Some(key) = record.mapping {
+        for key in record.mappings {
             self.unwant(cookie, key, Removal::Released, now);
         }
     }
@@ -524,10 +622,8 @@ impl Table {
             let listener = record.listener.clone();
             if !decision.forward {
                 record.over_limit = false;
-                if let Some(key) = record.mapping.take() {
-                    self.unwant(*cookie, key, Removal::Policy, now);
-                }
-                if self.wanted_key(&listener, Stack::Ipv4).is_some() {
+                self.unwant_all(*cookie, Removal::Policy, now);
+                if self.forwardable_port(&listener) {
                     self.publish(Outcome::NotForwarded { listener, rule: decision.rule });
                 }
             }
@@ -535,10 +631,9 @@ impl Table {
         // Then those now allowed, and those the new limit lets in, in the order they were bound.
         for cookie in cookies {
             let Some(record) = self.sockets.get(&cookie) else { continue };
-            if record.decision.forward && record.mapping.is_none() {
-                if let Some(key) = self.wanted_key(&record.listener, record.stack) {
-                    self.want(key, cookie, now);
-                }
+            if record.decision.forward && record.mappings.is_empty() {
+                let keys = self.wanted_keys(&record.listener, record.stack);
+                self.want_all(keys, cookie, now);
             }
         }
     }
@@ -547,6 +642,66 @@ impl Table {
     pub fn bind_refused(&mut self, listener: Listener) {
         let holder = self.held.get(&PortKey::new(listener.protocol, listener.port)).and_then(|h| h.holder);
         self.publish(Outcome::BindRefused { listener, holder });
+    }
+
+    // ---- IPv6 ---------------------------------------------------------------------------------
+
+    /// This host's addresses that pinholes are opened for changed (a new privacy address, a prefix
+    /// change, an address deprecated or gone): each [::] listener gets pinholes for the new ones, and
+    /// those of the old ones are closed.
+    pub fn set_ipv6_addresses(&mut self, addresses: BTreeSet<Ipv6Addr>, now: Instant) {
+        if addresses == self.ipv6_addresses {
+            return;
+        }
+        let added: Vec<Ipv6Addr> = addresses.difference(&self.ipv6_addresses).copied().collect();
+        let removed: Vec<Ipv6Addr> = self.ipv6_addresses.difference(&addresses).copied().collect();
+        self.ipv6_addresses = addresses;
+        self.publish(Outcome::Ipv6AddressesChanged { added, removed });
+        self.rewant_pinholes(Removal::AddressGone, now);
+    }
+
+    /// What the gateway in use needs for IPv6 (the reconciler asks it at each new session).
+    pub fn set_pinhole_service(&mut self, service: PinholeService, now: Instant) {
+        if service == self.pinhole_service {
+            return;
+        }
+        self.pinhole_service = service;
+        self.rewant_pinholes(Removal::NotNeeded, now);
+    }
+
+    pub fn pinhole_service(&self) -> &PinholeService {
+        &self.pinhole_service
+    }
+
+    pub fn ipv6_addresses(&self) -> &BTreeSet<Ipv6Addr> {
+        &self.ipv6_addresses
+    }
+
+    /// Brings every forwarded socket's pinholes in line with the addresses and the service: those no
+    /// longer wanted go (`why`), new ones are wanted, in the order the sockets were bound.
+    fn rewant_pinholes(&mut self, why: Removal, now: Instant) {
+        let mut cookies: Vec<u64> = self.sockets.keys().copied().collect();
+        cookies.sort_unstable();
+        for cookie in cookies {
+            let record = &self.sockets[&cookie];
+            // Sockets that want nothing (not forwarded, waiting for their user's limit, disabled, not
+            // classified) are settled when that changes.
+            if !record.decision.forward || record.over_limit || self.disabled_for(record) {
+                continue;
+            }
+            let wanted = self.wanted_pinholes(&record.listener, record.stack);
+            let stale: Vec<MappingKey> = record
+                .mappings
+                .iter()
+                .filter(|k| matches!(k, MappingKey::Ipv6Pinhole(_)) && !wanted.contains(k))
+                .copied()
+                .collect();
+            let new: Vec<MappingKey> = wanted.into_iter().filter(|k| !record.mappings.contains(k)).collect();
+            for key in stale {
+                self.unwant(cookie, key, why, now);
+            }
+            self.want_all(new, cookie, now);
+        }
     }
 
     // ---- storms -------------------------------------------------------------------------------
@@ -662,7 +817,10 @@ impl Table {
                 m.state = state;
                 m.on_gateway = true;
                 m.backend = Some(grant.backend);
-                m.external_port = (grant.external_port != grant.internal.port()).then_some(grant.external_port);
+                m.external_port = (grant.external_port != key.port()).then_some(grant.external_port);
+                if grant.handle.is_some() {
+                    m.handle = grant.handle;
+                }
             }
             // The last socket went while the add was in flight, and took the pending mapping with it:
             // track it again so that it is deleted.
@@ -673,7 +831,7 @@ impl Table {
                     comm: String::new(),
                     on_gateway: true,
                     unwanted_since: Some(now),
-                    handle: None,
+                    handle: grant.handle,
                     uid: 0,
                     unwanted_by: None,
                     backend: None,
@@ -691,6 +849,15 @@ impl Table {
                 key: port_key,
                 external_port: grant.external_port,
                 internal: grant.internal,
+                lease: grant.lease,
+                backend: grant.backend,
+                renewal: grant.renewal,
+                took: grant.took,
+            });
+        }
+        if let MappingKey::Ipv6Pinhole(pinhole) = key {
+            self.publish(Outcome::PinholeOpened {
+                key: pinhole,
                 lease: grant.lease,
                 backend: grant.backend,
                 renewal: grant.renewal,
@@ -749,16 +916,18 @@ impl Table {
             (Removal::Released, Some(by)) => by,
             _ => why,
         };
-        if let Some(port_key) = key.as_ipv4() {
-            self.publish(Outcome::Removed { key: port_key, why });
+        match key {
+            MappingKey::Ipv4(port_key) => self.publish(Outcome::Removed { key: port_key, why }),
+            MappingKey::Ipv6Pinhole(pinhole) => self.publish(Outcome::PinholeClosed { key: pinhole, why }),
         }
         self.forget_gateway_copy(key, PendingReason::Queued, now);
     }
 
     /// A delete failed: the lease bounds how long the mapping outlives its socket.
     pub fn record_delete_failed(&mut self, key: MappingKey, error: String, now: Instant) {
-        if let Some(port_key) = key.as_ipv4() {
-            self.publish(Outcome::RemoveFailed { key: port_key, error });
+        match key {
+            MappingKey::Ipv4(port_key) => self.publish(Outcome::RemoveFailed { key: port_key, error }),
+            MappingKey::Ipv6Pinhole(pinhole) => self.publish(Outcome::PinholeCloseFailed { key: pinhole, error }),
         }
         self.forget_gateway_copy(key, PendingReason::Queued, now);
     }
@@ -766,11 +935,28 @@ impl Table {
     fn forget_gateway_copy(&mut self, key: MappingKey, reason: PendingReason, now: Instant) {
         let Some(m) = self.mappings.get_mut(&key) else { return };
         m.on_gateway = false;
+        m.handle = None;
         if m.sockets.is_empty() {
             self.mappings.remove(&key);
         } else if !matches!(m.state, MappingState::Conflict) {
             m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
             self.publish(Outcome::Pending { key, reason });
+        }
+    }
+
+    /// Pinholes of ours the gateway no longer holds (a renewal found them gone): opened again.
+    pub fn record_pinholes_dropped(&mut self, keys: &[PinholeKey], now: Instant) {
+        let dropped: Vec<PinholeKey> = keys
+            .iter()
+            .copied()
+            .filter(|k| self.mappings.get(&MappingKey::Ipv6Pinhole(*k)).is_some_and(|m| !m.sockets.is_empty()))
+            .collect();
+        if dropped.is_empty() {
+            return;
+        }
+        self.publish(Outcome::PinholesDropped { keys: dropped.clone() });
+        for key in dropped {
+            self.forget_gateway_copy(MappingKey::Ipv6Pinhole(key), PendingReason::Dropped, now);
         }
     }
 
@@ -807,6 +993,31 @@ impl Table {
         }
     }
 
+    /// A pinhole an earlier run opened (the journal says, with its id): adopted if wanted, and
+    /// renewed now, which also checks that the gateway still holds it. False if nothing wants it.
+    pub fn adopt_pinhole(&mut self, key: PinholeKey, id: Option<u16>, now: Instant) -> bool {
+        let key = MappingKey::Ipv6Pinhole(key);
+        if !self.adopt_existing(key, now) {
+            return false;
+        }
+        if let Some(m) = self.mappings.get_mut(&key) {
+            m.handle = id.map(GatewayHandle::PinholeId).or(m.handle);
+        }
+        true
+    }
+
+    /// Every pinhole on the gateway is renewed now: the renewal is the check (the gateway says when
+    /// it no longer knows one) and the repair.
+    pub fn renew_pinholes_now(&mut self, now: Instant) {
+        for (_, m) in
+            self.mappings.iter_mut().filter(|(k, m)| matches!(k, MappingKey::Ipv6Pinhole(_)) && !m.sockets.is_empty())
+        {
+            if let MappingState::Active { renew_at, .. } = &mut m.state {
+                *renew_at = (*renew_at).min(now);
+            }
+        }
+    }
+
     /// What the gateway holds is unknown: a gateway was (re)found, or the gateway lost its state.
     /// Every wanted mapping is made again, except where a port is still believed held by another host
     /// on `gateway`; what other gateways said is forgotten. Unwanted mappings the gateway may still
@@ -819,6 +1030,11 @@ impl Table {
         let mut pending = Vec::new();
         self.mappings.retain(|_, m| !m.sockets.is_empty() || m.on_gateway);
         for (key, m) in self.mappings.iter_mut().filter(|(_, m)| !m.sockets.is_empty()) {
+            if matches!(key, MappingKey::Ipv6Pinhole(_)) {
+                // Its UniqueID named it on the gateway as it was: after a restart it names nothing,
+                // or another host's pinhole.
+                m.handle = None;
+            }
             let still_held = key.as_ipv4().is_some_and(|k| held.contains_key(&k));
             if matches!(m.state, MappingState::Conflict) && still_held {
                 continue;

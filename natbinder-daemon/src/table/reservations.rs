@@ -51,7 +51,7 @@ impl Table {
         if !decision.forward {
             return Reserved::NotForwarded { rule: decision.rule };
         }
-        let Some(key) = self.wanted_key(&listener, stack) else {
+        let Some(key) = self.wanted_ipv4_key(&listener, stack) else {
             return Reserved::NotForwarded { rule: Arc::from("below the lowest forwarded port, or IPv6-only") };
         };
         self.next_reservation += 1;
@@ -61,7 +61,7 @@ impl Table {
         self.reservations.insert(cookie, (key, pid));
         self.socket_bound(listener, stack, Found::Announced, decision, now);
         let record = self.sockets.get(&cookie).expect("just added");
-        if record.mapping != Some(key) {
+        if !record.mappings.contains(&key) {
             // Over the user's limit, or the port is disabled: it wants nothing.
             let rule = if record.over_limit {
                 Arc::from("max-mappings-per-user: this user holds as many mappings as they may")

@@ -125,8 +125,9 @@ impl Table {
             .sockets
             .values()
             .filter(|r| {
-                r.mapping == Some(MappingKey::Ipv4(key))
-                    || (r.over_limit && r.listener.port == key.port && r.listener.protocol == key.protocol)
+                r.mappings.contains(&MappingKey::Ipv4(key))
+                    || (r.listener.port == key.port && r.listener.protocol == key.protocol)
+                        && (r.over_limit || !r.mappings.is_empty())
             })
             .map(|r| r.listener.cookie)
             .collect();
@@ -134,9 +135,7 @@ impl Table {
             let record = self.sockets.get_mut(&cookie).expect("listed above");
             record.over_limit = false;
             let listener = record.listener.clone();
-            if let Some(mapping) = record.mapping.take() {
-                self.unwant(cookie, mapping, Removal::Disabled, now);
-            }
+            self.unwant_all(cookie, Removal::Disabled, now);
             self.publish(Outcome::NotForwarded { listener, rule: Arc::from(DISABLED_RULE) });
         }
     }
@@ -150,12 +149,14 @@ impl Table {
             .sockets
             .values()
             .filter(|r| r.listener.protocol == key.protocol && r.listener.port == key.port)
-            .filter(|r| r.decision.forward && r.mapping.is_none() && r.stack.takes_ipv4())
+            .filter(|r| r.decision.forward && r.mappings.is_empty())
             .map(|r| r.listener.cookie)
             .collect();
         waiting.sort_unstable();
         for cookie in waiting {
-            self.want(MappingKey::Ipv4(key), cookie, now);
+            let record = &self.sockets[&cookie];
+            let keys = self.wanted_keys(&record.listener, record.stack);
+            self.want_all(keys, cookie, now);
         }
     }
 

@@ -38,6 +38,7 @@ fn grant(lease: Duration) -> Grant {
         backend: Backend::Upnp,
         renewal: false,
         took: Duration::from_millis(5),
+        handle: None,
     }
 }
 
@@ -661,4 +662,158 @@ fn a_reservation_counts_against_its_users_limit() {
     assert!(matches!(&r, Reserved::NotForwarded { rule } if rule.contains("max-mappings-per-user")), "{r:?}");
     assert!(t.mapping(&TCP8080).is_none());
     assert_eq!(t.sockets().filter(|s| is_reservation(s.listener.cookie)).count(), 0, "nothing left behind");
+}
+
+// ---- IPv6 pinholes ---------------------------------------------------------------------------------
+
+const A1: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0, 0x10);
+const A2: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x77, 0, 0, 0, 0xabcd, 0x1);
+
+fn pinhole(port: u16, address: Ipv6Addr) -> MappingKey {
+    MappingKey::Ipv6Pinhole(PinholeKey { protocol: Protocol::Tcp, port, address })
+}
+
+fn bind_stack(t: &mut Table, cookie: u64, port: u16, stack: Stack, now: Instant) {
+    let mut listener = sock(cookie, Protocol::Tcp, port);
+    listener.family = Family::Ipv6;
+    t.socket_bound(listener, stack, Found::Bind, forwarded(), now);
+}
+
+fn wanted(t: &Table, cookie: u64) -> Vec<MappingKey> {
+    t.socket(cookie).unwrap().mappings.clone()
+}
+
+fn pinhole_table(now: Instant) -> Table {
+    let mut t = table();
+    t.set_ipv6_addresses(BTreeSet::from([A1, A2]), now);
+    t.set_pinhole_service(PinholeService::Needed, now);
+    t
+}
+
+#[test]
+fn each_stack_wants_what_it_takes_a_pinhole_per_address() {
+    let now = Instant::now();
+    let mut t = pinhole_table(now);
+    bind(&mut t, 1, Protocol::Tcp, 8001, now);
+    bind_stack(&mut t, 2, 8002, Stack::DualStack, now);
+    bind_stack(&mut t, 3, 8003, Stack::Ipv6Only, now);
+    assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8001)], "0.0.0.0: the IPv4 mapping only");
+    assert_eq!(
+        wanted(&t, 2),
+        vec![MappingKey::ipv4(Protocol::Tcp, 8002), pinhole(8002, A1), pinhole(8002, A2)],
+        "dual-stack: the mapping and a pinhole per address"
+    );
+    assert_eq!(wanted(&t, 3), vec![pinhole(8003, A1), pinhole(8003, A2)], "v6only: pinholes only");
+    // An unclassified [::] socket waits; once read, it wants what its stack takes.
+    bind_stack(&mut t, 4, 8004, Stack::Unknown, now);
+    assert!(wanted(&t, 4).is_empty());
+    t.socket_classified(4, Stack::Ipv6Only, now);
+    assert_eq!(wanted(&t, 4), vec![pinhole(8004, A1), pinhole(8004, A2)]);
+}
+
+#[test]
+fn pinholes_open_renew_and_close_with_the_socket_by_the_gateways_id() {
+    let now = Instant::now();
+    let mut t = pinhole_table(now);
+    t.set_ipv6_addresses(BTreeSet::from([A1]), now);
+    bind_stack(&mut t, 1, 8080, Stack::Ipv6Only, now);
+    let key = pinhole(8080, A1);
+    assert_eq!(t.next_work(now), add(key));
+    t.take_outcomes();
+    let opened = Grant { handle: Some(GatewayHandle::PinholeId(7)), ..grant(Duration::from_secs(100)) };
+    t.record_mapped(key, opened, now);
+    assert!(matches!(t.take_outcomes()[..], [Outcome::PinholeOpened { renewal: false, .. }]));
+    assert_eq!(t.mapping(&key).unwrap().handle, Some(GatewayHandle::PinholeId(7)));
+    assert_eq!(t.next_work(now + Duration::from_secs(50)), renew(key), "renewed at half the lease");
+    // A renewal that finds it gone opens it again; the old id names nothing any more.
+    t.record_pinholes_dropped(&[PinholeKey { protocol: Protocol::Tcp, port: 8080, address: A1 }], now);
+    assert!(t.take_outcomes().iter().any(|o| matches!(o, Outcome::PinholesDropped { .. })));
+    assert_eq!(t.mapping(&key).unwrap().handle, None);
+    assert_eq!(t.next_work(now), add(key));
+    t.record_mapped(key, Grant { handle: Some(GatewayHandle::PinholeId(9)), ..opened }, now);
+    release(&mut t, 1, now);
+    assert_eq!(t.next_work(now + GRACE), delete(key));
+    assert_eq!(t.mapping(&key).unwrap().handle, Some(GatewayHandle::PinholeId(9)), "closed by its id");
+    t.record_deleted(key, Removal::Released, now + GRACE);
+    assert!(t.take_outcomes().iter().any(|o| matches!(o, Outcome::PinholeClosed { why: Removal::Released, .. })));
+    assert!(t.mapping(&key).is_none());
+}
+
+#[test]
+fn an_address_change_moves_the_pinholes_and_deprecated_ones_close() {
+    let now = Instant::now();
+    let mut t = pinhole_table(now);
+    t.set_ipv6_addresses(BTreeSet::from([A1]), now);
+    bind_stack(&mut t, 1, 8080, Stack::DualStack, now);
+    for key in [MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A1)] {
+        t.record_mapped(key, grant(Duration::from_secs(3600)), now);
+    }
+    t.take_outcomes();
+    // A new privacy address replaces the old one (which went, or was deprecated).
+    t.set_ipv6_addresses(BTreeSet::from([A2]), now);
+    let outcomes = t.take_outcomes();
+    assert!(
+        matches!(&outcomes[0], Outcome::Ipv6AddressesChanged { added, removed } if *added == [A2] && *removed == [A1])
+    );
+    assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A2)]);
+    assert_eq!(t.next_work(now), add(pinhole(8080, A2)), "the new address's pinhole first");
+    t.record_mapped(pinhole(8080, A2), grant(Duration::from_secs(3600)), now);
+    assert_eq!(t.next_work(now + GRACE), delete(pinhole(8080, A1)));
+    t.record_deleted(pinhole(8080, A1), Removal::Released, now + GRACE);
+    assert!(t
+        .take_outcomes()
+        .iter()
+        .any(|o| matches!(o, Outcome::PinholeClosed { why: Removal::AddressGone, key } if key.address == A1)));
+    assert!(matches!(t.mapping(&MappingKey::ipv4(Protocol::Tcp, 8080)).unwrap().state, MappingState::Active { .. }));
+}
+
+#[test]
+fn a_gateway_whose_firewall_is_open_needs_no_pinholes() {
+    let now = Instant::now();
+    let mut t = pinhole_table(now);
+    bind_stack(&mut t, 1, 8080, Stack::DualStack, now);
+    t.record_mapped(pinhole(8080, A1), grant(Duration::from_secs(3600)), now);
+    t.set_pinhole_service(PinholeService::FirewallOpen, now);
+    assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080)], "the mapping stays");
+    assert!(t.mapping(&pinhole(8080, A2)).is_none(), "never opened: simply forgotten");
+    assert_eq!(t.next_work(now + GRACE), add(MappingKey::ipv4(Protocol::Tcp, 8080)));
+    assert!(t.mapping(&pinhole(8080, A1)).unwrap().sockets.is_empty(), "the opened one is closed");
+    // Unknown (no gateway checked) wants nothing either; Needed again wants them back.
+    t.set_pinhole_service(PinholeService::Needed, now);
+    assert_eq!(wanted(&t, 1).len(), 3);
+}
+
+#[test]
+fn a_ports_mapping_and_pinholes_count_once_against_the_users_limit() {
+    let now = Instant::now();
+    let mut t = Table::new(TableConfig { max_mappings_per_user: 2, ..TableConfig::default() });
+    t.set_ipv6_addresses(BTreeSet::from([A1, A2]), now);
+    t.set_pinhole_service(PinholeService::Needed, now);
+    bind_stack(&mut t, 1, 8001, Stack::DualStack, now);
+    bind_stack(&mut t, 2, 8002, Stack::Ipv6Only, now);
+    assert_eq!(wanted(&t, 1).len(), 3);
+    assert_eq!(wanted(&t, 2).len(), 2);
+    assert!(t.uids_at_limit().contains(&1000));
+    bind_stack(&mut t, 3, 8003, Stack::DualStack, now);
+    assert!(wanted(&t, 3).is_empty() && t.socket(3).unwrap().over_limit, "a third port waits");
+    release(&mut t, 2, now);
+    assert_eq!(wanted(&t, 3).len(), 3, "admitted whole when a port frees up");
+}
+
+#[test]
+fn a_gateway_reset_opens_pinholes_again_without_their_old_ids() {
+    let now = Instant::now();
+    let mut t = pinhole_table(now);
+    bind_stack(&mut t, 1, 8080, Stack::Ipv6Only, now);
+    let key = pinhole(8080, A1);
+    t.record_mapped(key, Grant { handle: Some(GatewayHandle::PinholeId(3)), ..grant(Duration::from_secs(3600)) }, now);
+    t.gateway_reset(GATEWAY, now);
+    assert_eq!(t.mapping(&key).unwrap().handle, None);
+    assert!(matches!(
+        t.mapping(&key).unwrap().state,
+        MappingState::Pending { reason: PendingReason::GatewayChanged, .. }
+    ));
+    assert!(t.adopt_pinhole(PinholeKey { protocol: Protocol::Tcp, port: 8080, address: A1 }, Some(11), now));
+    assert_eq!(t.mapping(&key).unwrap().handle, Some(GatewayHandle::PinholeId(11)), "the journal's id adopted");
+    assert!(!t.adopt_pinhole(PinholeKey { protocol: Protocol::Udp, port: 1, address: A1 }, Some(1), now));
 }
