@@ -346,27 +346,39 @@ impl Table {
         if max == 0 {
             return BTreeSet::new();
         }
-        let mut ports: HashSet<(u32, Protocol, u16)> = HashSet::new();
-        for (key, m) in self.mappings.iter().filter(|(_, m)| !m.sockets.is_empty()) {
-            ports.insert((m.uid, key.protocol(), key.port()));
-        }
         let mut counts: HashMap<u32, u32> = HashMap::new();
-        for (uid, _, _) in ports {
+        for (uid, _, _) in self.forwarded_ports() {
             *counts.entry(uid).or_default() += 1;
         }
         counts.into_iter().filter(|(_, n)| *n >= max).map(|(uid, _)| uid).collect()
     }
 
-    /// How many ports `uid` has forwarded: a port's IPv4 mapping and its pinholes count once, as the
-    /// user asked for one thing (a reachable port).
+    /// Each port a user forwards, once: its IPv4 mapping and its pinholes are one thing the user asked
+    /// for (a reachable port). Allocation-free, as it runs for every socket waiting on its user's
+    /// limit whenever a mapping goes.
+    fn forwarded_ports(&self) -> impl Iterator<Item = (u32, Protocol, u16)> + '_ {
+        let mut last_pinhole: Option<(u32, Protocol, u16)> = None;
+        self.mappings.iter().filter(|(_, m)| !m.sockets.is_empty()).filter_map(move |(key, m)| {
+            let port = (m.uid, key.protocol(), key.port());
+            match key {
+                MappingKey::Ipv4(_) => Some(port),
+                // Pinholes of one port are adjacent in the map's order (protocol, port, address).
+                MappingKey::Ipv6Pinhole(_) => {
+                    let counted = last_pinhole == Some(port)
+                        || self
+                            .mappings
+                            .get(&MappingKey::ipv4(port.1, port.2))
+                            .is_some_and(|v4| v4.uid == m.uid && !v4.sockets.is_empty());
+                    last_pinhole = Some(port);
+                    (!counted).then_some(port)
+                }
+            }
+        })
+    }
+
+    /// How many ports `uid` has forwarded (see [`Table::forwarded_ports`]).
     fn mappings_of(&self, uid: u32) -> u32 {
-        let ports: HashSet<(Protocol, u16)> = self
-            .mappings
-            .iter()
-            .filter(|(_, m)| m.uid == uid && !m.sockets.is_empty())
-            .map(|(k, _)| (k.protocol(), k.port()))
-            .collect();
-        ports.len() as u32
+        self.forwarded_ports().filter(|(u, _, _)| *u == uid).count() as u32
     }
 
     /// Whether `uid` already forwards `key`'s port (then another key for it is not one more mapping).
