@@ -520,17 +520,43 @@ async fn follow_ipv6_addresses(
 ) {
     let mut changes = lan6.subscribe();
     loop {
-        let addresses = changes.borrow_and_update().addresses.clone();
+        let current = changes.borrow_and_update().clone();
         let had_none = table.read(|t| t.ipv6_addresses().is_empty());
-        if table.read(|t| *t.ipv6_addresses() != addresses) {
-            table.update(|t| t.set_ipv6_addresses(addresses.clone(), std::time::Instant::now()));
-            if had_none != addresses.is_empty() {
+        if table.read(|t| *t.ipv6_addresses() != current.addresses || *t.ipv6_deprecated() != current.deprecated) {
+            let (addresses, deprecated) = (current.addresses.clone(), current.deprecated.clone());
+            table.update(|t| t.set_ipv6_addresses(addresses, deprecated, std::time::Instant::now()));
+            if had_none != current.addresses.is_empty() {
                 signals.send(Signal::CheckNow);
             }
         }
+        // A deprecated address nearing its end changes nothing the kernel reports until it is gone,
+        // too late to close its pinholes: read again when the first one comes within the margin.
+        let read_again = current.read_again_at.map(tokio::time::Instant::from_std);
+        let timer = async {
+            match read_again {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
+            changed = changes.changed() => {
+                if changed.is_err() { return }
+                continue;
+            }
             _ = stop.wait_for(|s| *s) => return,
+            _ = timer => {}
+        }
+        match lan6.refresh(current.interface_index).await {
+            Ok(true) => signals.send(Signal::Rediscover("the IPv6 router changed".into())),
+            Ok(false) => {}
+            Err(e) => {
+                warn!("{e}");
+                // Not again at once: the same deadline stays in the watch until a read works.
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
         }
     }
 }

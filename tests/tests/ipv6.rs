@@ -165,13 +165,40 @@ fn an_address_change_moves_the_pinhole() {
     eprintln!("recovery: new address -> pinhole open for it in {took:?}");
     assert_eq!(reachable6(&h, new, 8600).as_deref(), Some("server:ping"));
 
-    // The old one is deprecated (as a privacy address is when its successor comes): its pinhole closes;
-    // connections already using it go on through the gateway's connection tracking.
+    // The old one is deprecated (as a privacy address is when its successor comes, valid for a day
+    // more): left alone. Its pinhole stays, for peers that still know it; a listener bound now gets
+    // none for it.
+    h.lab.address6(&lan1, AddressChange::Change, LAN1_IP6, &["preferred_lft", "0", "valid_lft", "86400"]).unwrap();
+    let heard = wait_for(LIMIT, || h.daemon().log_text().contains("deprecated (its pinholes stay").then_some(()));
+    assert!(heard.is_some(), "natbinder did not notice the deprecation:\n{}", h.daemon().log_text());
+    let (_later, _o2) = h.app("later", &["tcp-echo", "[::]:8601", "--v6only"]).unwrap();
+    assert!(
+        opened6(&h, new, 8601, Instant::now()).is_some(),
+        "the listener bound later is reachable at the new address"
+    );
+    assert!(!pinholed(&h, LAN1_IP6, 8601), "a pinhole was opened for a deprecated address");
+    assert_eq!(
+        reachable6(&h, LAN1_IP6, 8600).as_deref(),
+        Some("server:ping"),
+        "the deprecated address lost its pinhole"
+    );
+
+    // Its valid lifetime nearly over (here 63 s, within natbinder's 60 s margin in 3 s): closed while
+    // the address is still there to ask the gateway, which takes a close only from the address it opens.
     let started = Instant::now();
-    h.lab.address6(&lan1, AddressChange::Change, LAN1_IP6, &["preferred_lft", "0"]).unwrap();
-    let took = closed6(&h, LAN1_IP6, 8600, started).expect("the deprecated address kept its pinhole");
-    eprintln!("recovery: address deprecated -> its pinhole closed in {took:?}");
-    assert_eq!(pinholes_to(&h, new), vec![("TCP".to_string(), 8600)], "the new address keeps its own");
+    h.lab.address6(&lan1, AddressChange::Change, LAN1_IP6, &["preferred_lft", "0", "valid_lft", "63"]).unwrap();
+    let took = closed6(&h, LAN1_IP6, 8600, started).expect("the expiring address kept its pinhole");
+    eprintln!("recovery: address 63 s from expiry -> its pinhole closed in {took:?} (due at 3 s)");
+    assert!(took >= Duration::from_secs(2), "closed before its time: {took:?}");
+    assert!(
+        h.lab.addresses6(&lan1).unwrap().iter().any(|a| a.address == LAN1_IP6),
+        "closed by natbinder, not by expiry"
+    );
+    assert_eq!(
+        pinholes_to(&h, new),
+        vec![("TCP".to_string(), 8600), ("TCP".to_string(), 8601)],
+        "the new address keeps its own"
+    );
 
     // An address removed outright can no longer ask: the gateway takes requests about a pinhole only
     // from the address it opens. natbinder says so, and the pinhole's lease ends it.
@@ -202,4 +229,69 @@ fn a_gateway_reboot_restores_the_pinholes() {
     eprintln!("recovery: gateway reboot -> pinhole restored {took:?} after the gateway answered");
     assert_eq!(reachable6(&h, LAN1_IP6, 8700).as_deref(), Some("server:ping"));
     assert_eq!(pinholes_to(&h, LAN1_IP6), vec![("TCP".to_string(), 8700)]);
+}
+
+/// The same lab gateway with UPnP off: natbinder finds PCP and asks for pinholes with PCP MAP over
+/// IPv6, from the address each opens, to the router's link-local address.
+#[test]
+fn a_pcp_gateway_opens_and_closes_pinholes_with_the_listener() {
+    let mut h = Harness::start_with(LabConfig { upnp: false, natpmp: true, ..ipv6_lab() }, &[]).unwrap();
+    let started = Instant::now();
+    let (mut app, mut out) = h.app("pcp6", &["tcp-echo", "[::]:8800", "--close-on-stdin"]).unwrap();
+    let took = opened6(&h, LAN1_IP6, 8800, started).expect("no PCP pinhole for the listener");
+    eprintln!("recovery (PCP): bind -> pinhole open in {took:?}");
+    assert_eq!(reachable6(&h, LAN1_IP6, 8800).as_deref(), Some("pcp6:ping"));
+    assert_eq!(h.reachable_tcp(8800, LIMIT).as_deref(), Some("pcp6:ping"), "dual-stack: IPv4 through the NAT too");
+    let described = h.lab.gateway_pinholes().unwrap();
+    assert!(
+        described.iter().any(|p| p.internal_port == 8800 && p.description.starts_with("PCP MAP")),
+        "the pinhole is PCP's: {described:?}"
+    );
+    let (_, status, _) = h.cli(&["status"]).unwrap();
+    assert!(status.contains("pinhole per address"), "status says what IPv6 gets:\n{status}");
+    assert!(!pinholed(&h, LAN1_IP6, 8999), "a port nobody listens on stays closed");
+
+    let closing = Instant::now();
+    app.close_socket(&mut out).unwrap();
+    let took = closed6(&h, LAN1_IP6, 8800, closing).expect("the PCP pinhole outlived the socket");
+    eprintln!("recovery (PCP): close() -> pinhole closed in {took:?}");
+
+    // Killed, and a daemon stopping: the same as over UPnP.
+    let (victim, _o) = h.app("victim", &["udp-echo", "[::]:8801", "--v6only"]).unwrap();
+    assert!(wait_for(LIMIT, || udp6_from_wan(&h.lab, LAN1_IP6, 8801, "ping").answered()).is_some());
+    let killed = Instant::now();
+    drop(victim);
+    let took = wait_for(LIMIT, || (!pinholed(&h, LAN1_IP6, 8801)).then(|| killed.elapsed()));
+    eprintln!("recovery (PCP): SIGKILL of the program -> pinhole closed in {took:?}");
+    assert!(took.is_some(), "the killed program's PCP pinhole is still open");
+    let (_kept, _o2) = h.app("kept", &["tcp-echo", "[::]:8802"]).unwrap();
+    assert!(reachable6(&h, LAN1_IP6, 8802).is_some());
+    let status = h.daemon().stop(libc::SIGTERM, LIMIT).unwrap();
+    assert!(status.success(), "natbinder exited with {status}:\n{}", h.daemon().log_text());
+    assert_eq!(pinholes_to(&h, LAN1_IP6), vec![], "PCP pinholes left after SIGTERM");
+}
+
+/// A gateway that grants 4 s at most: natbinder renews the PCP pinhole before it ends, and a renewed
+/// pinhole still closes with its socket. miniupnpd refuses to delete a pinhole it renewed (it loses
+/// the nonce): natbinder shortens it to the gateway's minimum lifetime instead, 1 s here.
+#[test]
+fn a_pcp_pinhole_lives_on_renewals_and_closes_after_them() {
+    let config = LabConfig { upnp: false, natpmp: true, min_lifetime: Some(1), max_lifetime: Some(4), ..ipv6_lab() };
+    let mut h = Harness::start_with(config, &[]).unwrap();
+    let (mut app, mut out) = h.app("renewed", &["tcp-echo", "[::]:8810", "--v6only", "--close-on-stdin"]).unwrap();
+    assert!(reachable6(&h, LAN1_IP6, 8810).is_some());
+    // Three granted lifetimes later it still lets the WAN in.
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(tcp6_from_wan(&h.lab, LAN1_IP6, 8810, "ping").answered().as_deref(), Some("renewed:ping"));
+    let renewals = h.daemon().log_text().lines().filter(|l| l.contains("8810") && l.contains("a renewal")).count();
+    assert!(renewals >= 2, "the pinhole was not renewed:\n{}", h.daemon().log_text());
+    let closing = Instant::now();
+    app.close_socket(&mut out).unwrap();
+    let took = closed6(&h, LAN1_IP6, 8810, closing).expect("a renewed PCP pinhole outlived its socket");
+    assert!(
+        h.daemon().log_text().contains("shortened lifetime of 1 s"),
+        "not closed by natbinder but by its lease:\n{}",
+        h.daemon().log_text()
+    );
+    eprintln!("recovery (PCP): close() after renewals -> pinhole closed in {took:?}");
 }

@@ -303,9 +303,9 @@ impl Facts {
             }
             Outcome::EventsLost { total } => self.lost_events = *total,
             Outcome::Ipv6Firewall { service, .. } => self.ipv6_firewall = service.clone(),
-            Outcome::Ipv6AddressesChanged { added, removed } => {
+            Outcome::Ipv6AddressesChanged { added, deprecated, removed } => {
                 self.ipv6_addresses.extend(added);
-                for address in removed {
+                for address in deprecated.iter().chain(removed) {
                     self.ipv6_addresses.remove(address);
                 }
             }
@@ -434,8 +434,9 @@ pub fn details(outcome: &Outcome) -> Value {
         Outcome::PinholesDropped { keys } => json!({
             "pinholes": keys.iter().map(|k| format!("{}/{} [{}]", k.protocol, k.port, k.address)).collect::<Vec<_>>(),
         }),
-        Outcome::Ipv6AddressesChanged { added, removed } => json!({
+        Outcome::Ipv6AddressesChanged { added, deprecated, removed } => json!({
             "added": added.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "deprecated": deprecated.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "removed": removed.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
         }),
         Outcome::Ipv6Firewall { gateway, service } => json!({

@@ -5,27 +5,33 @@
 //! derived from a secret key kept in the state directory and the mapping's name (protocol, port, this
 //! host's address): a restarted daemon renews or deletes what the previous run made, although it
 //! remembers no nonce, and no other host can guess it.
+//!
+//! IPv6 pinholes are MAPs too (RFC 6887 §6: on a firewall the mapping is a pinhole to the client's
+//! own address), sent over IPv6 from the address they open to the IPv6 router's port 5351, one
+//! [`PmpClient`] per address: the server maps the address it sees the request come from.
 use std::{
+    collections::HashMap,
     fs,
     io::{Read, Write},
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv6Addr, SocketAddr, SocketAddrV6},
     os::unix::fs::OpenOptionsExt,
     path::Path,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use tokio::time::Instant;
-use tracing::debug;
+use tracing::{debug, info};
 
 use super::{
     natpmp::exchange_error,
     pmp_client::{ExchangeError, PmpClient},
     pmp_wire::{self, PcpBody, PcpMapRequest, PcpResponse, PcpResult, Reply, PCP_OP_ANNOUNCE, PCP_OP_MAP},
     signals::Announcement,
-    AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest,
+    AddError, Backend, Gateway, GatewayEntry, Granted, MappingRequest, OpenedPinhole, PinholeRequest,
 };
-use crate::Protocol;
+use crate::{host::lan6::Ipv6Router, table::PinholeService, Protocol};
 
 const NONCE_KEY_FILE: &str = "pcp-nonce.key";
 
@@ -70,22 +76,37 @@ impl NonceKey {
         Self(key)
     }
 
-    /// The nonce of the mapping of `protocol`/`port` for `client`: a keyed hash (SipHash-1-3, 128 bits).
-    pub fn nonce(&self, protocol: Protocol, port: u16, client: Ipv4Addr) -> [u8; 12] {
+    /// The nonce of the mapping (or, for an IPv6 `client`, the pinhole) of `protocol`/`port` for
+    /// `client`: a keyed hash (SipHash-1-3, 128 bits).
+    pub fn nonce(&self, protocol: Protocol, port: u16, client: IpAddr) -> [u8; 12] {
         use std::hash::Hasher;
         let mut hasher = siphasher::sip128::SipHasher13::new_with_key(&self.0);
         hasher.write(b"natbinder pcp map nonce");
         hasher.write_u8(protocol.ip_proto() as u8);
         hasher.write_u16(port);
-        hasher.write(&client.octets());
+        // 4 bytes for IPv4 (as before pinholes: earlier runs' nonces stay valid), 16 for IPv6.
+        match client {
+            IpAddr::V4(v4) => hasher.write(&v4.octets()),
+            IpAddr::V6(v6) => hasher.write(&v6.octets()),
+        }
         let hash = siphasher::sip128::Hasher128::finish128(&hasher).as_bytes();
         hash[..12].try_into().unwrap()
     }
 }
 
+/// How long to wait for a PCP server on the IPv6 router (three tries on the RFC schedule): asked at
+/// each check, an IPv6 path that does not answer must not hold up the IPv4 mappings.
+const IPV6_PROBE_TIME: Duration = Duration::from_millis(1_800);
+
+/// At most this many IPv6 clients are kept (one per address pinholes were asked from): addresses
+/// come and go with privacy extensions; beyond it the cache starts again.
+const MAX_IPV6_CLIENTS: usize = 16;
+
 pub struct PcpGateway {
     client: PmpClient,
     nonces: NonceKey,
+    /// Pinhole requests' clients, by (this host's address, the router's PCP address).
+    ipv6_clients: Mutex<HashMap<(Ipv6Addr, SocketAddrV6), Arc<PmpClient>>>,
 }
 
 fn pcp_error(result: PcpResult) -> AddError {
@@ -142,7 +163,7 @@ impl PcpGateway {
     /// does not (UNSUPP_VERSION, in NAT-PMP's or PCP's format): NAT-PMP is worth a try.
     pub async fn probe(client: PmpClient, nonces: NonceKey, deadline: Instant) -> Result<Self, (PmpClient, String)> {
         match announce(&client, Some(deadline)).await {
-            Ok(reply) if speaks_pcp(&reply) => Ok(Self { client, nonces }),
+            Ok(reply) if speaks_pcp(&reply) => Ok(Self { client, nonces, ipv6_clients: Mutex::default() }),
             Ok(Reply::Pcp(r)) => {
                 let why = format!("PCP: the gateway answered ANNOUNCE with {} (version {})", r.result, r.version);
                 Err((client, why))
@@ -155,30 +176,65 @@ impl PcpGateway {
     }
 
     async fn map(&self, protocol: Protocol, port: u16, lifetime: u32) -> Result<PcpResponse, AddError> {
-        let nonce = self.nonces.nonce(protocol, port, self.client.local());
-        let request = PcpMapRequest {
-            nonce,
-            protocol,
-            internal_port: port,
-            // A delete names the mapping by nonce, protocol and internal port only.
-            suggested_external_port: if lifetime == 0 { 0 } else { port },
-            suggested_external_ip: None,
-            lifetime_secs: lifetime,
-            client_ip: self.client.local(),
-            prefer_failure: false,
+        map_through(&self.client, &self.nonces, protocol, port, lifetime).await
+    }
+
+    /// The client that asks `router` for pinholes to `address`, made on first use.
+    fn ipv6_client(&self, router: Ipv6Router, address: Ipv6Addr) -> Result<Arc<PmpClient>, AddError> {
+        let server = SocketAddrV6::new(router.address, pmp_wire::SERVER_PORT, 0, router.scope_id());
+        let mut clients = self.ipv6_clients.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = clients.get(&(address, server)) {
+            return Ok(client.clone());
         }
-        .encode();
-        let deleting = lifetime == 0;
-        let reply = self
-            .client
-            .exchange(&request, |r| answers_map(r, &nonce, protocol, port, deleting), None)
-            .await
-            .map_err(exchange_error)?;
-        match reply {
-            Reply::Pcp(r) if r.result == PcpResult::Success => Ok(r),
-            Reply::Pcp(r) => Err(pcp_error(r.result)),
-            Reply::NatPmp(r) => Err(AddError::Unreachable(format!("the gateway no longer speaks PCP ({})", r.result))),
+        let client = self.client.from_other_address(address.into(), SocketAddr::V6(server)).map_err(|e| {
+            AddError::Unreachable(format!("opening a socket from [{address}] to PCP server {server}: {e}"))
+        })?;
+        if clients.len() >= MAX_IPV6_CLIENTS {
+            clients.clear();
         }
+        let client = Arc::new(client);
+        clients.insert((address, server), client.clone());
+        Ok(client)
+    }
+
+    /// One MAP for the pinhole `request` names; lifetime 0 closes it.
+    async fn map_pinhole(&self, request: &PinholeRequest, lifetime: u32) -> Result<PcpResponse, AddError> {
+        let key = request.key;
+        let client = self.ipv6_client(request.router, key.address)?;
+        map_through(&client, &self.nonces, key.protocol, key.port, lifetime).await
+    }
+}
+
+/// One MAP exchange through `client` for `protocol`/`port` on its address; lifetime 0 deletes.
+async fn map_through(
+    client: &PmpClient,
+    nonces: &NonceKey,
+    protocol: Protocol,
+    port: u16,
+    lifetime: u32,
+) -> Result<PcpResponse, AddError> {
+    let nonce = nonces.nonce(protocol, port, client.local());
+    let request = PcpMapRequest {
+        nonce,
+        protocol,
+        internal_port: port,
+        // A delete names the mapping by nonce, protocol and internal port only.
+        suggested_external_port: if lifetime == 0 { 0 } else { port },
+        suggested_external_ip: None,
+        lifetime_secs: lifetime,
+        client_ip: client.local(),
+        prefer_failure: false,
+    }
+    .encode();
+    let deleting = lifetime == 0;
+    let reply = client
+        .exchange(&request, |r| answers_map(r, &nonce, protocol, port, deleting), None)
+        .await
+        .map_err(exchange_error)?;
+    match reply {
+        Reply::Pcp(r) if r.result == PcpResult::Success => Ok(r),
+        Reply::Pcp(r) => Err(pcp_error(r.result)),
+        Reply::NatPmp(r) => Err(AddError::Unreachable(format!("the gateway no longer speaks PCP ({})", r.result))),
     }
 }
 
@@ -263,10 +319,69 @@ impl Gateway for PcpGateway {
         }
         Ok(None)
     }
+
+    /// PCP cannot tell whether the router firewalls inbound IPv6 (a pinhole on an open firewall is
+    /// harmless): a PCP server that answers an ANNOUNCE over IPv6 from `from` is asked for pinholes.
+    async fn pinhole_service(&self, router: Ipv6Router, from: Ipv6Addr) -> PinholeService {
+        let client = match self.ipv6_client(router, from) {
+            Ok(client) => client,
+            Err(e) => return PinholeService::Unavailable { why: e.to_string() },
+        };
+        let server = client.gateway();
+        match announce(&client, Some(Instant::now() + IPV6_PROBE_TIME)).await {
+            Ok(reply) if speaks_pcp(&reply) => PinholeService::Needed,
+            Ok(Reply::Pcp(r)) => PinholeService::Unavailable {
+                why: format!("the PCP server at {server} answered ANNOUNCE over IPv6 with {}", r.result),
+            },
+            Ok(Reply::NatPmp(r)) => PinholeService::Unavailable {
+                why: format!("{server} answered over IPv6 in NAT-PMP ({}): no PCP there", r.result),
+            },
+            Err(e) => PinholeService::Unavailable { why: format!("no PCP server answers over IPv6: {e}") },
+        }
+    }
+
+    async fn open_pinhole(&self, request: &PinholeRequest) -> Result<OpenedPinhole, AddError> {
+        let lifetime = request.lease.as_secs().clamp(1, u64::from(u32::MAX)) as u32;
+        let reply = self.map_pinhole(request, lifetime).await?;
+        if reply.lifetime_secs == 0 {
+            return Err(AddError::Refused("the PCP server granted the pinhole a lifetime of 0".into()));
+        }
+        Ok(OpenedPinhole { lease: Duration::from_secs(u64::from(reply.lifetime_secs)), id: None })
+    }
+
+    /// A MAP with the same nonce renews, and opens again what the gateway lost: never Gone.
+    async fn renew_pinhole(&self, request: &PinholeRequest, _id: Option<u16>) -> Result<OpenedPinhole, AddError> {
+        self.open_pinhole(request).await
+    }
+
+    async fn close_pinhole(&self, request: &PinholeRequest, _id: Option<u16>) -> Result<(), AddError> {
+        match self.map_pinhole(request, 0).await {
+            Ok(_) => Ok(()),
+            // Not there (see delete).
+            Err(AddError::NoResources(why)) => {
+                debug!("pinhole {:?} was not on the gateway ({why})", request.key);
+                Ok(())
+            }
+            // miniupnpd (2.3.1, nftables) drops a pinhole's description, which holds its nonce, when
+            // a MAP renews it, and then refuses the delete as another client's. A MAP still renews
+            // it: asked for the shortest lifetime, it ends within the gateway's minimum (often 120 s).
+            Err(AddError::NotAuthorized(why)) => {
+                let reply = self.map_pinhole(request, 1).await?;
+                info!(
+                    "the gateway refused to close pinhole {}/{} to [{}] ({why}), as miniupnpd does once it renewed                      one: it now ends with its shortened lifetime of {} s",
+                    request.key.protocol, request.key.port, request.key.address, reply.lifetime_secs
+                );
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::net::Ipv4Addr;
+
     use super::*;
 
     #[test]
@@ -274,11 +389,18 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("natbinder-pcp-key-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let key = NonceKey::load_or_create(&dir).unwrap();
-        let host = Ipv4Addr::new(192, 168, 1, 10);
+        let host = IpAddr::V4(Ipv4Addr::new(192, 168, 1, 10));
         let a = key.nonce(Protocol::Tcp, 8080, host);
         assert_ne!(a, key.nonce(Protocol::Udp, 8080, host));
         assert_ne!(a, key.nonce(Protocol::Tcp, 8081, host));
-        assert_ne!(a, key.nonce(Protocol::Tcp, 8080, Ipv4Addr::new(192, 168, 1, 11)));
+        assert_ne!(a, key.nonce(Protocol::Tcp, 8080, Ipv4Addr::new(192, 168, 1, 11).into()));
+        // A pinhole's nonce is its address's own; an IPv4-mapped address is another name.
+        let v6: Ipv6Addr = "2001:db8::10".parse().unwrap();
+        assert_ne!(
+            key.nonce(Protocol::Tcp, 8080, v6.into()),
+            key.nonce(Protocol::Tcp, 8080, "2001:db8::11".parse().unwrap())
+        );
+        assert_ne!(a, key.nonce(Protocol::Tcp, 8080, IpAddr::V6(Ipv4Addr::new(192, 168, 1, 10).to_ipv6_mapped())));
         // A restarted daemon derives the same nonce from the same file.
         let again = NonceKey::load_or_create(&dir).unwrap();
         assert_eq!(a, again.nonce(Protocol::Tcp, 8080, host));

@@ -7,7 +7,7 @@
 //! multicast announcements are heard by [`super::announcements`]; their epoch is checked here too.
 use std::{
     io,
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    net::{IpAddr, SocketAddr},
     sync::Mutex,
     time::Duration,
 };
@@ -72,9 +72,10 @@ struct Epochs {
     pcp: EpochTracker,
 }
 
-/// A NAT-PMP/PCP conversation with one gateway.
+/// A NAT-PMP/PCP conversation with one gateway, from one address of this host: the IPv4 one for
+/// mappings, or (PCP only) an IPv6 one for that address's pinholes.
 pub struct PmpClient {
-    local: Ipv4Addr,
+    local: IpAddr,
     gateway: SocketAddr,
     socket: UdpSocket,
     /// One request in flight per gateway (RFC 6886 §3.1): held for a whole exchange.
@@ -87,10 +88,11 @@ pub struct PmpClient {
 }
 
 impl PmpClient {
-    /// Opens the request socket from `local` to `gateway`:5351, for gateway session `session`.
-    pub fn new(local: Ipv4Addr, gateway: Ipv4Addr, signals: SignalSender, session: u64) -> io::Result<Self> {
-        let server = SocketAddr::V4(SocketAddrV4::new(gateway, pmp_wire::SERVER_PORT));
-        let std_socket = std::net::UdpSocket::bind(SocketAddrV4::new(local, 0))?;
+    /// Opens the request socket from `local` to `gateway` (port 5351; an IPv6 link-local gateway with
+    /// its scope), for gateway session `session`.
+    pub fn new(local: IpAddr, gateway: SocketAddr, signals: SignalSender, session: u64) -> io::Result<Self> {
+        let server = gateway;
+        let std_socket = std::net::UdpSocket::bind(SocketAddr::new(local, 0))?;
         std_socket.connect(server)?;
         std_socket.set_nonblocking(true)?;
         let socket = UdpSocket::from_std(std_socket)?;
@@ -109,8 +111,15 @@ impl PmpClient {
         self.gateway
     }
 
-    pub fn local(&self) -> Ipv4Addr {
+    pub fn local(&self) -> IpAddr {
         self.local
+    }
+
+    /// A client for the same gateway session from another address of this host to another address
+    /// of the gateway (PCP over IPv6): what its replies tell of the gateway's state is reported as
+    /// this one's is.
+    pub fn from_other_address(&self, local: IpAddr, gateway: SocketAddr) -> io::Result<Self> {
+        Self::new(local, gateway, self.signals.clone(), self.session)
     }
 
     /// Feeds one epoch to the rule. Err names why it means the gateway lost its state.

@@ -299,12 +299,15 @@ pub struct PcpMapRequest {
     pub protocol: Protocol,
     pub internal_port: u16,
     pub suggested_external_port: u16,
-    /// None: no preference (sent as the IPv4-mapped unspecified address ::ffff:0.0.0.0).
-    pub suggested_external_ip: Option<Ipv4Addr>,
+    /// None: no preference, sent as the all-zeros address of the client's family (RFC 6887 §11.1):
+    /// ::ffff:0.0.0.0 for an IPv4 mapping, :: for an IPv6 one (a pinhole: the external address is the
+    /// client's own).
+    pub suggested_external_ip: Option<IpAddr>,
     /// 0 deletes.
     pub lifetime_secs: u32,
-    /// This host's address as it sends (the PCP client IP field, IPv4-mapped).
-    pub client_ip: Ipv4Addr,
+    /// This host's address as it sends (the PCP client IP field; IPv4-mapped for IPv4). Over IPv6 the
+    /// mapping is a firewall pinhole to this address.
+    pub client_ip: IpAddr,
     /// Adds the PREFER_FAILURE option (RFC 6887 §13.2).
     pub prefer_failure: bool,
 }
@@ -319,8 +322,11 @@ impl PcpMapRequest {
         packet.extend_from_slice(&[0, 0, 0]); // reserved
         packet.extend_from_slice(&self.internal_port.to_be_bytes());
         packet.extend_from_slice(&self.suggested_external_port.to_be_bytes());
-        let suggested_external_ip = self.suggested_external_ip.unwrap_or(Ipv4Addr::UNSPECIFIED);
-        packet.extend_from_slice(&suggested_external_ip.to_ipv6_mapped().octets());
+        let no_preference = match self.client_ip {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        packet.extend_from_slice(&pcp_address(self.suggested_external_ip.unwrap_or(no_preference)));
         if self.prefer_failure {
             // Code, reserved, length 0: the option carries no data.
             packet.extend_from_slice(&[PCP_OPTION_PREFER_FAILURE, 0, 0, 0]);
@@ -331,17 +337,25 @@ impl PcpMapRequest {
 
 /// An ANNOUNCE request (RFC 6887 §14.1): lifetime 0, no opcode data. Used to probe for a PCP server
 /// and read its epoch.
-pub fn encode_pcp_announce(client_ip: Ipv4Addr) -> Vec<u8> {
+pub fn encode_pcp_announce(client_ip: IpAddr) -> Vec<u8> {
     encode_pcp_request_header(PCP_OP_ANNOUNCE, 0, client_ip)
 }
 
-/// RFC 6887 §7.1: version, R=0 and opcode, reserved, requested lifetime, client IP (IPv4-mapped).
-fn encode_pcp_request_header(opcode: u8, lifetime_secs: u32, client_ip: Ipv4Addr) -> Vec<u8> {
+/// RFC 6887 §7.1: version, R=0 and opcode, reserved, requested lifetime, client IP.
+fn encode_pcp_request_header(opcode: u8, lifetime_secs: u32, client_ip: IpAddr) -> Vec<u8> {
     let mut packet = Vec::with_capacity(PCP_HEADER_LEN + PCP_MAP_DATA_LEN + PCP_OPTION_HEADER_LEN);
     packet.extend_from_slice(&[PCP_VERSION, opcode & !PCP_RESPONSE_BIT, 0, 0]);
     packet.extend_from_slice(&lifetime_secs.to_be_bytes());
-    packet.extend_from_slice(&client_ip.to_ipv6_mapped().octets());
+    packet.extend_from_slice(&pcp_address(client_ip));
     packet
+}
+
+/// PCP's 128-bit address fields (RFC 6887 §5): IPv4 addresses IPv4-mapped, IPv6 ones as they are.
+fn pcp_address(address: IpAddr) -> [u8; 16] {
+    match address {
+        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
+        IpAddr::V6(v6) => v6.octets(),
+    }
 }
 
 fn iana_protocol(protocol: Protocol) -> u8 {
@@ -649,7 +663,7 @@ mod tests {
             suggested_external_port: 8080,
             suggested_external_ip: None,
             lifetime_secs: 7200,
-            client_ip: CLIENT,
+            client_ip: CLIENT.into(),
             prefer_failure: false,
         }
     }
@@ -675,7 +689,7 @@ mod tests {
             protocol: Protocol::Udp,
             internal_port: 51413,
             suggested_external_port: 51414,
-            suggested_external_ip: Some(EXTERNAL),
+            suggested_external_ip: Some(EXTERNAL.into()),
             lifetime_secs: 0,
             prefer_failure: true,
             ..tcp_map_request()
@@ -697,7 +711,30 @@ mod tests {
     #[test]
     fn a_pcp_announce_request_is_a_bare_header() {
         let expected = concat(&[&[2, 0, 0, 0], &[0, 0, 0, 0], &CLIENT_MAPPED]);
-        assert_eq!(encode_pcp_announce(CLIENT), expected);
+        assert_eq!(encode_pcp_announce(CLIENT.into()), expected);
+    }
+
+    #[test]
+    fn an_ipv6_map_names_the_client_as_it_is_and_suggests_the_all_zeros_ipv6_address() {
+        let client: Ipv6Addr = "2001:db8:77::10".parse().unwrap();
+        let request = PcpMapRequest { client_ip: client.into(), ..tcp_map_request() };
+        let expected = concat(&[
+            &[2, 1, 0, 0],
+            &[0, 0, 0x1c, 0x20],
+            &client.octets(),
+            &NONCE,
+            &[6, 0, 0, 0],
+            &[0x1f, 0x90, 0x1f, 0x90],
+            &[0; 16], // ::, not ::ffff:0.0.0.0 (RFC 6887 §11.1: the family's all-zeros address)
+        ]);
+        assert_eq!(request.encode(), expected);
+        assert_eq!(encode_pcp_announce(client.into())[8..24], client.octets());
+        // miniupnpd answers a pinhole with the client's own address as the external one.
+        let reply = parse_reply(&pcp_server_grants(&request.encode(), [0, 0, 0, 9], client.octets())).unwrap();
+        let Reply::Pcp(PcpResponse { body: PcpBody::Map { assigned_external_ip, .. }, .. }) = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!(assigned_external_ip, IpAddr::V6(client));
     }
 
     // ---- NAT-PMP decoding ----
@@ -1172,9 +1209,9 @@ mod tests {
                     protocol,
                     internal_port,
                     suggested_external_port: external_port,
-                    suggested_external_ip: Some(suggested),
+                    suggested_external_ip: Some(suggested.into()),
                     lifetime_secs,
-                    client_ip: CLIENT,
+                    client_ip: CLIENT.into(),
                     prefer_failure: internal_port % 2 == 0,
                 };
                 let reply =

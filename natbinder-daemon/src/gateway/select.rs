@@ -128,7 +128,8 @@ async fn probe_port_control(
     signals: &SignalSender,
     session: u64,
 ) -> Result<AnyGateway, String> {
-    let mut client = PmpClient::new(lan.local, lan.gateway, signals.clone(), session)
+    let server = std::net::SocketAddr::from((lan.gateway, super::pmp_wire::SERVER_PORT));
+    let mut client = PmpClient::new(lan.local.into(), server, signals.clone(), session)
         .map_err(|e| format!("NAT-PMP/PCP: opening a socket from {} to {}: {e}", lan.local, lan.gateway))?;
     let mut failures = Vec::new();
     for backend in order {

@@ -14,12 +14,12 @@ use tracing::{info, warn};
 use anyhow::{anyhow, Context, Result};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    route::RouteMessage,
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::protocols::NETLINK_ROUTE;
 
-use super::netlink::dump;
+use super::netlink::{default_routes, dump};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LanInfo {
@@ -30,40 +30,18 @@ pub struct LanInfo {
     pub interface_index: u32,
 }
 
-#[derive(Debug)]
-struct DefaultRoute {
-    gateway: Ipv4Addr,
-    oif: u32,
-    priority: u32,
-}
-
 /// Reads the default route and local address. Fails with a message that says what is missing.
 pub fn lan_info() -> Result<LanInfo> {
     let mut request = RouteMessage::default();
     request.header.address_family = AddressFamily::Inet;
     let routes = dump(NETLINK_ROUTE, RouteNetlinkMessage::GetRoute(request)).context("listing routes")?;
-    let mut best: Option<DefaultRoute> = None;
-    for message in routes {
-        let RouteNetlinkMessage::NewRoute(route) = message else { continue };
-        if route.header.destination_prefix_length != 0 || route.header.kind != RouteType::Unicast {
-            continue;
-        }
-        let (mut gateway, mut oif, mut priority) = (None, None, 0);
-        for attribute in &route.attributes {
-            match attribute {
-                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::Priority(p) => priority = *p,
-                _ => {}
-            }
-        }
-        if let (Some(gateway), Some(oif)) = (gateway, oif) {
-            if best.as_ref().is_none_or(|b| priority < b.priority) {
-                best = Some(DefaultRoute { gateway, oif, priority });
-            }
-        }
-    }
-    let route = best.ok_or_else(|| {
+    let best = default_routes(&routes)
+        .filter_map(|r| match r.gateway {
+            IpAddr::V4(gateway) => Some((r.priority, gateway, r.oif)),
+            IpAddr::V6(_) => None,
+        })
+        .min_by_key(|(priority, ..)| *priority);
+    let (_, gateway, oif) = best.ok_or_else(|| {
         anyhow!("no IPv4 default route with a gateway: natbinder needs a LAN gateway (check `ip route`)")
     })?;
 
@@ -73,7 +51,7 @@ pub fn lan_info() -> Result<LanInfo> {
     let mut candidates = Vec::new();
     for message in addresses {
         let RouteNetlinkMessage::NewAddress(address) = message else { continue };
-        if address.header.index != route.oif {
+        if address.header.index != oif {
             continue;
         }
         for attribute in &address.attributes {
@@ -86,11 +64,11 @@ pub fn lan_info() -> Result<LanInfo> {
     // Prefer the address whose subnet holds the gateway; an interface may carry several.
     let local = candidates
         .iter()
-        .find(|(ip, len)| same_subnet(*ip, route.gateway, *len))
+        .find(|(ip, len)| same_subnet(*ip, gateway, *len))
         .or(candidates.first())
         .map(|(ip, _)| *ip)
-        .ok_or_else(|| anyhow!("the default route's interface (index {}) has no IPv4 address", route.oif))?;
-    Ok(LanInfo { gateway: route.gateway, local, interface_index: route.oif })
+        .ok_or_else(|| anyhow!("the default route's interface (index {}) has no IPv4 address", oif))?;
+    Ok(LanInfo { gateway, local, interface_index: oif })
 }
 
 /// What this host knows of its LAN, shared. Cheap to clone.

@@ -7,10 +7,15 @@
 //! * link-local and unique local (fc00::/7) addresses: the internet cannot send to them;
 //! * tentative addresses and those whose duplicate address detection failed: not this host's yet, or
 //!   not at all;
-//! * deprecated addresses (preferred lifetime over, e.g. a privacy address after a day): RFC 4862
-//!   keeps them for the connections that already use them, which conntrack lets through without a
-//!   pinhole; nobody should be handed one for a new connection. A pinhole opened for an address is
-//!   closed when it becomes deprecated or goes.
+//! * tentative addresses and those whose duplicate address detection failed: not this host's yet, or
+//!   not at all.
+//!
+//! Deprecated addresses (preferred lifetime over, e.g. a privacy address after a day) are left alone:
+//! RFC 4862 keeps them for what already uses them, and peers that learned one (a tracker, a friend)
+//! may still connect to it, so the pinholes already opened for one stay; no new ones are opened for
+//! it. They are closed [`CLOSE_BEFORE_EXPIRY`] before the address's valid lifetime ends, while this
+//! host still holds it: the gateway takes a close only from the address the pinhole opens, and once
+//! the address is gone only the pinhole's lease can end it.
 //!
 //! Temporary (privacy) addresses do get pinholes: a [::] listener answers on every address, and peers
 //! learn of the listener through the address the program's own outgoing traffic used, which is the
@@ -19,18 +24,19 @@ use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv6Addr},
     sync::Arc,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use netlink_packet_route::{
     address::{AddressAttribute, AddressFlags, AddressMessage, AddressScope},
-    route::{RouteAddress, RouteAttribute, RouteMessage, RouteType},
+    route::RouteMessage,
     AddressFamily, RouteNetlinkMessage,
 };
 use netlink_sys::protocols::NETLINK_ROUTE;
 use tokio::sync::watch;
 
-use super::netlink::dump;
+use super::netlink::{default_routes, dump};
 
 /// The IPv6 router to send pinhole requests to: the next hop of the IPv6 default route, usually a
 /// link-local address, which needs the interface (`scope_id`) to be reached.
@@ -51,12 +57,34 @@ impl Ipv6Router {
     }
 }
 
+/// How long before a deprecated address's valid lifetime ends its pinholes are closed.
+pub const CLOSE_BEFORE_EXPIRY: Duration = Duration::from_secs(60);
+
 /// What the IPv6 side of the LAN offers: what pinholes are opened for, and to whom they are asked of.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Lan6 {
+    /// The LAN interface these were read from.
+    pub interface_index: u32,
     pub router: Option<Ipv6Router>,
     /// The addresses pinholes are opened for (see the module's rules).
     pub addresses: BTreeSet<Ipv6Addr>,
+    /// Deprecated addresses still valid for longer than [`CLOSE_BEFORE_EXPIRY`]: their pinholes stay,
+    /// no new ones are opened.
+    pub deprecated: BTreeSet<Ipv6Addr>,
+    /// When the first of `deprecated` comes within [`CLOSE_BEFORE_EXPIRY`] of its end: the addresses
+    /// are to be read again then (the kernel says nothing until the address is gone).
+    pub read_again_at: Option<Instant>,
+}
+
+/// Where an address stands for pinholes (the module's rules).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Standing {
+    /// Pinholes are opened for it.
+    Preferred,
+    /// Deprecated, valid for `valid_secs` more (u32::MAX: forever): its pinholes stay, for now.
+    Deprecated { valid_secs: u32 },
+    /// Never gets pinholes.
+    Unusable,
 }
 
 /// One IPv6 address as the kernel lists it, with what decides whether it gets pinholes.
@@ -68,16 +96,29 @@ pub struct HostAddress6 {
     pub flags: AddressFlags,
     /// Seconds of preferred lifetime left (u32::MAX: forever); 0 means deprecated.
     pub preferred_secs: u32,
+    /// Seconds of valid lifetime left (u32::MAX: forever); the kernel removes the address at 0.
+    pub valid_secs: u32,
 }
 
 impl HostAddress6 {
-    /// Whether a pinhole is opened for this address (the module's rules).
+    pub fn standing(&self) -> Standing {
+        let not_ours = AddressFlags::Tentative | AddressFlags::Dadfailed;
+        if self.scope != AddressScope::Universe
+            || !is_global_unicast(self.address)
+            || self.flags.intersects(not_ours)
+            || self.valid_secs == 0
+        {
+            Standing::Unusable
+        } else if self.flags.contains(AddressFlags::Deprecated) || self.preferred_secs == 0 {
+            Standing::Deprecated { valid_secs: self.valid_secs }
+        } else {
+            Standing::Preferred
+        }
+    }
+
+    /// Whether pinholes are opened for this address.
     pub fn gets_pinholes(&self) -> bool {
-        let unusable = AddressFlags::Tentative | AddressFlags::Dadfailed | AddressFlags::Deprecated;
-        self.scope == AddressScope::Universe
-            && is_global_unicast(self.address)
-            && !self.flags.intersects(unusable)
-            && self.preferred_secs > 0
+        self.standing() == Standing::Preferred
     }
 }
 
@@ -102,35 +143,54 @@ pub fn lan6(interface_index: u32) -> Result<Lan6> {
     let mut request = AddressMessage::default();
     request.header.family = AddressFamily::Inet6;
     let messages = dump(NETLINK_ROUTE, RouteNetlinkMessage::GetAddress(request)).context("listing IPv6 addresses")?;
-    let addresses = messages
-        .iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewAddress(a) => host_address(a),
-            _ => None,
-        })
-        .filter(|a| a.interface_index == interface_index && a.gets_pinholes())
-        .map(|a| a.address)
-        .collect();
+    let read_at = Instant::now();
+    let host_addresses = messages.iter().filter_map(|m| match m {
+        RouteNetlinkMessage::NewAddress(a) => host_address(a).filter(|a| a.interface_index == interface_index),
+        _ => None,
+    });
+    let mut lan6 = Lan6 { interface_index, ..Lan6::default() };
+    for address in host_addresses {
+        match address.standing() {
+            Standing::Preferred => {
+                lan6.addresses.insert(address.address);
+            }
+            Standing::Deprecated { valid_secs: u32::MAX } => {
+                lan6.deprecated.insert(address.address);
+            }
+            Standing::Deprecated { valid_secs } => {
+                let Some(left) = Duration::from_secs(u64::from(valid_secs)).checked_sub(CLOSE_BEFORE_EXPIRY) else {
+                    continue;
+                };
+                if left.is_zero() {
+                    continue;
+                }
+                lan6.deprecated.insert(address.address);
+                let at = read_at + left;
+                lan6.read_again_at = Some(lan6.read_again_at.map_or(at, |earlier| earlier.min(at)));
+            }
+            Standing::Unusable => {}
+        }
+    }
 
     let mut request = RouteMessage::default();
     request.header.address_family = AddressFamily::Inet6;
     let routes = dump(NETLINK_ROUTE, RouteNetlinkMessage::GetRoute(request)).context("listing IPv6 routes")?;
-    let router = default_router(&routes, interface_index);
-    Ok(Lan6 { router, addresses })
+    lan6.router = default_router(&routes, interface_index);
+    Ok(lan6)
 }
 
 /// One address message, read; None for what is not an IPv6 address.
 pub fn host_address(message: &AddressMessage) -> Option<HostAddress6> {
     let mut address = None;
     let mut flags = AddressFlags::from_bits_retain(u32::from(message.header.flags.bits()));
-    let mut preferred_secs = u32::MAX;
+    let (mut preferred_secs, mut valid_secs) = (u32::MAX, u32::MAX);
     for attribute in &message.attributes {
         match attribute {
             AddressAttribute::Address(IpAddr::V6(ip)) => address = Some(*ip),
             AddressAttribute::Local(IpAddr::V6(ip)) if address.is_none() => address = Some(*ip),
             // The 32-bit flags, where the kernel sends them, supersede the header's 8 bits.
             AddressAttribute::Flags(f) => flags = *f,
-            AddressAttribute::CacheInfo(info) => preferred_secs = info.ifa_preferred,
+            AddressAttribute::CacheInfo(info) => (preferred_secs, valid_secs) = (info.ifa_preferred, info.ifa_valid),
             _ => {}
         }
     }
@@ -140,33 +200,21 @@ pub fn host_address(message: &AddressMessage) -> Option<HostAddress6> {
         scope: message.header.scope,
         flags,
         preferred_secs,
+        valid_secs,
     })
 }
 
 /// The next hop of the best IPv6 default route, preferring one that leaves by the LAN interface.
 fn default_router(routes: &[RouteNetlinkMessage], interface_index: u32) -> Option<Ipv6Router> {
-    let mut best: Option<(bool, u32, Ipv6Router)> = None;
-    for message in routes {
-        let RouteNetlinkMessage::NewRoute(route) = message else { continue };
-        if route.header.destination_prefix_length != 0 || route.header.kind != RouteType::Unicast {
-            continue;
-        }
-        let (mut gateway, mut oif, mut priority) = (None, None, 0);
-        for attribute in &route.attributes {
-            match attribute {
-                RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some(*ip),
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::Priority(p) => priority = *p,
-                _ => {}
+    default_routes(routes)
+        .filter_map(|r| match r.gateway {
+            IpAddr::V6(address) => {
+                Some((r.oif != interface_index, r.priority, Ipv6Router { address, interface_index: r.oif }))
             }
-        }
-        let (Some(address), Some(oif)) = (gateway, oif) else { continue };
-        let candidate = (oif != interface_index, priority, Ipv6Router { address, interface_index: oif });
-        if best.is_none_or(|b| (candidate.0, candidate.1) < (b.0, b.1)) {
-            best = Some(candidate);
-        }
-    }
-    best.map(|(_, _, router)| router)
+            IpAddr::V4(_) => None,
+        })
+        .min_by_key(|(elsewhere, priority, _)| (*elsewhere, *priority))
+        .map(|(_, _, router)| router)
 }
 
 /// The one record of [`Lan6`], shared: netwatch refreshes it, the daemon feeds its addresses to the
@@ -221,7 +269,7 @@ impl Lan6Watch {
 mod tests {
     use netlink_packet_route::{
         address::{AddressHeaderFlags, CacheInfo},
-        route::RouteHeader,
+        route::{RouteAddress, RouteAttribute, RouteHeader, RouteType},
     };
 
     use super::*;
@@ -257,8 +305,24 @@ mod tests {
         assert!(!gets(&address("fd00::10", AddressScope::Universe, none, u32::MAX)), "unique local");
         assert!(!gets(&address("2001:db8::1", AddressScope::Universe, AddressFlags::Tentative, 3600)), "tentative");
         assert!(!gets(&address("2001:db8::2", AddressScope::Universe, AddressFlags::Dadfailed, 3600)), "DAD failed");
-        assert!(!gets(&address("2001:db8::3", AddressScope::Universe, AddressFlags::Deprecated, 0)), "deprecated");
-        assert!(!gets(&address("2001:db8::4", AddressScope::Universe, none, 0)), "preferred lifetime over");
+        let standing = |m: &AddressMessage| host_address(m).unwrap().standing();
+        assert_eq!(
+            standing(&address("2001:db8::3", AddressScope::Universe, AddressFlags::Deprecated, 0)),
+            Standing::Deprecated { valid_secs: 3600 },
+            "deprecated: its pinholes stay until it nearly expires"
+        );
+        assert_eq!(
+            standing(&address("2001:db8::4", AddressScope::Universe, none, 0)),
+            Standing::Deprecated { valid_secs: 3600 },
+            "preferred lifetime over"
+        );
+        let mut expired = address("2001:db8::5", AddressScope::Universe, AddressFlags::Deprecated, 0);
+        for attribute in &mut expired.attributes {
+            if let AddressAttribute::CacheInfo(info) = attribute {
+                info.ifa_valid = 0;
+            }
+        }
+        assert_eq!(standing(&expired), Standing::Unusable, "valid lifetime over");
         assert!(!gets(&address("::ffff:10.0.0.1", AddressScope::Universe, none, u32::MAX)), "IPv4-mapped");
         let mut v4 = AddressMessage::default();
         v4.attributes.push(AddressAttribute::Address("192.168.1.10".parse().unwrap()));

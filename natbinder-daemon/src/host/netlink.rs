@@ -51,3 +51,38 @@ where
         }
     }
 }
+
+/// A default route with a next hop, as a route dump lists it (either family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DefaultRoute {
+    pub gateway: std::net::IpAddr,
+    /// The interface it leaves by.
+    pub oif: u32,
+    /// Lower is preferred.
+    pub priority: u32,
+}
+
+/// The unicast default routes with a gateway among `routes` (a route dump's replies).
+pub fn default_routes(routes: &[netlink_packet_route::RouteNetlinkMessage]) -> impl Iterator<Item = DefaultRoute> + '_ {
+    use netlink_packet_route::{
+        route::{RouteAddress, RouteAttribute, RouteType},
+        RouteNetlinkMessage,
+    };
+    routes.iter().filter_map(|message| {
+        let RouteNetlinkMessage::NewRoute(route) = message else { return None };
+        if route.header.destination_prefix_length != 0 || route.header.kind != RouteType::Unicast {
+            return None;
+        }
+        let (mut gateway, mut oif, mut priority) = (None, None, 0);
+        for attribute in &route.attributes {
+            match attribute {
+                RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some((*ip).into()),
+                RouteAttribute::Gateway(RouteAddress::Inet6(ip)) => gateway = Some((*ip).into()),
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Priority(p) => priority = *p,
+                _ => {}
+            }
+        }
+        Some(DefaultRoute { gateway: gateway?, oif: oif?, priority })
+    })
+}

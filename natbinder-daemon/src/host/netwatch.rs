@@ -3,7 +3,8 @@
 //! and this host's address again; if they differ, the old gateway's mappings are no use and the new
 //! gateway must be found and mapped, which the reconciler hears as [`Signal::Rediscover`].
 //! [`Lan6Watch`] is read again too: a new IPv6 router is a new gateway to ask (rediscovered as well);
-//! new, deprecated and removed IPv6 addresses reach the table through the watch's subscribers.
+//! new, deprecated and removed IPv6 addresses reach the table through the watch's subscribers (which
+//! also read them again when a deprecated address nears its end: the kernel says nothing then).
 use std::time::Duration;
 
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};

@@ -225,7 +225,7 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
                 Removal::Drifted => ", which pointed elsewhere".to_string(),
                 Removal::Policy => ": the policy no longer forwards it".to_string(),
                 Removal::Disabled => ": disabled by an operator".to_string(),
-                Removal::AddressGone => ": the address is no longer this host's to offer (gone or deprecated)".to_string(),
+                Removal::AddressGone => ": the address is no longer this host's to offer (gone, or about to expire)".to_string(),
                 Removal::NotNeeded => ": the gateway no longer needs pinholes".to_string(),
             };
             (Level::INFO, format!("closed pinhole {}/{} to [{}]{why}", key.protocol, key.port, key.address))
@@ -237,14 +237,19 @@ pub fn describe(outcome: &Outcome) -> (Level, String) {
             let keys: Vec<String> = keys.iter().map(|k| format!("{}/{} to [{}]", k.protocol, k.port, k.address)).collect();
             (Level::WARN, format!("the gateway dropped pinhole {}; opening it again", keys.join(", ")))
         }
-        Outcome::Ipv6AddressesChanged { added, removed } => {
+        Outcome::Ipv6AddressesChanged { added, deprecated, removed } => {
             let list = |a: &[std::net::Ipv6Addr]| a.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ");
-            let text = match (added.is_empty(), removed.is_empty()) {
-                (false, true) => format!("IPv6 address {} now offered to [::] listeners", list(added)),
-                (true, false) => format!("IPv6 address {} no longer offered (gone or deprecated)", list(removed)),
-                _ => format!("IPv6 addresses changed: {} in, {} out", list(added), list(removed)),
-            };
-            (Level::INFO, text)
+            let mut parts = Vec::new();
+            if !added.is_empty() {
+                parts.push(format!("{} now offered to [::] listeners", list(added)));
+            }
+            if !deprecated.is_empty() {
+                parts.push(format!("{} deprecated (its pinholes stay, no new ones)", list(deprecated)));
+            }
+            if !removed.is_empty() {
+                parts.push(format!("{} gone or about to expire (its pinholes close)", list(removed)));
+            }
+            (Level::INFO, format!("IPv6 address {}", parts.join("; ")))
         }
         Outcome::Ipv6Firewall { gateway, service } => match service {
             PinholeService::Needed => (Level::INFO, format!("{gateway} firewalls inbound IPv6: [::] listeners get pinholes")),

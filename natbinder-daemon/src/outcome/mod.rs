@@ -72,7 +72,7 @@ pub enum Removal {
     Policy,
     /// An operator turned the port off (`natbinder disable`).
     Disabled,
-    /// A pinhole's address is no longer this host's to offer (gone, or deprecated).
+    /// A pinhole's address is no longer this host's to offer (gone, or about to expire).
     AddressGone,
     /// The gateway no longer needs pinholes (its IPv6 firewall is off, or another gateway serves).
     NotNeeded,
@@ -229,9 +229,11 @@ pub enum Outcome {
     PinholesDropped {
         keys: Vec<PinholeKey>,
     },
-    /// This host's IPv6 addresses that pinholes are opened for changed.
+    /// This host's IPv6 addresses that pinholes are opened for changed: `added` get pinholes,
+    /// `deprecated` keep theirs but get no new ones, `removed` (gone, or about to expire) lose theirs.
     Ipv6AddressesChanged {
         added: Vec<std::net::Ipv6Addr>,
+        deprecated: Vec<std::net::Ipv6Addr>,
         removed: Vec<std::net::Ipv6Addr>,
     },
     /// What the gateway in use needs for IPv6 listeners to be reached.

@@ -34,7 +34,8 @@ impl Reconciler {
     /// accordingly). Published when it changes.
     pub(super) async fn check_pinhole_service<G: Gateway>(&mut self, session: &GatewaySession<G>) {
         let lan6 = self.lan6.current();
-        let service = match (lan6.router, lan6.addresses.first()) {
+        // Asked from a deprecated address when no other is left: its pinholes still need renewing.
+        let service = match (lan6.router, lan6.addresses.first().or(lan6.deprecated.first())) {
             (None, _) => PinholeService::Unavailable {
                 why: "this host has no IPv6 default route: there is no router to ask".into(),
             },

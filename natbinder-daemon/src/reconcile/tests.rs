@@ -494,8 +494,9 @@ impl Harness {
         let lan6 = Lan6 {
             router: Some(Ipv6Router { address: "fe80::1".parse().unwrap(), interface_index: 2 }),
             addresses: [V6_A].into(),
+            ..Lan6::default()
         };
-        table.update(|t| t.set_ipv6_addresses(lan6.addresses.clone(), Instant::now().into_std()));
+        table.update(|t| t.set_ipv6_addresses(lan6.addresses.clone(), Default::default(), Instant::now().into_std()));
         let reconciler = Reconciler::new(config, table.clone(), signals.clone(), Ownership::new(HOST.into(), journal))
             .with_lan6(Lan6Watch::fixed(lan6));
         let (found, count, sender) = (gateway.clone(), discoveries.clone(), signals.sender());

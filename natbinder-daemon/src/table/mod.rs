@@ -310,6 +310,8 @@ pub struct Table {
     next_reservation: u64,
     /// This host's addresses that pinholes are opened for ([`crate::host::lan6`]).
     ipv6_addresses: BTreeSet<Ipv6Addr>,
+    /// Its deprecated addresses: pinholes already open for them stay, none are opened.
+    ipv6_deprecated: BTreeSet<Ipv6Addr>,
     pinhole_service: PinholeService,
 }
 
@@ -441,9 +443,14 @@ impl Table {
             .then(|| MappingKey::ipv4(listener.protocol, listener.port))
     }
 
+    /// Whether a listener on `stack` may have pinholes at all.
+    fn takes_pinholes(&self, listener: &Listener, stack: Stack) -> bool {
+        stack.takes_ipv6() && self.forwardable_port(listener) && self.pinhole_service == PinholeService::Needed
+    }
+
     /// The pinholes a listener on `stack` wants: one per address, where the gateway needs them.
     fn wanted_pinholes(&self, listener: &Listener, stack: Stack) -> Vec<MappingKey> {
-        if !stack.takes_ipv6() || !self.forwardable_port(listener) || self.pinhole_service != PinholeService::Needed {
+        if !self.takes_pinholes(listener, stack) {
             return Vec::new();
         }
         self.ipv6_addresses
@@ -661,14 +668,21 @@ impl Table {
     /// This host's addresses that pinholes are opened for changed (a new privacy address, a prefix
     /// change, an address deprecated or gone): each [::] listener gets pinholes for the new ones, and
     /// those of the old ones are closed.
-    pub fn set_ipv6_addresses(&mut self, addresses: BTreeSet<Ipv6Addr>, now: Instant) {
-        if addresses == self.ipv6_addresses {
+    pub fn set_ipv6_addresses(&mut self, addresses: BTreeSet<Ipv6Addr>, deprecated: BTreeSet<Ipv6Addr>, now: Instant) {
+        if addresses == self.ipv6_addresses && deprecated == self.ipv6_deprecated {
             return;
         }
         let added: Vec<Ipv6Addr> = addresses.difference(&self.ipv6_addresses).copied().collect();
-        let removed: Vec<Ipv6Addr> = self.ipv6_addresses.difference(&addresses).copied().collect();
+        let newly_deprecated: Vec<Ipv6Addr> = deprecated.difference(&self.ipv6_deprecated).copied().collect();
+        let removed: Vec<Ipv6Addr> = self
+            .ipv6_addresses
+            .union(&self.ipv6_deprecated)
+            .filter(|a| !addresses.contains(a) && !deprecated.contains(a))
+            .copied()
+            .collect();
         self.ipv6_addresses = addresses;
-        self.publish(Outcome::Ipv6AddressesChanged { added, removed });
+        self.ipv6_deprecated = deprecated;
+        self.publish(Outcome::Ipv6AddressesChanged { added, deprecated: newly_deprecated, removed });
         self.rewant_pinholes(Removal::AddressGone, now);
     }
 
@@ -689,6 +703,10 @@ impl Table {
         &self.ipv6_addresses
     }
 
+    pub fn ipv6_deprecated(&self) -> &BTreeSet<Ipv6Addr> {
+        &self.ipv6_deprecated
+    }
+
     /// Brings every forwarded socket's pinholes in line with the addresses and the service: those no
     /// longer wanted go (`why`), new ones are wanted, in the order the sockets were bound.
     fn rewant_pinholes(&mut self, why: Removal, now: Instant) {
@@ -702,10 +720,18 @@ impl Table {
                 continue;
             }
             let wanted = self.wanted_pinholes(&record.listener, record.stack);
+            // A deprecated address's pinholes stay as long as the listener may have pinholes at all.
+            let keeps_deprecated = self.takes_pinholes(&record.listener, record.stack);
             let stale: Vec<MappingKey> = record
                 .mappings
                 .iter()
-                .filter(|k| matches!(k, MappingKey::Ipv6Pinhole(_)) && !wanted.contains(k))
+                .filter(|k| match k {
+                    MappingKey::Ipv6Pinhole(p) => {
+                        let kept = keeps_deprecated && self.ipv6_deprecated.contains(&p.address);
+                        !(wanted.contains(k) || kept)
+                    }
+                    MappingKey::Ipv4(_) => false,
+                })
                 .copied()
                 .collect();
             let new: Vec<MappingKey> = wanted.into_iter().filter(|k| !record.mappings.contains(k)).collect();

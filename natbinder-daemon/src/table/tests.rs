@@ -685,7 +685,7 @@ fn wanted(t: &Table, cookie: u64) -> Vec<MappingKey> {
 
 fn pinhole_table(now: Instant) -> Table {
     let mut t = table();
-    t.set_ipv6_addresses(BTreeSet::from([A1, A2]), now);
+    t.set_ipv6_addresses(BTreeSet::from([A1, A2]), BTreeSet::new(), now);
     t.set_pinhole_service(PinholeService::Needed, now);
     t
 }
@@ -715,7 +715,7 @@ fn each_stack_wants_what_it_takes_a_pinhole_per_address() {
 fn pinholes_open_renew_and_close_with_the_socket_by_the_gateways_id() {
     let now = Instant::now();
     let mut t = pinhole_table(now);
-    t.set_ipv6_addresses(BTreeSet::from([A1]), now);
+    t.set_ipv6_addresses(BTreeSet::from([A1]), BTreeSet::new(), now);
     bind_stack(&mut t, 1, 8080, Stack::Ipv6Only, now);
     let key = pinhole(8080, A1);
     assert_eq!(t.next_work(now), add(key));
@@ -740,24 +740,38 @@ fn pinholes_open_renew_and_close_with_the_socket_by_the_gateways_id() {
 }
 
 #[test]
-fn an_address_change_moves_the_pinholes_and_deprecated_ones_close() {
+fn an_address_change_moves_the_pinholes_and_deprecated_ones_are_left_alone() {
     let now = Instant::now();
     let mut t = pinhole_table(now);
-    t.set_ipv6_addresses(BTreeSet::from([A1]), now);
+    t.set_ipv6_addresses(BTreeSet::from([A1]), BTreeSet::new(), now);
     bind_stack(&mut t, 1, 8080, Stack::DualStack, now);
     for key in [MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A1)] {
         t.record_mapped(key, grant(Duration::from_secs(3600)), now);
     }
     t.take_outcomes();
-    // A new privacy address replaces the old one (which went, or was deprecated).
-    t.set_ipv6_addresses(BTreeSet::from([A2]), now);
+    // A new privacy address comes and the old one is deprecated: the new one gets a pinhole, the old
+    // one keeps its own (peers may still know it), and a listener bound now gets none for it.
+    t.set_ipv6_addresses(BTreeSet::from([A2]), BTreeSet::from([A1]), now);
     let outcomes = t.take_outcomes();
     assert!(
-        matches!(&outcomes[0], Outcome::Ipv6AddressesChanged { added, removed } if *added == [A2] && *removed == [A1])
+        matches!(&outcomes[0], Outcome::Ipv6AddressesChanged { added, deprecated, removed }
+            if *added == [A2] && *deprecated == [A1] && removed.is_empty()),
+        "{outcomes:?}"
     );
-    assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A2)]);
-    assert_eq!(t.next_work(now), add(pinhole(8080, A2)), "the new address's pinhole first");
+    assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A1), pinhole(8080, A2)]);
+    assert_eq!(t.next_work(now), add(pinhole(8080, A2)));
     t.record_mapped(pinhole(8080, A2), grant(Duration::from_secs(3600)), now);
+    assert_eq!(t.next_work(now + GRACE), None, "the deprecated address's pinhole stays");
+    bind_stack(&mut t, 2, 8090, Stack::Ipv6Only, now);
+    assert_eq!(wanted(&t, 2), vec![pinhole(8090, A2)], "no new pinhole for a deprecated address");
+    t.record_mapped(pinhole(8090, A2), grant(Duration::from_secs(3600)), now);
+
+    // Its valid lifetime nearly over (or the address gone): its pinholes close.
+    t.take_outcomes();
+    t.set_ipv6_addresses(BTreeSet::from([A2]), BTreeSet::new(), now);
+    let outcomes = t.take_outcomes();
+    assert!(matches!(&outcomes[0], Outcome::Ipv6AddressesChanged { removed, .. } if *removed == [A1]));
+    assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A2)]);
     assert_eq!(t.next_work(now + GRACE), delete(pinhole(8080, A1)));
     t.record_deleted(pinhole(8080, A1), Removal::Released, now + GRACE);
     assert!(t
@@ -765,6 +779,11 @@ fn an_address_change_moves_the_pinholes_and_deprecated_ones_close() {
         .iter()
         .any(|o| matches!(o, Outcome::PinholeClosed { why: Removal::AddressGone, key } if key.address == A1)));
     assert!(matches!(t.mapping(&MappingKey::ipv4(Protocol::Tcp, 8080)).unwrap().state, MappingState::Active { .. }));
+
+    // A firewall that opens drops the pinholes of deprecated addresses too.
+    t.set_ipv6_addresses(BTreeSet::new(), BTreeSet::from([A2]), now);
+    t.set_pinhole_service(PinholeService::FirewallOpen, now);
+    assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080)]);
 }
 
 #[test]
@@ -787,7 +806,7 @@ fn a_gateway_whose_firewall_is_open_needs_no_pinholes() {
 fn a_ports_mapping_and_pinholes_count_once_against_the_users_limit() {
     let now = Instant::now();
     let mut t = Table::new(TableConfig { max_mappings_per_user: 2, ..TableConfig::default() });
-    t.set_ipv6_addresses(BTreeSet::from([A1, A2]), now);
+    t.set_ipv6_addresses(BTreeSet::from([A1, A2]), BTreeSet::new(), now);
     t.set_pinhole_service(PinholeService::Needed, now);
     bind_stack(&mut t, 1, 8001, Stack::DualStack, now);
     bind_stack(&mut t, 2, 8002, Stack::Ipv6Only, now);
