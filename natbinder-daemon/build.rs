@@ -15,8 +15,13 @@ fn main() {
     let object = out_dir.join("natbinder.bpf.o");
 
     println!("cargo:rerun-if-env-changed=NATBINDER_SKIP_EBPF");
-    for dir in ["natbinder-ebpf/src", "natbinder-ebpf/Cargo.toml", "natbinder-ebpf/Cargo.lock", "natbinder-common/src"]
-    {
+    for dir in [
+        "natbinder-ebpf/src",
+        "natbinder-ebpf/Cargo.toml",
+        "natbinder-ebpf/Cargo.lock",
+        "natbinder-ebpf/.cargo/config.toml",
+        "natbinder-common/src",
+    ] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
 

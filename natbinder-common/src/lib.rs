@@ -17,8 +17,9 @@ pub const AF_INET6: u16 = 10;
 pub mod names {
     pub const CONFIG: &str = "CONFIG";
     pub const EVENTS: &str = "EVENTS";
-    pub const CANDIDATES: &str = "CANDIDATES";
-    pub const BOUND: &str = "BOUND";
+    pub const MARKS: &str = "MARKS";
+    pub const ADOPTED: &str = "ADOPTED";
+    pub const ADOPTING: &str = "ADOPTING";
     pub const HELD_ELSEWHERE: &str = "HELD_ELSEWHERE";
     pub const COUNTERS: &str = "COUNTERS";
     pub const POLICY: &str = "POLICY";
@@ -30,9 +31,9 @@ pub mod names {
     pub const SOCK_RELEASE: &str = "natbinder_sock_release";
 }
 
-/// Capacities of the maps. BOUND bounds how many forwarded sockets the kernel side can track at once.
-pub const CANDIDATES_CAPACITY: u32 = 4096;
-pub const BOUND_CAPACITY: u32 = 65536;
+/// Capacities of the maps. Sockets the hooks saw bind are marked in the socket itself (MARKS, socket
+/// storage), which has no capacity; ADOPTED holds those user space found bound while nothing watched.
+pub const ADOPTED_CAPACITY: u32 = 65536;
 pub const HELD_ELSEWHERE_CAPACITY: u32 = 8192;
 /// Entries of the POLICY array: the exposure policy as the kernel can evaluate it.
 pub const POLICY_CAPACITY: u32 = 64;
@@ -138,7 +139,25 @@ pub struct SocketEvent {
     pub comm: [u8; 16],
 }
 
-/// Value of the BOUND map, keyed by socket cookie: what sock_release needs to report.
+/// What natbinder keeps in a socket it saw bind (MARKS, socket-local storage): bind4/6 note the port the
+/// program asked for, post_bind4/6 what it reported, and sock_release reads it back. The kernel frees it
+/// with the socket, so nothing has to be cleaned up, and a socket without one costs the release hook a
+/// NULL test instead of a socket cookie and a hash lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SocketMark {
+    /// The socket's cookie, once reported (post_bind); 0 before.
+    pub cookie: u64,
+    /// The explicit port bind() asked for (host byte order); 0 once post_bind has looked at it.
+    pub requested_port: u16,
+    /// What was reported as Bound (protocol 0: nothing, so the release is not reported).
+    pub family: u16,
+    pub protocol: u16,
+    pub port: u16,
+}
+
+/// Value of the ADOPTED map, keyed by socket cookie: what sock_release reports for a socket user space
+/// adopted (bound while nothing watched, found over sock_diag), which carries no mark.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BoundSocket {
@@ -167,8 +186,8 @@ pub struct Holder {
 pub mod counters {
     /// Events that could not be written because the ring buffer was full.
     pub const EVENTS_DROPPED: u32 = 0;
-    /// Forwardable sockets that could not be tracked because BOUND was full.
-    pub const BOUND_FULL: u32 = 1;
+    /// Forwardable sockets that could not be tracked: their mark could not be allocated.
+    pub const UNTRACKED: u32 = 1;
     pub const COUNT: u32 = 2;
 }
 
@@ -176,6 +195,7 @@ const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyRule>() == 40);
 const _: () = assert!(core::mem::size_of::<SocketEvent>() == 56);
 const _: () = assert!(core::mem::size_of::<BoundSocket>() == 8);
+const _: () = assert!(core::mem::size_of::<SocketMark>() == 16);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 4);
 const _: () = assert!(core::mem::size_of::<Holder>() == 4);
 
@@ -185,6 +205,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::SocketEvent {}
     unsafe impl aya::Pod for super::BoundSocket {}
+    unsafe impl aya::Pod for super::SocketMark {}
     unsafe impl aya::Pod for super::PortKey {}
     unsafe impl aya::Pod for super::Holder {}
     unsafe impl aya::Pod for super::PolicyRule {}

@@ -166,10 +166,24 @@ impl HeldElsewhere {
     }
 }
 
-/// The BOUND map: sockets whose release the release hook reports.
+/// Sockets adopted by user space (bound while nothing watched): the ADOPTED map, whose releases the
+/// release hook reports by cookie, and ADOPTING, its size, which spares every other release the lookup.
 #[derive(Clone)]
 pub struct Releases {
-    map: Arc<Mutex<BpfHashMap<MapData, u64, natbinder_common::BoundSocket>>>,
+    inner: Arc<Mutex<AdoptedMaps>>,
+}
+
+struct AdoptedMaps {
+    adopted: BpfHashMap<MapData, u64, natbinder_common::BoundSocket>,
+    adopting: Array<MapData, u32>,
+    /// The cookies in `adopted`, so that `adopting` is kept without reading the map back.
+    cookies: BTreeSet<u64>,
+}
+
+impl AdoptedMaps {
+    fn write_count(&mut self) -> Result<()> {
+        self.adopting.set(0, self.cookies.len() as u32, 0).context("writing the count of adopted sockets")
+    }
 }
 
 impl ReleaseTracker for Releases {
@@ -179,15 +193,28 @@ impl ReleaseTracker for Releases {
             Family::Ipv6 => AF_INET6,
         };
         let value = natbinder_common::BoundSocket { family, protocol: protocol.ip_proto(), port, _pad: 0 };
-        self.map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(cookie, value, 0)
-            .with_context(|| format!("tracking the release of {protocol}/{port}"))
+        let mut maps = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // The count goes up before the entry exists, so the hook never skips a tracked socket.
+        maps.cookies.insert(cookie);
+        let tracked = maps.write_count().and_then(|()| {
+            maps.adopted.insert(cookie, value, 0).with_context(|| format!("tracking the release of {protocol}/{port}"))
+        });
+        if tracked.is_err() {
+            maps.cookies.remove(&cookie);
+            let _ = maps.write_count();
+        }
+        tracked
     }
 
     fn untrack(&self, cookie: u64) {
-        let _ = self.map.lock().unwrap_or_else(|e| e.into_inner()).remove(&cookie);
+        let mut maps = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // The hook removes an entry itself when it reports the release; either way it is gone now.
+        let _ = maps.adopted.remove(&cookie);
+        if maps.cookies.remove(&cookie) {
+            if let Err(e) = maps.write_count() {
+                warn!("{e:#}");
+            }
+        }
     }
 }
 
@@ -198,11 +225,11 @@ pub struct Losses {
 }
 
 impl LossCounter for Losses {
-    /// Total events lost to a full ring buffer, and forwardable sockets not tracked for a full map.
+    /// Total events lost to a full ring buffer, and forwardable sockets left untracked (no mark).
     fn total(&self) -> u64 {
         let counters = self.counters.lock().unwrap_or_else(|e| e.into_inner());
         let read = |slot| counters.get(&slot, 0).map(|v| v.iter().sum::<u64>()).unwrap_or(0);
-        read(counters::EVENTS_DROPPED) + read(counters::BOUND_FULL)
+        read(counters::EVENTS_DROPPED) + read(counters::UNTRACKED)
     }
 }
 
@@ -290,8 +317,10 @@ impl KernelHooks {
             uids_at_limit: Arc::new(Mutex::new(uids_at_limit)),
             uids_mirrored: Default::default(),
         };
-        let bound = BpfHashMap::try_from(take_map(&mut ebpf, names::BOUND)?)?;
-        let releases = Releases { map: Arc::new(Mutex::new(bound)) };
+        let adopted = BpfHashMap::try_from(take_map(&mut ebpf, names::ADOPTED)?)?;
+        let adopting = Array::try_from(take_map(&mut ebpf, names::ADOPTING)?)?;
+        let releases =
+            Releases { inner: Arc::new(Mutex::new(AdoptedMaps { adopted, adopting, cookies: BTreeSet::new() })) };
 
         for name in [names::SOCK_RELEASE, names::POST_BIND4, names::POST_BIND6] {
             let program: &mut CgroupSock = program(&mut ebpf, name)?.try_into()?;
@@ -372,7 +401,7 @@ impl KernelHooks {
         Ok(())
     }
 
-    /// Total events lost to a full ring buffer, and forwardable sockets not tracked for a full map.
+    /// Total events lost to a full ring buffer, and forwardable sockets left untracked (no mark).
     pub fn lost_events(&self) -> u64 {
         self.losses.total()
     }

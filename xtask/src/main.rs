@@ -54,15 +54,21 @@ enum Task {
     Bench {
         #[arg(long)]
         no_build: bool,
-        /// Samples per measurement.
+        /// Samples per latency distribution (natbinder's; the floor takes as many, half before and half after).
         #[arg(long, default_value_t = 200)]
         samples: usize,
-        /// The protocol the lab's gateway speaks to natbinder: upnp, pcp or natpmp.
-        #[arg(long, default_value = "upnp", value_parser = ["upnp", "pcp", "natpmp"])]
-        backend: String,
+        /// The protocols whose latency is measured (repeatable). Default: all three.
+        #[arg(long = "protocol", value_name = "PROTOCOL", value_parser = ["upnp", "pcp", "natpmp"])]
+        protocols: Vec<String>,
         /// The natbinder binary to measure (another build, to compare). Default: target/release/natbinder.
         #[arg(long, value_name = "PATH")]
         natbinder: Option<PathBuf>,
+        /// Run only these parts (repeatable): overhead, latency, burst, run. Default: all.
+        #[arg(long, value_name = "PART", value_parser = ["overhead", "latency", "burst", "run"])]
+        only: Vec<String>,
+        /// Listeners in the larger burst (the smaller has 100).
+        #[arg(long, default_value_t = 1000)]
+        burst: u16,
     },
 }
 
@@ -237,21 +243,34 @@ fn main() -> Result<()> {
             }
             demo::run()
         }
-        Task::Bench { no_build, samples, backend, natbinder } => {
+        Task::Bench { no_build, samples, protocols, natbinder, only, burst } => {
             if !no_build {
                 setup()?;
                 run(cargo().args(["build", "--release", "-p", "natbinder-daemon", "-p", "natbinder-tests", "--bins"]))?;
             }
             if !is_root() {
                 let samples = samples.to_string();
-                let mut args = vec!["bench", "--no-build", "--samples", &samples, "--backend", &backend];
+                let burst = burst.to_string();
+                let mut args = vec!["bench", "--no-build", "--samples", &samples, "--burst", &burst];
+                for protocol in &protocols {
+                    args.extend(["--protocol", protocol]);
+                }
                 let path = natbinder.as_ref().map(|p| p.to_string_lossy().into_owned());
                 if let Some(path) = &path {
                     args.extend(["--natbinder", path]);
                 }
+                for part in &only {
+                    args.extend(["--only", part]);
+                }
                 return escalate(&args);
             }
-            bench::run(samples, &backend, natbinder)
+            let command = std::iter::once("cargo xtask".to_string())
+                .chain(std::env::args().skip(1).filter(|a| a != "--no-build"))
+                .collect::<Vec<_>>()
+                .join(" ");
+            let protocols =
+                if protocols.is_empty() { vec!["upnp".into(), "pcp".into(), "natpmp".into()] } else { protocols };
+            bench::run(bench::Options { samples, protocols, natbinder, only, burst, out: workspace_root(), command })
         }
     }
 }

@@ -143,7 +143,7 @@ fn kernel_lists_bound_tcp_sockets() -> bool {
     (major, minor) >= (6, 7)
 }
 
-/// Makes the release hook report a socket bound while nothing watched (the kernel's BOUND map).
+/// Makes the release hook report a socket bound while nothing watched (the kernel's ADOPTED map).
 pub trait ReleaseTracker: Send + Sync + 'static {
     fn track(&self, cookie: u64, family: Family, protocol: Protocol, port: u16) -> Result<()>;
     fn untrack(&self, cookie: u64);

@@ -13,11 +13,21 @@
 //!                                           (N UDP sockets on 0.0.0.0:FROM.., then closes all but the
 //!                                            first KEEP, or the last; prints "bound FROM" then "kept KEEP")
 //! natbinder-testapp bind-loop N [ADDR]      (benchmark: N x socket+bind(ADDR)+close, prints ns each)
+//! natbinder-testapp connect-loop N          (benchmark: N x a UDP client's socket+connect+close to a
+//!                                            socket of its own on 127.0.0.1, prints ns each)
+//! natbinder-testapp bind-ports ROUNDS FROM COUNT
+//!                                           (benchmark, a storm: each round binds UDP 0.0.0.0:FROM..
+//!                                            +COUNT, all open at once, then closes them; prints ns per
+//!                                            socket+bind+close)
+//! natbinder-testapp hold N FROM            (a burst: listens on TCP 0.0.0.0:FROM..+N, prints "bound FROM";
+//!                                            at a line on stdin closes them all and prints "closed")
 //! natbinder-testapp churn FROM N            (a port search or restart loop: listens on TCP 0.0.0.0:FROM,
 //!                                            and at each line on stdin closes it and at once listens
 //!                                            on the next port; prints "bound PORT" each time)
 //!
 //! tcp-echo --timed prints "took NS" (how long bind() took) after "bound PORT".
+//! --stamp (tcp-echo, churn): after "bound PORT" and after "closed", prints "at NS", CLOCK_MONOTONIC
+//! read as bind() or close() returned, for benchmarks that time what follows from the other side.
 //!
 //! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
 //! when a line arrives on stdin and then prints "closed".
@@ -31,6 +41,17 @@ use std::{
     },
     time::Duration,
 };
+
+/// Whether --stamp was given.
+static STAMP: AtomicBool = AtomicBool::new(false);
+
+/// CLOCK_MONOTONIC in ns, the clock the benchmark reads too.
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
 
 fn announce(line: String) {
     let mut out = std::io::stdout();
@@ -81,7 +102,11 @@ fn serve_tcp_after(listener: TcpListener, name: String, close_on_stdin: bool, mo
         }
     }
     drop(listener);
+    let closed_at = monotonic_ns();
     announce("closed".into());
+    if STAMP.load(Ordering::SeqCst) {
+        announce(format!("at {closed_at}"));
+    }
     loop {
         std::thread::sleep(Duration::from_secs(3600));
     }
@@ -209,6 +234,7 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let name = std::env::var("TESTAPP_NAME").unwrap_or_else(|_| "testapp".into());
     let close = args.iter().any(|a| a == "--close-on-stdin");
+    STAMP.store(args.iter().any(|a| a == "--stamp"), Ordering::SeqCst);
     match args.first().map(String::as_str) {
         Some("tcp-echo") => {
             let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
@@ -218,11 +244,15 @@ fn main() {
             let bound =
                 if v6only || reuseport { bind_with_options(addr, v6only, reuseport) } else { TcpListener::bind(addr) };
             let took = started.elapsed();
-            let timed = if args.iter().any(|a| a == "--timed") {
+            let bound_at = monotonic_ns();
+            let mut timed = if args.iter().any(|a| a == "--timed") {
                 vec![format!("took {}", took.as_nanos())]
             } else {
                 Vec::new()
             };
+            if STAMP.load(Ordering::SeqCst) {
+                timed.push(format!("at {bound_at}"));
+            }
             match bound {
                 Ok(l) => serve_tcp_after(l, name, close, &timed),
                 Err(e) => {
@@ -328,6 +358,34 @@ fn main() {
                 std::thread::sleep(Duration::from_secs(3600));
             }
         }
+        Some("hold") => {
+            let n: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let from: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let mut listeners = Vec::with_capacity(n as usize);
+            for port in from..from.saturating_add(n) {
+                match TcpListener::bind(("0.0.0.0", port)) {
+                    Ok(l) => listeners.push(l),
+                    Err(e) => {
+                        eprintln!("bind 0.0.0.0:{port}: {e}");
+                        exit(1)
+                    }
+                }
+            }
+            let bound_at = monotonic_ns();
+            announce(format!("bound {from}"));
+            if STAMP.load(Ordering::SeqCst) {
+                announce(format!("at {bound_at}"));
+            }
+            wait_for_stdin_line();
+            drop(listeners);
+            let closed_at = monotonic_ns();
+            announce("closed".into());
+            if STAMP.load(Ordering::SeqCst) {
+                announce(format!("at {closed_at}"));
+            }
+            wait_for_stdin_line();
+            exit(0)
+        }
         Some("churn") => {
             let from: u16 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
             let n: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
@@ -342,7 +400,11 @@ fn main() {
                         exit(1)
                     }
                 }
+                let bound_at = monotonic_ns();
                 announce(format!("bound {port}"));
+                if STAMP.load(Ordering::SeqCst) {
+                    announce(format!("at {bound_at}"));
+                }
                 wait_for_stdin_line();
             }
             exit(0)
@@ -362,6 +424,52 @@ fn main() {
                 }
             }
             announce(format!("{:.1}", start.elapsed().as_nanos() as f64 / n as f64));
+            exit(0)
+        }
+        Some("connect-loop") => {
+            // A client's socket's whole life without the network's timing in it: UDP, whose connect()
+            // only sets the peer, to a socket of its own on 127.0.0.1. The hooks see what they see of
+            // any client: the release of every socket.
+            let n: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let listener = UdpSocket::bind("127.0.0.1:0").unwrap_or_else(|e| {
+                eprintln!("bind 127.0.0.1: {e}");
+                exit(1)
+            });
+            let addr = listener.local_addr().unwrap();
+            let start = std::time::Instant::now();
+            for _ in 0..n {
+                let client = UdpSocket::bind("0.0.0.0:0").and_then(|s| s.connect(addr).map(|()| s));
+                match client {
+                    Ok(s) => drop(s),
+                    Err(e) => {
+                        eprintln!("connect {addr}: {e}");
+                        exit(1)
+                    }
+                }
+            }
+            announce(format!("{:.1}", start.elapsed().as_nanos() as f64 / n as f64));
+            exit(0)
+        }
+        Some("bind-ports") => {
+            let rounds: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let from: u16 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let count: u16 = args.get(3).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
+            let mut sockets = Vec::with_capacity(count as usize);
+            let start = std::time::Instant::now();
+            for _ in 0..rounds {
+                for port in from..from.saturating_add(count) {
+                    match UdpSocket::bind(("0.0.0.0", port)) {
+                        Ok(s) => sockets.push(s),
+                        Err(e) => {
+                            eprintln!("bind 0.0.0.0:{port}: {e}");
+                            exit(1)
+                        }
+                    }
+                }
+                sockets.clear();
+            }
+            let each = start.elapsed().as_nanos() as f64 / (rounds as f64 * count as f64);
+            announce(format!("{each:.1}"));
             exit(0)
         }
         _ => usage(),

@@ -1,0 +1,443 @@
+//! From bind() to reachable and from close() to deleted, over one protocol, against the gateway's own
+//! floor (a bare add and delete, before and after) and the tools users run today.
+//!
+//! Each natbinder sample is timed from the program's own clock reading as bind() or close() returned
+//! (`--stamp`, CLOCK_MONOTONIC, the clock read here too), and split with the daemon's outcomes as
+//! `natbinder watch --json` delivers them: bind() -> socket-bound (kernel event and the daemon's
+//! intake), -> the add sent (queueing: mapped's arrival less the gateway call it reports), the gateway
+//! call, -> the first connect from the WAN peer that succeeds.
+use std::{
+    io::{BufRead, BufReader, Write},
+    path::Path,
+    process::{Child, ChildStdin, ChildStdout, Stdio},
+    sync::mpsc::{Receiver, RecvTimeoutError},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context, Result};
+use natbinder_lab::{run_client_tool, Lab, GW_LAN_IP, GW_WAN_IP, LAN1_IP};
+use serde_json::Value;
+
+use super::{
+    daemon::Daemon,
+    floor::{self, Protocol},
+    report::{LatencyPanel, Series},
+    stats::Samples,
+};
+
+/// CLOCK_MONOTONIC in ns (what the test program's --stamp prints).
+pub fn now_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn ms_between(from_ns: u64, to_ns: u64) -> f64 {
+    (to_ns as f64 - from_ns as f64) / 1e6
+}
+
+/// From the WAN peer, a fresh non-blocking connect to the gateway's `port` every millisecond, until
+/// one succeeds: returns its launch time (CLOCK_MONOTONIC ns). A SYN that reaches the gateway between
+/// miniupnpd's DNAT and filter rules is dropped, not refused; waiting on it would time the prober.
+pub fn first_reachable(lab: &Lab, port: u16, limit: Duration) -> Option<u64> {
+    lab.wan.run(move || {
+        let deadline = Instant::now() + limit;
+        let address = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr { s_addr: u32::from(GW_WAN_IP).to_be() },
+            sin_zero: [0; 8],
+        };
+        let mut in_flight: Vec<(i32, u64)> = Vec::new();
+        let close_all = |fds: &mut Vec<(i32, u64)>| {
+            for (fd, _) in fds.drain(..) {
+                // SAFETY: fds this loop opened.
+                unsafe { libc::close(fd) };
+            }
+        };
+        while Instant::now() < deadline {
+            // SAFETY: plain socket calls on fds this loop owns.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK, 0);
+                if fd >= 0 {
+                    let launched = now_ns();
+                    libc::connect(
+                        fd,
+                        std::ptr::from_ref(&address).cast(),
+                        std::mem::size_of::<libc::sockaddr_in>() as u32,
+                    );
+                    in_flight.push((fd, launched));
+                }
+                let mut polls: Vec<libc::pollfd> = in_flight
+                    .iter()
+                    .map(|(fd, _)| libc::pollfd { fd: *fd, events: libc::POLLOUT, revents: 0 })
+                    .collect();
+                libc::poll(polls.as_mut_ptr(), polls.len() as u64, 1);
+                let mut done = Vec::new();
+                for (i, p) in polls.iter().enumerate() {
+                    if p.revents == 0 {
+                        continue;
+                    }
+                    let mut error: i32 = 0;
+                    let mut len = std::mem::size_of::<i32>() as u32;
+                    libc::getsockopt(
+                        p.fd,
+                        libc::SOL_SOCKET,
+                        libc::SO_ERROR,
+                        std::ptr::from_mut(&mut error).cast(),
+                        &mut len,
+                    );
+                    if error == 0 && p.revents & libc::POLLOUT != 0 {
+                        let launched = in_flight[i].1;
+                        close_all(&mut in_flight);
+                        return Some(launched);
+                    }
+                    done.push(i);
+                }
+                for i in done.into_iter().rev() {
+                    libc::close(in_flight.remove(i).0);
+                }
+                // SYNs older than 200 ms were dropped and their retransmission is not what we time.
+                let cutoff = now_ns().saturating_sub(200_000_000);
+                in_flight.retain(|(fd, launched)| *launched >= cutoff || libc::close(*fd) < 0);
+            }
+        }
+        close_all(&mut in_flight);
+        None
+    })
+}
+
+/// `natbinder watch --json`, each line stamped as it arrives.
+pub struct Watch {
+    child: Child,
+    lines: Receiver<(u64, Value)>,
+}
+
+impl Watch {
+    pub fn start(daemon: &Daemon) -> Result<Self> {
+        let mut child = std::process::Command::new(&daemon.natbinder)
+            .args(["watch", "--json", "--socket"])
+            .arg(&daemon.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting natbinder watch")?;
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let at = now_ns();
+                if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    if tx.send((at, value)).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        // Connected once the daemon's watch has started: give it a moment.
+        std::thread::sleep(Duration::from_millis(300));
+        Ok(Self { child, lines })
+    }
+
+    /// The next `kind` outcome about TCP `port` (earlier other lines are skipped): (arrival ns, details).
+    pub fn next(&self, kind: &str, port: u16, limit: Duration) -> Option<(u64, Value)> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok((at, event)) => {
+                    let details = &event["details"];
+                    let port_of = |field: &str| details[field].as_u64() == Some(port as u64);
+                    if event["event"] == kind
+                        && details["protocol"] == "tcp"
+                        && (port_of("port") || port_of("internal_port") || port_of("external_port"))
+                    {
+                        return Some((at, details.clone()));
+                    }
+                }
+                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+            }
+        }
+    }
+
+    /// Reads outcomes until `done` says so (then: its arrival) or `limit` passes (None).
+    pub fn until(&self, limit: Duration, mut done: impl FnMut(u64, &Value) -> bool) -> Option<u64> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let (at, event) = self.lines.recv_timeout(left).ok()?;
+            if done(at, &event) {
+                return Some(at);
+            }
+        }
+    }
+
+    /// Forgets what arrived so far.
+    pub fn drain(&self) {
+        while self.lines.try_recv().is_ok() {}
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The test program in lan1 and the watched cgroup, with `args`, talked to over its stdin and stdout.
+pub fn spawn_testapp(lab: &Lab, testapp: &Path, args: &[&str]) -> Result<(Child, ChildStdin, BufReader<ChildStdout>)> {
+    let mut cmd = lab.command(&lab.lan1, true, testapp)?;
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::null());
+    let mut child = cmd.spawn().with_context(|| format!("starting natbinder-testapp {}", args.join(" ")))?;
+    let stdin = child.stdin.take().context("no stdin")?;
+    let stdout = BufReader::new(child.stdout.take().context("no stdout")?);
+    Ok((child, stdin, stdout))
+}
+
+/// Reads "bound PORT" or "closed", then "at NS", from a test program's stdout.
+pub fn read_stamp(out: &mut impl BufRead, first: &str) -> Result<u64> {
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    if !line.starts_with(first) {
+        bail!("the test program printed {line:?}, not {first:?}");
+    }
+    line.clear();
+    out.read_line(&mut line)?;
+    line.trim()
+        .strip_prefix("at ")
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("expected \"at NS\", got {line:?}"))
+}
+
+/// One port at a time: what each natbinder sample measured, in ms.
+#[derive(Default)]
+struct Singles {
+    reachable: Vec<f64>,
+    deleted: Vec<f64>,
+    intake: Vec<f64>,
+    queueing: Vec<f64>,
+    gateway: Vec<f64>,
+    to_connect: Vec<f64>,
+    floor_add: Vec<f64>,
+    floor_delete: Vec<f64>,
+}
+
+/// natbinder one port at a time, each sample right after a floor sample (its add and delete), so that
+/// the gateway's moods fall on both alike.
+fn singles(
+    lab: &Lab,
+    daemon: &Daemon,
+    watch: &Watch,
+    testapp: &Path,
+    protocol: Protocol,
+    samples: usize,
+    from: u16,
+) -> Result<Singles> {
+    let mut s = Singles::default();
+    for i in 0..samples {
+        let (add, delete) = floor::add_and_delete(lab, protocol, from + 2000 + i as u16)?;
+        s.floor_add.push(add);
+        s.floor_delete.push(delete);
+        let port = from + i as u16;
+        watch.drain();
+        let address = format!("0.0.0.0:{port}");
+        let (mut child, mut stdin, mut out) =
+            spawn_testapp(lab, testapp, &["tcp-echo", &address, "--close-on-stdin", "--stamp"])?;
+        let bound_at = read_stamp(&mut out, "bound")?;
+        let Some(reached_at) = first_reachable(lab, port, Duration::from_secs(10)) else {
+            let list = std::process::Command::new(&daemon.natbinder)
+                .args(["list", "--socket"])
+                .arg(&daemon.socket)
+                .output()?;
+            bail!(
+                "tcp/{port} never became reachable from the WAN peer; natbinder list:\n{}\ndaemon log:\n{}",
+                String::from_utf8_lossy(&list.stdout),
+                std::fs::read_to_string(&daemon.log).unwrap_or_default()
+            );
+        };
+        let (event_at, _) =
+            watch.next("socket-bound", port, Duration::from_secs(5)).context("no socket-bound outcome")?;
+        let (mapped_at, mapped) = watch.next("mapped", port, Duration::from_secs(5)).context("no mapped outcome")?;
+        let took_ms = mapped["took_ms"].as_f64().unwrap_or(0.0);
+        s.reachable.push(ms_between(bound_at, reached_at));
+        s.intake.push(ms_between(bound_at, event_at));
+        s.gateway.push(took_ms);
+        s.queueing.push(ms_between(event_at, mapped_at) - took_ms);
+        s.to_connect.push(ms_between(mapped_at, reached_at));
+        stdin.write_all(b"close\n")?;
+        let closed_at = read_stamp(&mut out, "closed")?;
+        let (removed_at, _) = watch.next("removed", port, Duration::from_secs(5)).context("no removed outcome")?;
+        s.deleted.push(ms_between(closed_at, removed_at));
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Ok(s)
+}
+
+/// A program that closes its port and at once binds the next, `samples` times: bind-to-reachable.
+/// `settled`: each step waits until the daemon has deleted the port before last (nothing is in flight
+/// at the gateway when the program steps, so only the order of the add and the delete is tested);
+/// otherwise it steps as soon as its port is reachable, and the add can find a delete in flight.
+fn churn(lab: &Lab, watch: &Watch, testapp: &Path, samples: usize, from: u16, settled: bool) -> Result<Vec<f64>> {
+    let mut latencies = Vec::with_capacity(samples);
+    let (mut child, mut stdin, mut out) =
+        spawn_testapp(lab, testapp, &["churn", &from.to_string(), &samples.to_string(), "--stamp"])?;
+    watch.drain();
+    for i in 0..samples {
+        let bound_at = read_stamp(&mut out, "bound")?;
+        let port = from + i as u16;
+        let reached = first_reachable(lab, port, Duration::from_secs(10))
+            .with_context(|| format!("churn: tcp/{port} never became reachable"))?;
+        latencies.push(ms_between(bound_at, reached));
+        if settled && i > 0 {
+            watch.next("removed", port - 1, Duration::from_secs(10)).context("churn: no removed outcome")?;
+        }
+        stdin.write_all(b"next\n")?;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Ok(latencies)
+}
+
+/// `upnpc -a` or `natpmpc -a` from lan1, timed to its exit, and the mapping deleted again (untimed).
+fn tool_adds(lab: &Lab, tool: &str, samples: usize, from: u16) -> Result<Vec<f64>> {
+    let mut took = Vec::with_capacity(samples);
+    let lan1 = LAN1_IP.to_string();
+    let gw = GW_LAN_IP.to_string();
+    for i in 0..samples {
+        let port = (from + i as u16).to_string();
+        let started = Instant::now();
+        let (add, delete): (Vec<&str>, Vec<&str>) = if tool == "upnpc" {
+            (vec!["-a", &lan1, &port, &port, "TCP", "3600"], vec!["-d", &port, "TCP"])
+        } else {
+            (vec!["-g", &gw, "-a", &port, &port, "tcp", "3600"], vec!["-g", &gw, "-a", &port, "0", "tcp", "0"])
+        };
+        let printed = run_client_tool(&lab.lan1, tool, 30, &add)?;
+        took.push(started.elapsed().as_secs_f64() * 1e3);
+        let mapped = if tool == "upnpc" {
+            printed.contains("is redirected to internal")
+        } else {
+            printed.contains("Mapped public port")
+        };
+        if !mapped {
+            bail!("`{tool} {}` did not map the port: {printed}", add.join(" "));
+        }
+        run_client_tool(&lab.lan1, tool, 30, &delete)?;
+    }
+    Ok(took)
+}
+
+/// The floor's adds and deletes, `samples` of each, ports from `from`.
+fn floor_samples(lab: &Lab, protocol: Protocol, samples: usize, from: u16) -> Result<(Vec<f64>, Vec<f64>)> {
+    let (mut adds, mut deletes) = (Vec::new(), Vec::new());
+    for i in 0..samples {
+        let (add, delete) = floor::add_and_delete(lab, protocol, from + i as u16)?;
+        adds.push(add);
+        deletes.push(delete);
+    }
+    Ok((adds, deletes))
+}
+
+/// Everything over one protocol, with the daemon already running on the lab's gateway.
+pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, samples: usize) -> Result<LatencyPanel> {
+    let name = match protocol {
+        Protocol::Upnp => "UPnP IGD",
+        Protocol::Pcp => "PCP",
+        Protocol::NatPmp => "NAT-PMP",
+    };
+    println!("{name}: the gateway's floor, natbinder one port at a time and in a churn, and the users' tool");
+    let watch = Watch::start(daemon)?;
+    let half = samples.div_ceil(2);
+    let single = singles(lab, daemon, &watch, testapp, protocol, samples, 20000)?;
+    let churned = churn(lab, &watch, testapp, half, 24000, true)?;
+    let back_to_back = churn(lab, &watch, testapp, half, 25000, false)?;
+    daemon.wait_idle(Duration::from_secs(60))?;
+    // And the floor once more after the churn, alone: the gateway as it is at the end of the run.
+    let (after_add, after_delete) = floor_samples(lab, protocol, half, 26000)?;
+    let floor_during_p50 = Samples::new(single.floor_add.clone()).median();
+    let floor_after_p50 = Samples::new(after_add.clone()).median();
+    let (mut floor_add, mut floor_delete) = (single.floor_add, single.floor_delete);
+    floor_add.extend(after_add);
+    floor_delete.extend(after_delete);
+    let tool = match protocol {
+        Protocol::Upnp => Some(("upnpc -a (discovery, then the add)", tool_adds(lab, "upnpc", 8, 28000)?)),
+        Protocol::NatPmp => Some(("natpmpc -a", tool_adds(lab, "natpmpc", 20, 28000)?)),
+        Protocol::Pcp => None,
+    };
+    let series = |label: &str, values: Vec<f64>, plotted| Series {
+        label: label.to_string(),
+        samples: Samples::new(values),
+        plotted,
+    };
+    let mut panel = LatencyPanel {
+        protocol: name.to_string(),
+        series: vec![
+            series("natbinder: bind() to reachable from the WAN", single.reachable, true),
+            series("natbinder in a churn: close one port, bind the next", churned, true),
+            series("the same churn back to back (a delete may be in flight)", back_to_back, false),
+            series("the gateway's floor: a bare add", floor_add, true),
+            series("natbinder: close() to deleted at the gateway", single.deleted, false),
+            series("the gateway's floor: a bare delete", floor_delete, false),
+            series("split: bind() to the daemon's socket-bound", single.intake, false),
+            series("split: queued in the daemon before the add", single.queueing, false),
+            series("split: the gateway's add, as the daemon timed it", single.gateway, false),
+            series("split: mapped to the first successful connect", single.to_connect, false),
+        ],
+        goals: Vec::new(),
+        notes: Vec::new(),
+    };
+    if let Some((label, took)) = tool {
+        panel.series.insert(3, series(label, took, true));
+    }
+    panel.notes.push(format!(
+        "The floor was sampled before each of natbinder's samples (add p50 {floor_during_p50:.1} ms) and alone at \
+         the end ({floor_after_p50:.1} ms); the floor rows hold both."
+    ));
+    let get = |label: &str| panel.series.iter().find(|s| s.label.starts_with(label)).map(|s| &s.samples);
+    let (Some(reach), Some(churned), Some(add), Some(deleted), Some(delete)) = (
+        get("natbinder: bind()"),
+        get("natbinder in a churn"),
+        get("the gateway's floor: a bare add"),
+        get("natbinder: close()"),
+        get("the gateway's floor: a bare delete"),
+    ) else {
+        unreachable!()
+    };
+    let mut goals = Vec::new();
+    for (what, ours, floor) in
+        [("bind() to reachable", reach, add), ("in a churn", churned, add), ("close() to deleted", deleted, delete)]
+    {
+        goals.push((
+            format!(
+                "{what}: p50 {:.1} ms vs. the floor's {:.1} ms + 1 ms; p99 {:.1} ms vs. 2 x the floor's {:.1} ms",
+                ours.median(),
+                floor.median(),
+                ours.percentile(0.99),
+                floor.percentile(0.99)
+            ),
+            ours.median() <= floor.median() + 1.0 && ours.percentile(0.99) <= 2.0 * floor.percentile(0.99),
+        ));
+    }
+    panel.goals = goals;
+    if let Some(back_to_back) = get("the same churn back to back") {
+        panel.notes.push(format!(
+            "Back to back, the program binds its next port while the daemon's delete of the port before is at \
+             the gateway: natbinder sends one request at a time, so the add waits for it. That churn's p50 is \
+             {:.1} ms against the floor's add + delete p50 of {:.1} ms.",
+            back_to_back.median(),
+            add.median() + delete.median()
+        ));
+    }
+    for s in &panel.series {
+        println!(
+            "  {:58} p50 {:7.2} ms  p99 {:7.2} ms  (n {})",
+            s.label,
+            s.samples.median(),
+            s.samples.percentile(0.99),
+            s.samples.len()
+        );
+    }
+    Ok(panel)
+}
