@@ -134,11 +134,7 @@ pub fn measure(
         std::thread::spawn(move || {
             let mut peak = 0;
             while sampling.load(std::sync::atomic::Ordering::SeqCst) {
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-                let rss = status
-                    .lines()
-                    .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
-                    .unwrap_or(0);
+                let rss = super::daemon::rss_kib_of(pid).unwrap_or(0);
                 peak = peak.max(rss);
                 std::thread::sleep(Duration::from_millis(50));
             }

@@ -111,11 +111,7 @@ impl Daemon {
 impl Daemon {
     /// Resident memory (VmRSS), KiB.
     pub fn rss_kib(&self) -> Result<u64> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))?;
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
-            .context("no VmRSS in /proc/PID/status")
+        rss_kib_of(self.pid).context("no VmRSS in /proc/PID/status")
     }
 
     /// Context switches so far of each of the daemon's threads, by thread id: each is a wake-up (or a
@@ -144,6 +140,12 @@ pub fn wakeups_between(
     after: &std::collections::HashMap<u32, u64>,
 ) -> u64 {
     after.iter().map(|(tid, n)| n.saturating_sub(before.get(tid).copied().unwrap_or(0))).sum()
+}
+
+/// Resident memory (VmRSS) of `pid` in KiB, from /proc/PID/status.
+pub fn rss_kib_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmRSS:")?.trim().strip_suffix("kB")?.trim().parse().ok())
 }
 
 /// utime + stime of `pid`, from /proc/PID/stat.

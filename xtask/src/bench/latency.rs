@@ -10,7 +10,7 @@ use std::{
     io::{BufRead, BufReader, Write},
     path::Path,
     process::{Child, ChildStdin, ChildStdout, Stdio},
-    sync::mpsc::{Receiver, RecvTimeoutError},
+    sync::mpsc::Receiver,
     time::{Duration, Instant},
 };
 
@@ -142,23 +142,19 @@ impl Watch {
 
     /// The next `kind` outcome about TCP `port` (earlier other lines are skipped): (arrival ns, details).
     pub fn next(&self, kind: &str, port: u16, limit: Duration) -> Option<(u64, Value)> {
-        let deadline = Instant::now() + limit;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok((at, event)) => {
-                    let details = &event["details"];
-                    let port_of = |field: &str| details[field].as_u64() == Some(port as u64);
-                    if event["event"] == kind
-                        && details["protocol"] == "tcp"
-                        && (port_of("port") || port_of("internal_port") || port_of("external_port"))
-                    {
-                        return Some((at, details.clone()));
-                    }
-                }
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return None,
+        let mut found = Value::Null;
+        let at = self.until(limit, |_, event| {
+            let details = &event["details"];
+            let port_of = |field: &str| details[field].as_u64() == Some(port as u64);
+            let matches = event["event"] == kind
+                && details["protocol"] == "tcp"
+                && (port_of("port") || port_of("internal_port") || port_of("external_port"));
+            if matches {
+                found = details.clone();
             }
-        }
+            matches
+        })?;
+        Some((at, found))
     }
 
     /// Reads outcomes until `done` says so (then: its arrival) or `limit` passes (None).
