@@ -6,7 +6,10 @@
 //! natbinder runs in the test process ([`InProcessDaemon`]): the tests wait on its outcomes.
 use std::time::{Duration, Instant};
 
-use natbinder::outcome::DoubleNat;
+use natbinder::{
+    journal::{Journal, JournalEntry},
+    outcome::DoubleNat,
+};
 use natbinder_tests::{fake_igd::*, inprocess::log_text, *};
 
 const LIMIT: Duration = Duration::from_secs(30);
@@ -44,8 +47,9 @@ impl FaultLab {
         (app, started.elapsed())
     }
 
-    fn journal(&self) -> String {
-        std::fs::read_to_string(self.h.lab.dir.join("state/mappings.json")).unwrap_or_default()
+    /// What the running daemon's journal holds, read as the next start would read it.
+    fn journal(&self) -> Vec<JournalEntry> {
+        Journal::open(&self.h.lab.dir.join("state")).map(|j| j.entries().cloned().collect()).unwrap_or_default()
     }
 
     /// Waits until `port`'s mapping is refused with a reason that says `said`.
@@ -79,13 +83,13 @@ fn a_gateway_that_only_takes_permanent_leases_725_gets_journalled_permanent_mapp
     eprintln!("recovery: 725 -> permanent mapping {:?} after bind", bound.elapsed());
     assert_eq!(m.lease, 0, "the retry asks for a permanent mapping");
     // The gateway holds it a moment before the daemon has its answer and writes the journal.
-    let journalled = wait_for(LIMIT, || f.journal().contains("\"permanent\": true").then_some(()));
-    assert!(journalled.is_some(), "the permanent mapping is not journalled: {}", f.journal());
+    let journalled = wait_for(LIMIT, || f.journal().iter().any(|e| e.port == 9100 && e.permanent).then_some(()));
+    assert!(journalled.is_some(), "the permanent mapping is not journalled: {:?}", f.journal());
     wait_log("accepts only permanent mappings");
     drop(app);
     assert!(f.wait_unmapped("TCP", 9100), "a permanent mapping outlived its socket");
-    let forgotten = wait_for(LIMIT, || (!f.journal().contains("9100")).then_some(()));
-    assert!(forgotten.is_some(), "the journal still holds a deleted mapping: {}", f.journal());
+    let forgotten = wait_for(LIMIT, || (!f.journal().iter().any(|e| e.port == 9100)).then_some(()));
+    assert!(forgotten.is_some(), "the journal still holds a deleted mapping: {:?}", f.journal());
 }
 
 #[test]

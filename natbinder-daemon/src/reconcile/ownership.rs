@@ -5,7 +5,8 @@
 //! only while this host keeps its address. The journal also covers a changed address (DHCP), gateways
 //! that drop descriptions, gateways that cannot list their table (NAT-PMP, PCP), and routers that take
 //! only permanent leases, whose mappings would otherwise outlive every socket for good. The journal is
-//! written off the event loop (it fsyncs), one write at a time, in order.
+//! written one write at a time, in order: an append without fsync in place (it is on the path from
+//! bind() to reachable, and costs one write(2)), the rest off the event loop.
 use std::{collections::HashSet, net::Ipv4Addr, time::Duration};
 
 use tracing::warn;
@@ -100,13 +101,13 @@ impl Ownership {
     /// Journals a mapping about to be asked for, or that the gateway granted.
     pub async fn record(&mut self, key: PortKey, lan: &LanInfo, lease: Duration) {
         let write = self.journal.record(key, lan.local, lan.gateway, lease);
-        commit(write).await;
+        self.commit(write).await;
     }
 
     /// Forgets a mapping that is gone from the gateway.
     pub async fn forget(&mut self, key: PortKey) {
         let write = self.journal.forget(&key);
-        commit(write).await;
+        self.commit(write).await;
     }
 
     /// Journal entries for `gateway` that its listing no longer shows are gone: nothing left to delete.
@@ -132,13 +133,13 @@ impl Ownership {
         lease: Duration,
     ) {
         let write = self.journal.record_pinhole(key, gateway, unique_id, lease);
-        commit(write).await;
+        self.commit(write).await;
     }
 
     /// Forgets a pinhole that is closed.
     pub async fn forget_pinhole(&mut self, key: PinholeKey) {
         let write = self.journal.forget_pinhole(&key);
-        commit(write).await;
+        self.commit(write).await;
     }
 
     /// The pinholes the journal says natbinder opened on `gateway`, with their ids.
@@ -156,14 +157,23 @@ impl Ownership {
     }
 }
 
-/// Writes the journal off the event loop. A failed write is logged: the mapping is made either way,
-/// and the next change writes the whole journal again.
-async fn commit(write: Option<JournalWrite>) {
-    let Some(write) = write else { return };
-    match tokio::task::spawn_blocking(move || write.commit()).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => warn!("{e:#}"),
-        Err(e) => warn!("writing the journal: {e}"),
+impl Ownership {
+    /// Commits one journal write: in place if it is quick, else off the event loop. A failed write is
+    /// logged (the mapping is made either way) and the journal told, so that the next change writes
+    /// the whole file again.
+    async fn commit(&mut self, write: Option<JournalWrite>) {
+        let Some(write) = write else { return };
+        let result = if write.is_quick() {
+            write.commit()
+        } else {
+            tokio::task::spawn_blocking(move || write.commit())
+                .await
+                .unwrap_or_else(|e| Err(anyhow::anyhow!("writing the journal: {e}")))
+        };
+        if let Err(e) = result {
+            warn!("{e:#}");
+            self.journal.write_failed();
+        }
     }
 }
 
