@@ -191,6 +191,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let mut resync = Resynchronizer::new(cgroup.clone(), table.clone(), exposure.clone(), hooks.releases())
         .also_watching(runs_apart.then(|| runs.base().to_path_buf()));
     resync.run_once().await;
+    give_back_freed_heap();
 
     let journal = Journal::open(&config.state_dir)?;
     // What operators asked for (static mappings, disabled ports), before the first check of the gateway.
@@ -614,5 +615,16 @@ async fn classify(
                 t.socket_classified(*cookie, if v6only { Stack::Ipv6Only } else { Stack::DualStack }, now);
             }
         });
+    }
+}
+
+/// Start-up's large allocations are over: the kernel's BTF (5 MB on 6.18), parsed to relocate the
+/// programs, and the first socket dump. glibc keeps the heap they freed; handing it back keeps an idle
+/// daemon about 2 MiB smaller for good.
+fn give_back_freed_heap() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the system; it takes no pointers.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }

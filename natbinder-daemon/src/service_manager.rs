@@ -48,7 +48,7 @@ pub async fn follow(outcomes: OutcomeBus, mut stop: watch::Receiver<bool>) {
             _ = stop.wait_for(|s| *s) => return,
         };
         let outcome = match event {
-            Ok(event) => event.outcome,
+            Ok(event) => event.outcome.clone(),
             Err(RecvError::Lagged(_)) => continue,
             Err(RecvError::Closed) => return,
         };

@@ -5,7 +5,7 @@
 //! Its log goes to a buffer that the harness prints when a test fails.
 use std::{
     io::Write,
-    sync::{mpsc, Mutex, Once},
+    sync::{mpsc, Arc, Mutex, Once},
     thread::JoinHandle,
     time::{Duration, Instant},
 };
@@ -69,9 +69,9 @@ enum End {
 pub struct InProcessDaemon {
     thread: Option<JoinHandle<Result<()>>>,
     end: Option<oneshot::Sender<End>>,
-    outcomes: mpsc::Receiver<Event>,
+    outcomes: mpsc::Receiver<Arc<Event>>,
     /// Everything received so far, in order.
-    pub history: Vec<Event>,
+    pub history: Vec<Arc<Event>>,
 }
 
 impl InProcessDaemon {
@@ -174,7 +174,7 @@ impl InProcessDaemon {
 
     /// Takes every outcome published so far into [`Self::history`] and returns the new ones.
     pub fn drain(&mut self) -> Vec<Outcome> {
-        let fresh: Vec<Event> = self.outcomes.try_iter().collect();
+        let fresh: Vec<Arc<Event>> = self.outcomes.try_iter().collect();
         let outcomes = fresh.iter().map(|e| e.outcome.clone()).collect();
         self.history.extend(fresh);
         outcomes

@@ -461,7 +461,7 @@ struct Harness {
     table: TableHandle,
     mirror: FakeMirror,
     signals: Signals,
-    outcomes: broadcast::Receiver<Event>,
+    outcomes: broadcast::Receiver<Arc<Event>>,
     discoveries: Arc<AtomicUsize>,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
@@ -538,7 +538,7 @@ impl Harness {
     }
     /// Everything published since the last call.
     fn outcomes(&mut self) -> Vec<Outcome> {
-        std::iter::from_fn(|| self.outcomes.try_recv().ok()).map(|e| e.outcome).collect()
+        std::iter::from_fn(|| self.outcomes.try_recv().ok()).map(|e| e.outcome.clone()).collect()
     }
 
     /// Stops the reconciler as the daemon does at shutdown and waits for it to finish.

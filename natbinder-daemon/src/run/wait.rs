@@ -188,7 +188,7 @@ impl BindWaits {
     async fn gateway_answer(
         &self,
         key: MappingKey,
-        outcomes: &mut tokio::sync::broadcast::Receiver<crate::outcome::Event>,
+        outcomes: &mut tokio::sync::broadcast::Receiver<std::sync::Arc<crate::outcome::Event>>,
     ) -> Verdict {
         let port_key: Option<PortKey> = key.as_ipv4();
         loop {
