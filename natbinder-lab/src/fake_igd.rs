@@ -11,11 +11,16 @@
 //! - **garbage**: non-HTTP bytes, truncated HTTP, malformed XML, huge bodies ([`GarbageKind`]);
 //! - **double NAT**: any external address, such as 10.0.0.1, 100.64.0.1 or 0.0.0.0 ([`FakeScript::external_ip`]);
 //! - **a reboot** at a chosen moment: empty table, new HTTP port, new BOOTID.UPNP.ORG announced with
-//!   ssdp:alive ([`FakeIgd::reboot`]).
+//!   ssdp:alive ([`FakeIgd::reboot`]);
+//! - **a table larger than miniupnpd can hold in minutes** (its nftables backend takes about 0.4 s per
+//!   add at 100 entries): 1,000 mappings and more, read through IGDv2's GetListOfPortMappings
+//!   ([`FakeScript::igd_v2_listing`]), IGDv1's GetGenericPortMappingEntry, or not listable at all, 401
+//!   on both listing calls ([`FakeScript::listing_refused_401`]), so that a client checks entry by entry.
 //!
 //! Otherwise it is a small, strict IGDv1 router: one WANIPConnection:1 service (no AddAnyPortMapping, no
-//! GetListOfPortMappings, as on IGDv1), a real in-memory table (718 for another host's port, 714/713 for
-//! missing entries, leases that expire), protocol strings accepted only as "TCP"/"UDP". It answers SSDP
+//! GetListOfPortMappings, as on IGDv1; WANIPConnection:2 with GetListOfPortMappings when scripted), a
+//! real in-memory table (718 for another host's port, 714/713 for missing entries, leases that expire),
+//! protocol strings accepted only as "TCP"/"UDP". It answers SSDP
 //! from LAN hosts only, on br0 (192.168.77.1), and serves HTTP on 192.168.77.1 at a random port, as
 //! miniupnpd does with `http_port=0`. It records every request so tests can assert what a client sent.
 //!
@@ -56,6 +61,8 @@ const IGD_DEVICE: &str = "urn:schemas-upnp-org:device:InternetGatewayDevice:1";
 const WAN_DEVICE: &str = "urn:schemas-upnp-org:device:WANDevice:1";
 const WAN_CONNECTION_DEVICE: &str = "urn:schemas-upnp-org:device:WANConnectionDevice:1";
 const WANIP_SERVICE: &str = "urn:schemas-upnp-org:service:WANIPConnection:1";
+/// IGDv2's WANIPConnection, served instead with [`FakeScript::igd_v2_listing`].
+const WANIP_SERVICE_V2: &str = "urn:schemas-upnp-org:service:WANIPConnection:2";
 /// miniupnpc counts a device as a valid IGD only if it has this service.
 const CIF_SERVICE: &str = "urn:schemas-upnp-org:service:WANCommonInterfaceConfig:1";
 /// What this device answers M-SEARCH for and announces in NOTIFY (its NT values).
@@ -123,6 +130,8 @@ pub struct FakeScript {
     http_fault: Option<(HttpFault, HttpScope)>,
     silent_ssdp: bool,
     external_ip: Ipv4Addr,
+    igd_v2_listing: bool,
+    listing_refused: bool,
 }
 
 impl Default for FakeScript {
@@ -136,6 +145,8 @@ impl Default for FakeScript {
             http_fault: None,
             silent_ssdp: false,
             external_ip: EXTERNAL_IP_PLACEHOLDER,
+            igd_v2_listing: false,
+            listing_refused: false,
         }
     }
 }
@@ -217,6 +228,22 @@ impl FakeScript {
     /// upstream. Nothing is ever sent to it.
     pub fn external_ip(mut self, address: Ipv4Addr) -> Self {
         self.external_ip = address;
+        self
+    }
+
+    /// An IGDv2 router: the description offers WANIPConnection:2 (answering searches for version 1
+    /// too, as UPnP 1.1 asks), whose GetListOfPortMappings lists the table in one call, sorted by port,
+    /// in a CDATA section, as miniupnpd does. Clients read the description once: choose it at
+    /// [`FakeIgd::start`], or follow a change with [`FakeIgd::reboot`].
+    pub fn igd_v2_listing(mut self) -> Self {
+        self.igd_v2_listing = true;
+        self
+    }
+
+    /// A router that will not list its table: GetListOfPortMappings and GetGenericPortMappingEntry are
+    /// refused with 401 Invalid Action; GetSpecificPortMappingEntry still answers.
+    pub fn listing_refused_401(mut self) -> Self {
+        self.listing_refused = true;
         self
     }
 }
@@ -450,12 +477,13 @@ impl Shared {
         let Some(headers) = parse_search(datagram) else { return Vec::new() };
         let header = |name: &str| headers.iter().find(|(n, _)| n == name).map_or("", |(_, v)| v.as_str());
         let mut state = self.lock();
+        let served = state.search_targets();
         let targets: Vec<&str> = if header("MAN").trim_matches('"') != "ssdp:discover" {
             Vec::new()
         } else if header("ST") == "ssdp:all" {
-            SEARCH_TARGETS.to_vec()
+            served
         } else {
-            SEARCH_TARGETS.into_iter().filter(|t| *t == header("ST")).collect()
+            served.into_iter().filter(|t| *t == header("ST")).collect()
         };
         let (replies, outcome) = if state.script.silent_ssdp {
             (Vec::new(), FakeOutcome::Silence)
@@ -519,6 +547,25 @@ impl State {
         self.mappings.retain(|m| m.expires_at.is_none_or(|t| t > now));
     }
 
+    /// The WANIPConnection version the description offers.
+    fn wanip_service(&self) -> &'static str {
+        if self.script.igd_v2_listing {
+            WANIP_SERVICE_V2
+        } else {
+            WANIP_SERVICE
+        }
+    }
+
+    /// What this device answers M-SEARCH for and announces: an IGDv2 device also answers for version 1
+    /// of its service (UPnP 1.1 §1.3.2), which is what igd-next searches for.
+    fn search_targets(&self) -> Vec<&'static str> {
+        let mut targets = SEARCH_TARGETS.to_vec();
+        if self.script.igd_v2_listing {
+            targets.push(WANIP_SERVICE_V2);
+        }
+        targets
+    }
+
     fn location(&self) -> String {
         format!("http://{GW_LAN_IP}:{}{DESCRIPTION_PATH}", self.http_port)
     }
@@ -535,7 +582,7 @@ impl State {
     }
 
     fn alive_notifications(&self) -> Vec<String> {
-        SEARCH_TARGETS
+        self.search_targets()
             .into_iter()
             .map(|target| {
                 format!(
@@ -554,9 +601,15 @@ impl State {
     /// The answer to a request no scripted HTTP fault applies to.
     fn route(&mut self, request: &HttpRequest, call: Option<&SoapCall>, now: Instant) -> (Vec<u8>, FakeOutcome) {
         match (request.method.as_str(), request.path.as_str()) {
-            ("GET", DESCRIPTION_PATH) => (http_response(200, &root_description()), FakeOutcome::Ok),
+            ("GET", DESCRIPTION_PATH) => (http_response(200, &root_description(self.wanip_service())), FakeOutcome::Ok),
             ("GET", WANIP_SCPD_PATH) => {
-                (http_response(200, &scpd(WANIP_ACTIONS, WANIP_STATE_VARIABLES)), FakeOutcome::Ok)
+                let mut actions = WANIP_ACTIONS.to_vec();
+                let mut state_variables = WANIP_STATE_VARIABLES.to_vec();
+                if self.script.igd_v2_listing {
+                    actions.push(GET_LIST_OF_PORT_MAPPINGS);
+                    state_variables.extend_from_slice(LISTING_STATE_VARIABLES);
+                }
+                (http_response(200, &scpd(&actions, &state_variables)), FakeOutcome::Ok)
             }
             ("GET", CIF_SCPD_PATH) => (http_response(200, &scpd(CIF_ACTIONS, CIF_STATE_VARIABLES)), FakeOutcome::Ok),
             ("POST", path @ (WANIP_CONTROL_PATH | CIF_CONTROL_PATH)) => {
@@ -565,7 +618,7 @@ impl State {
                 };
                 let result = match (&call.arguments, path, call.service.as_str()) {
                     (None, _, _) => Err(INVALID_ARGS),
-                    (Some(arguments), WANIP_CONTROL_PATH, WANIP_SERVICE) => {
+                    (Some(arguments), WANIP_CONTROL_PATH, service) if service == self.wanip_service() => {
                         self.wanip_action(&call.action, &Arguments(arguments), now)
                     }
                     (Some(_), CIF_CONTROL_PATH, CIF_SERVICE) => cif_action(&call.action),
@@ -591,6 +644,12 @@ impl State {
         match action {
             "AddPortMapping" => self.add_port_mapping(args, now).map(|()| Vec::new()),
             "DeletePortMapping" => self.delete_port_mapping(args).map(|()| Vec::new()),
+            "GetGenericPortMappingEntry" | "GetListOfPortMappings" if self.script.listing_refused => {
+                Err(INVALID_ACTION)
+            }
+            "GetListOfPortMappings" if self.script.igd_v2_listing => {
+                self.list_port_mappings(args, now).map(|listing| vec![("NewPortListing", listing)])
+            }
             "GetGenericPortMappingEntry" => {
                 let index: usize = args.number("NewPortMappingIndex")?;
                 let mapping = self.mappings.get(index).ok_or(ARRAY_INDEX_INVALID)?;
@@ -675,6 +734,60 @@ impl State {
         Ok(())
     }
 
+    /// GetListOfPortMappings (IGDv2): the entries of one protocol within the port range, sorted by port,
+    /// at most NewNumberOfPorts of them (0: all), as the PortMappingList document that NewPortListing
+    /// carries. NewManage is read and not acted on: every host's mappings are listed.
+    fn list_port_mappings(&self, args: &Arguments, now: Instant) -> Result<String, UpnpError> {
+        let start_port: u16 = args.number("NewStartPort")?;
+        let end_port: u16 = args.number("NewEndPort")?;
+        let protocol = args.text("NewProtocol")?;
+        if protocol != "TCP" && protocol != "UDP" {
+            return Err(INVALID_ARGS);
+        }
+        args.text("NewManage")?;
+        let most: usize = args.number("NewNumberOfPorts")?;
+        if start_port > end_port {
+            return Err(INCONSISTENT_PARAMETERS);
+        }
+        let mut listed: Vec<&FakeMapping> = self
+            .mappings
+            .iter()
+            .filter(|m| m.protocol == protocol && (start_port..=end_port).contains(&m.external_port))
+            .collect();
+        listed.sort_by_key(|m| m.external_port);
+        if most != 0 {
+            listed.truncate(most);
+        }
+        if listed.is_empty() {
+            return Err(PORT_MAPPING_NOT_FOUND);
+        }
+        let mut listing = String::from(
+            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<p:PortMappingList \
+             xmlns:p=\"urn:schemas-upnp-org:gw:WANIPConnection\" xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" \
+             xsi:schemaLocation=\"urn:schemas-upnp-org:gw:WANIPConnection \
+             http://www.upnp.org/schemas/gw/WANIPConnection-v2.xsd\">",
+        );
+        for m in listed {
+            let _ = write!(
+                listing,
+                "<p:PortMappingEntry><p:NewRemoteHost>{}</p:NewRemoteHost><p:NewExternalPort>{}</p:NewExternalPort>\
+                 <p:NewProtocol>{}</p:NewProtocol><p:NewInternalPort>{}</p:NewInternalPort>\
+                 <p:NewInternalClient>{}</p:NewInternalClient><p:NewEnabled>{}</p:NewEnabled>\
+                 <p:NewDescription>{}</p:NewDescription><p:NewLeaseTime>{}</p:NewLeaseTime></p:PortMappingEntry>",
+                xml_escape(&m.remote_host),
+                m.external_port,
+                m.protocol,
+                m.internal_port,
+                m.internal_client,
+                u8::from(m.enabled),
+                xml_escape(&m.description),
+                remaining_lease(m, now)
+            );
+        }
+        listing.push_str("</p:PortMappingList>");
+        Ok(listing)
+    }
+
     fn delete_port_mapping(&mut self, args: &Arguments) -> Result<(), UpnpError> {
         let (protocol, external_port) = mapping_key(args)?;
         if self.script.not_authorized {
@@ -700,12 +813,17 @@ fn mapping_key<'a>(args: &'a Arguments) -> Result<(&'a str, u16), UpnpError> {
     Ok((protocol, args.number("NewExternalPort")?))
 }
 
-/// The values GetGenericPortMappingEntry and GetSpecificPortMappingEntry share; the lease is what remains.
-fn entry_values(mapping: &FakeMapping, now: Instant) -> Vec<(&'static str, String)> {
-    let remaining = mapping.expires_at.map_or(0, |t| {
+/// The seconds left of a mapping's lease (at least 1 until it expires); 0 for a permanent one.
+fn remaining_lease(mapping: &FakeMapping, now: Instant) -> u32 {
+    mapping.expires_at.map_or(0, |t| {
         let seconds = t.saturating_duration_since(now).as_secs().max(1);
         u32::try_from(seconds).unwrap_or(u32::MAX)
-    });
+    })
+}
+
+/// The values GetGenericPortMappingEntry and GetSpecificPortMappingEntry share; the lease is what remains.
+fn entry_values(mapping: &FakeMapping, now: Instant) -> Vec<(&'static str, String)> {
+    let remaining = remaining_lease(mapping, now);
     vec![
         ("NewInternalPort", mapping.internal_port.to_string()),
         ("NewInternalClient", mapping.internal_client.to_string()),
@@ -750,6 +868,8 @@ const WILDCARD_EXTERNAL_PORT: UpnpError = UpnpError { code: 716, description: "W
 const CONFLICT: UpnpError = UpnpError { code: 718, description: "ConflictInMappingEntry" };
 const ONLY_PERMANENT_LEASES: UpnpError = UpnpError { code: 725, description: "OnlyPermanentLeasesSupported" };
 const NO_PORT_MAPS_AVAILABLE: UpnpError = UpnpError { code: 728, description: "NoPortMapsAvailable" };
+const PORT_MAPPING_NOT_FOUND: UpnpError = UpnpError { code: 730, description: "PortMappingNotFound" };
+const INCONSISTENT_PARAMETERS: UpnpError = UpnpError { code: 733, description: "InconsistentParameters" };
 
 /// A SOAP call's arguments; a missing or unparsable one is 402 Invalid Args, as on a real router.
 struct Arguments<'a>(&'a [(String, String)]);
@@ -889,10 +1009,19 @@ const SOAP_ENVELOPE_OPEN: &str =
      s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>";
 const SOAP_ENVELOPE_CLOSE: &str = "</s:Body></s:Envelope>\r\n";
 
+/// Output arguments that carry an XML document: sent in a CDATA section, as miniupnpd sends them (and
+/// as miniupnpc reads them: it does not decode entities there). The document escapes its own text, so
+/// it holds no "]]>".
+const DOCUMENT_ARGUMENTS: [&str; 1] = ["NewPortListing"];
+
 fn soap_response(service: &str, action: &str, values: &[(&str, String)]) -> Vec<u8> {
     let mut body = format!("{SOAP_ENVELOPE_OPEN}<u:{action}Response xmlns:u=\"{service}\">");
     for (name, value) in values {
-        let _ = write!(body, "<{name}>{}</{name}>", xml_escape(value));
+        if DOCUMENT_ARGUMENTS.contains(name) {
+            let _ = write!(body, "<{name}><![CDATA[{value}]]></{name}>");
+        } else {
+            let _ = write!(body, "<{name}>{}</{name}>", xml_escape(value));
+        }
     }
     let _ = write!(body, "</u:{action}Response>{SOAP_ENVELOPE_CLOSE}");
     http_response(200, &body)
@@ -946,7 +1075,8 @@ fn http_status(status: u16) -> Vec<u8> {
     .into_bytes()
 }
 
-fn root_description() -> String {
+/// The root description, offering `wanip_service` (WANIPConnection:1 or :2).
+fn root_description(wanip_service: &str) -> String {
     let service = |service_type: &str, id: &str, control: &str, scpd: &str| {
         format!(
             "<service><serviceType>{service_type}</serviceType><serviceId>urn:upnp-org:serviceId:{id}</serviceId>\
@@ -964,7 +1094,7 @@ fn root_description() -> String {
         WAN_CONNECTION_DEVICE,
         "WAN connection",
         "-2",
-        service(WANIP_SERVICE, "WANIPConn1", WANIP_CONTROL_PATH, WANIP_SCPD_PATH),
+        service(wanip_service, "WANIPConn1", WANIP_CONTROL_PATH, WANIP_SCPD_PATH),
         String::new(),
     );
     let wan_device = device(
@@ -1053,6 +1183,22 @@ const WANIP_ACTIONS: &[ActionSpec] = &[
         ],
     ),
 ];
+
+/// IGDv2's listing call, offered with [`FakeScript::igd_v2_listing`].
+const GET_LIST_OF_PORT_MAPPINGS: ActionSpec = (
+    "GetListOfPortMappings",
+    &[
+        ("NewStartPort", "in", "ExternalPort"),
+        ("NewEndPort", "in", "ExternalPort"),
+        ("NewProtocol", "in", "PortMappingProtocol"),
+        ("NewManage", "in", "A_ARG_TYPE_Manage"),
+        ("NewNumberOfPorts", "in", "PortMappingNumberOfEntries"),
+        ("NewPortListing", "out", "A_ARG_TYPE_PortListing"),
+    ],
+);
+
+const LISTING_STATE_VARIABLES: &[(&str, &str)] =
+    &[("A_ARG_TYPE_Manage", "boolean"), ("A_ARG_TYPE_PortListing", "string")];
 
 const WANIP_STATE_VARIABLES: &[(&str, &str)] = &[
     ("ConnectionType", "string"),
@@ -1512,6 +1658,65 @@ mod tests {
         assert_eq!(add(&shared, "60", "0", "192.168.77.10"), Err(WILDCARD_EXTERNAL_PORT));
         assert_eq!(add(&shared, "x", "9090", "192.168.77.10"), Err(INVALID_ARGS));
         assert_eq!(add(&shared, "60", "9090", "lan1.example"), Err(INVALID_ARGS));
+    }
+
+    fn listing_call(protocol: &str, start: &str, end: &str, most: &str) -> Vec<(String, String)> {
+        [
+            ("NewStartPort", start),
+            ("NewEndPort", end),
+            ("NewProtocol", protocol),
+            ("NewManage", "1"),
+            ("NewNumberOfPorts", most),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+    }
+
+    #[test]
+    fn an_igd_v2_lists_one_protocol_in_range_sorted_and_capped() {
+        let shared = Shared::new(FakeScript::new().igd_v2_listing());
+        for port in ["9002", "9000", "9001", "10000"] {
+            add(&shared, "60", port, "192.168.77.10").unwrap();
+        }
+        let mut state = shared.lock();
+        let mut list = |args: Vec<(String, String)>| {
+            state.wanip_action("GetListOfPortMappings", &Arguments(&args), Instant::now()).map(|mut values| {
+                let (_, listing) = values.remove(0);
+                listing.matches("<p:NewExternalPort>").count()
+            })
+        };
+        assert_eq!(list(listing_call("TCP", "9000", "9999", "0")), Ok(3));
+        assert_eq!(list(listing_call("TCP", "1", "65535", "2")), Ok(2));
+        assert_eq!(list(listing_call("UDP", "1", "65535", "0")), Err(PORT_MAPPING_NOT_FOUND));
+        assert_eq!(list(listing_call("TCP", "9999", "9000", "0")), Err(INCONSISTENT_PARAMETERS));
+        let listing = state.list_port_mappings(&Arguments(&listing_call("TCP", "1", "65535", "0")), Instant::now());
+        let ports: Vec<&str> = listing
+            .as_deref()
+            .unwrap()
+            .split("<p:NewExternalPort>")
+            .skip(1)
+            .filter_map(|r| r.split('<').next())
+            .collect();
+        assert_eq!(ports, ["9000", "9001", "9002", "10000"]);
+    }
+
+    #[test]
+    fn an_igd_v1_has_no_listing_call_and_a_refusing_gateway_lists_nothing() {
+        let shared = Shared::new(FakeScript::new());
+        add(&shared, "60", "9000", "192.168.77.10").unwrap();
+        let args = listing_call("TCP", "1", "65535", "0");
+        let index = [("NewPortMappingIndex".to_string(), "0".to_string())];
+        let specific = [("NewRemoteHost", ""), ("NewExternalPort", "9000"), ("NewProtocol", "TCP")]
+            .map(|(n, v)| (n.to_string(), v.to_string()));
+        let mut state = shared.lock();
+        let now = Instant::now();
+        assert_eq!(state.wanip_action("GetListOfPortMappings", &Arguments(&args), now), Err(INVALID_ACTION));
+        assert!(state.wanip_action("GetGenericPortMappingEntry", &Arguments(&index), now).is_ok());
+        state.script = FakeScript::new().igd_v2_listing().listing_refused_401();
+        assert_eq!(state.wanip_action("GetListOfPortMappings", &Arguments(&args), now), Err(INVALID_ACTION));
+        assert_eq!(state.wanip_action("GetGenericPortMappingEntry", &Arguments(&index), now), Err(INVALID_ACTION));
+        assert!(state.wanip_action("GetSpecificPortMappingEntry", &Arguments(&specific), now).is_ok());
     }
 
     #[test]

@@ -138,6 +138,57 @@ fn a_full_table_answers_728_and_another_hosts_port_718() {
 }
 
 #[test]
+fn an_igd_v2_lists_its_table_in_one_call_and_a_refusing_gateway_only_answers_entry_by_entry() {
+    let h = lab_without_miniupnpd();
+    let fake = FakeIgd::start(&h.lab, FakeScript::new().igd_v2_listing()).unwrap();
+    for port in [8082, 8080, 8081] {
+        assert!(redirected(&lan1_add(&fake, &h, "TCP", port, 3600)));
+    }
+    assert!(redirected(&lan1_add(&fake, &h, "UDP", 9000, 3600)));
+
+    // upnpc -L asks for each protocol's listing in one GetListOfPortMappings call (IGD:2 only).
+    let listing = fake.upnpc(&h.lab.lan2, &["-L"]).unwrap();
+    let mut listed: Vec<(String, u16, Ipv4Addr)> =
+        parse_upnpc_list(&listing).into_iter().map(|m| (m.protocol, m.external_port, m.internal_client)).collect();
+    // miniupnpc prints each protocol's listing last entry first.
+    listed.sort();
+    assert_eq!(
+        listed,
+        [
+            ("TCP".to_string(), 8080, LAN1_IP),
+            ("TCP".to_string(), 8081, LAN1_IP),
+            ("TCP".to_string(), 8082, LAN1_IP),
+            ("UDP".to_string(), 9000, LAN1_IP)
+        ],
+        "{listing}"
+    );
+    assert_eq!(outcomes(&fake, "GetListOfPortMappings"), [FakeOutcome::Ok, FakeOutcome::Ok]);
+    assert!(parse_upnpc_list(&listing).iter().all(|m| m.description == "selftest"), "{listing}");
+
+    // Listing refused both ways; a mapping is still read by its key (upnpc -a reads it back with
+    // GetSpecificPortMappingEntry to print where it is redirected).
+    fake.set_script(FakeScript::new().igd_v2_listing().listing_refused_401());
+    fake.take_requests();
+    let refused = fake.upnpc(&h.lab.lan2, &["-L"]).unwrap();
+    assert!(parse_upnpc_list(&refused).is_empty() && refused.contains("401"), "{refused}");
+    let refused = fake.upnpc(&h.lab.lan2, &["-l"]).unwrap();
+    assert!(parse_upnpc_list(&refused).is_empty() && refused.contains("401"), "{refused}");
+    assert!(redirected(&lan1_add(&fake, &h, "TCP", 8083, 3600)));
+    assert!(outcomes(&fake, "GetListOfPortMappings").iter().all(|o| *o == FakeOutcome::UpnpError(401)));
+    assert_eq!(outcomes(&fake, "GetGenericPortMappingEntry"), [FakeOutcome::UpnpError(401)]);
+    assert_eq!(outcomes(&fake, "GetSpecificPortMappingEntry"), [FakeOutcome::Ok]);
+
+    // An IGDv1 gateway has no such call.
+    drop(fake);
+    let fake = FakeIgd::start(&h.lab, FakeScript::new()).unwrap();
+    assert!(redirected(&lan1_add(&fake, &h, "TCP", 8080, 3600)));
+    let listing = fake.upnpc(&h.lab.lan2, &["-L"]).unwrap();
+    assert!(parse_upnpc_list(&listing).is_empty(), "{listing}");
+    assert!(outcomes(&fake, "GetListOfPortMappings").iter().all(|o| *o == FakeOutcome::UpnpError(401)));
+    assert_eq!(parse_upnpc_list(&fake.upnpc(&h.lab.lan2, &["-l"]).unwrap()).len(), 1);
+}
+
+#[test]
 fn silence_makes_the_client_time_out() {
     let h = lab_without_miniupnpd();
     let fake = FakeIgd::start(&h.lab, FakeScript::new().silent_ssdp()).unwrap();

@@ -63,8 +63,10 @@ enum Task {
         /// The natbinder binary to measure (another build, to compare). Default: target/release/natbinder.
         #[arg(long, value_name = "PATH")]
         natbinder: Option<PathBuf>,
-        /// Run only these parts (repeatable): overhead, latency, burst, run. Default: all.
-        #[arg(long, value_name = "PART", value_parser = ["overhead", "latency", "burst", "run"])]
+        /// Run only these parts (repeatable): overhead, latency, burst, run, scale. Default: all. A partial
+        /// run (this or --protocol) writes its report to target/bench/, leaving the committed
+        /// BENCHMARKS.md and benchmarks.svg, which hold a whole run, as they are.
+        #[arg(long, value_name = "PART", value_parser = ["overhead", "latency", "burst", "run", "scale"])]
         only: Vec<String>,
         /// Listeners in the larger burst (the smaller has 100).
         #[arg(long, default_value_t = 1000)]
@@ -268,9 +270,11 @@ fn main() -> Result<()> {
                 .chain(std::env::args().skip(1).filter(|a| a != "--no-build"))
                 .collect::<Vec<_>>()
                 .join(" ");
+            let out =
+                if only.is_empty() && protocols.is_empty() { workspace_root() } else { target_dir().join("bench") };
             let protocols =
                 if protocols.is_empty() { vec!["upnp".into(), "pcp".into(), "natpmp".into()] } else { protocols };
-            bench::run(bench::Options { samples, protocols, natbinder, only, burst, out: workspace_root(), command })
+            bench::run(bench::Options { samples, protocols, natbinder, only, burst, out, command })
         }
     }
 }

@@ -94,7 +94,7 @@ impl Gateway<'_> {
 }
 
 /// Waits for `count` outcomes of `kind` about ports in `ports`; returns when the last arrived.
-fn until_all(watch: &Watch, kind: &str, ports: std::ops::Range<u16>, limit: Duration) -> Result<u64> {
+pub fn until_all(watch: &Watch, kind: &str, ports: std::ops::Range<u16>, limit: Duration) -> Result<u64> {
     let mut seen = std::collections::HashSet::new();
     let wanted = ports.len();
     watch

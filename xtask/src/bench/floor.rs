@@ -98,33 +98,75 @@ pub fn upnp_delete(lab: &Lab, http_port: u16, version: u8, port: u16) -> Result<
     Ok(ms(soap(lab, http_port, version, "DeletePortMapping", &arguments)?))
 }
 
-/// One SOAP action to miniupnpd's WANIPConnection control URL, over a new TCP connection.
+/// One SOAP action to the IGD's WANIPConnection control URL, over a new TCP connection.
 fn soap(lab: &Lab, http_port: u16, version: u8, action: &str, arguments: &str) -> Result<Duration> {
-    let body = format!(
-        "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" \
-         s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>\
-         <u:{action} xmlns:u=\"urn:schemas-upnp-org:service:WANIPConnection:{version}\">{arguments}</u:{action}>\
-         </s:Body></s:Envelope>"
-    );
-    let request = format!(
-        "POST /ctl/IPConn HTTP/1.1\r\nHost: {GW_LAN_IP}:{http_port}\r\nContent-Type: text/xml; charset=\"utf-8\"\r\n\
-         SOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:{version}#{action}\"\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n{body}",
-        body.len()
-    );
+    let request = soap_request(http_port, version, action, arguments);
     let action = action.to_string();
     lab.lan1.run(move || {
         let started = Instant::now();
-        let mut stream = TcpStream::connect((GW_LAN_IP, http_port))?;
-        stream.write_all(request.as_bytes())?;
-        let mut reply = String::new();
-        stream.read_to_string(&mut reply)?;
+        let reply = exchange(http_port, &request)?;
         let took = started.elapsed();
         if !reply.starts_with("HTTP/1.1 200") {
             let fault = reply.split("<errorDescription>").nth(1).and_then(|r| r.split('<').next()).unwrap_or("");
             bail!("the gateway refused {action}: {} {fault}", reply.lines().next().unwrap_or(""));
         }
         Ok(took)
+    })
+}
+
+/// The HTTP request of one SOAP action (`arguments`: the action's argument elements, as XML).
+fn soap_request(http_port: u16, version: u8, action: &str, arguments: &str) -> String {
+    let body = format!(
+        "<?xml version=\"1.0\"?><s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\" \
+         s:encodingStyle=\"http://schemas.xmlsoap.org/soap/encoding/\"><s:Body>\
+         <u:{action} xmlns:u=\"urn:schemas-upnp-org:service:WANIPConnection:{version}\">{arguments}</u:{action}>\
+         </s:Body></s:Envelope>"
+    );
+    format!(
+        "POST /ctl/IPConn HTTP/1.1\r\nHost: {GW_LAN_IP}:{http_port}\r\nContent-Type: text/xml; charset=\"utf-8\"\r\n\
+         SOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:{version}#{action}\"\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// Sends `request` to the gateway's `http_port` on a new TCP connection and reads the whole answer
+/// (the gateway closes the connection after it). Runs in the caller's namespace.
+fn exchange(http_port: u16, request: &str) -> Result<String> {
+    let mut stream = TcpStream::connect((GW_LAN_IP, http_port))
+        .with_context(|| format!("connecting to the gateway's HTTP port {http_port}"))?;
+    stream.write_all(request.as_bytes())?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    Ok(reply)
+}
+
+/// A SOAP action and its arguments in order, as the gateway recorded them (values unescaped).
+pub type SoapCall = (String, Vec<(String, String)>);
+
+/// `calls` from lan1 to the IGD's WANIPConnection:`version` control URL, one after the other, each on
+/// a new TCP connection with nothing in between (no parsing, no discovery): what the gateway itself
+/// takes to serve them. Returns the time from the first connect to the last answer, in ms, and each
+/// answer's HTTP status (200, or 500 for a UPnP error).
+pub fn upnp_in_a_row(lab: &Lab, http_port: u16, version: u8, calls: &[SoapCall]) -> Result<(f64, Vec<u16>)> {
+    let escape = |v: &str| v.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;");
+    let requests: Vec<String> = calls
+        .iter()
+        .map(|(action, arguments)| {
+            let xml: String =
+                arguments.iter().map(|(name, value)| format!("<{name}>{}</{name}>", escape(value))).collect();
+            soap_request(http_port, version, action, &xml)
+        })
+        .collect();
+    lab.lan1.run(move || {
+        let mut statuses = Vec::with_capacity(requests.len());
+        let started = Instant::now();
+        for request in &requests {
+            let reply = exchange(http_port, request)?;
+            let status = reply.split_whitespace().nth(1).and_then(|s| s.parse().ok());
+            statuses.push(status.with_context(|| format!("the gateway's answer is not HTTP: {:.80}", reply))?);
+        }
+        Ok((ms(started.elapsed()), statuses))
     })
 }
 

@@ -4,7 +4,10 @@
 //! * `overhead`: what the hooks cost bind(), connect() and close(), watched cgroup vs. a sibling;
 //! * `latency`: bind-to-reachable and release-to-closed per protocol, against the gateway's own floor
 //!   and the tools users run today (`upnpc -a`, `natpmpc -a`);
-//! * `run --wait` and `run`'s cost.
+//! * `burst`: bursts of listeners, against the gateway's own service time, and the daemon's footprint;
+//! * `run --wait` and `run`'s cost;
+//! * `scale`: one reconcile pass with 1,000 mappings on the gateway, listed in one call, by index, or
+//!   checked entry by entry.
 mod burst;
 mod daemon;
 mod empty_hooks;
@@ -14,6 +17,7 @@ mod overhead;
 mod progstats;
 mod report;
 mod run_cost;
+mod scale;
 mod stats;
 
 use std::path::PathBuf;
@@ -29,7 +33,7 @@ pub struct Options {
     /// The protocols whose latency is measured: upnp, pcp, natpmp.
     pub protocols: Vec<String>,
     pub natbinder: Option<PathBuf>,
-    /// Only these parts (overhead, latency); all when empty.
+    /// Only these parts (overhead, latency, burst, run, scale); all when empty.
     pub only: Vec<String>,
     /// The larger burst's listeners (the smaller is 100).
     pub burst: u16,
@@ -160,6 +164,12 @@ pub fn run(options: Options) -> Result<()> {
             false,
         )?);
         lab.kill(daemon.pid, libc::SIGTERM);
+    }
+    if wants("scale") {
+        // 1,000 mappings: the fake IGD again, for the same reason as the larger burst.
+        let mut lab = Lab::start(LabConfig { miniupnpd: false, ..LabConfig::default() })?;
+        println!("one reconcile pass with {} mappings on the gateway (the fake IGD):", scale::MAPPINGS);
+        report.scale = scale::measure(&mut lab, &natbinder, &testapp)?;
     }
     report.took_seconds = started.elapsed().as_secs_f64();
     report.machine = machine(&natbinder);

@@ -4,7 +4,7 @@ use std::{fmt::Write as _, path::Path};
 
 use anyhow::{Context, Result};
 
-use super::{burst::BurstRow, overhead::OverheadRow, stats::Samples};
+use super::{burst::BurstRow, overhead::OverheadRow, scale::ScaleRow, stats::Samples};
 
 /// One latency distribution, in ms.
 pub struct Series {
@@ -32,6 +32,8 @@ pub struct Report {
     pub overhead: Vec<OverheadRow>,
     pub latency: Vec<LatencyPanel>,
     pub bursts: Vec<BurstRow>,
+    /// One reconcile pass at scale, per way of reading the gateway's table.
+    pub scale: Vec<ScaleRow>,
     /// The daemon's binary as built and stripped as packaged (bytes).
     pub binary: Option<(u64, u64)>,
     /// Further sections, already in Markdown: (title, body).
@@ -222,6 +224,58 @@ impl Report {
                 );
             }
         }
+        if let Some(first) = self.scale.first() {
+            let _ =
+                writeln!(md, "\n## One reconcile pass with {} mappings (UPnP IGD)\n", thousands(first.mappings.into()));
+            let _ = writeln!(
+                md,
+                "The periodic check of the gateway's table (`reconcile/audit.rs`), asked for with SIGHUP while one \
+                 program holds {} forwarded listeners, on the fake IGD (miniupnpd's nftables backend takes minutes to \
+                 hold that many). A pass is timed where the gateway stamps each request as it arrives: from the pass's \
+                 first request to the one the check sends once the table is read and the findings recorded \
+                 (GetExternalIPAddress). The floor is the same requests, as the gateway recorded them, sent again from \
+                 the same host by a bare client in a row, each on a new connection as the daemon does. Medians of {} \
+                 passes, each followed by its floor. The daemon's CPU time runs from SIGHUP until it is idle again, \
+                 and so includes the resync of its sockets that SIGHUP also asks for.\n",
+                thousands(first.mappings.into()),
+                first.pass_ms.len()
+            );
+            let _ = writeln!(
+                md,
+                "| how the daemon reads the table | requests per pass | pass (ms) | min-max | floor: the same requests (ms) | ratio | per request: pass / floor (ms) | daemon CPU (ms) |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+            for row in &self.scale {
+                let requests = row.total_requests().max(1) as f64;
+                let _ = writeln!(
+                    md,
+                    "| {} | {} ({}) | {:.1} | {:.1}-{:.1} | {:.1} | {:.2}x | {:.3} / {:.3} | {:.0} |",
+                    row.reading,
+                    row.total_requests(),
+                    row.requests.iter().map(|(action, n)| format!("{n} {action}")).collect::<Vec<_>>().join(", "),
+                    row.pass_ms.median(),
+                    row.pass_ms.percentile(0.0),
+                    row.pass_ms.max(),
+                    row.floor_ms.median(),
+                    row.pass_ms.median() / row.floor_ms.median(),
+                    row.pass_ms.median() / requests,
+                    row.floor_ms.median() / requests,
+                    row.cpu_ms.median()
+                );
+            }
+            if let (Some(listed), Some(checked)) = (self.scale.first(), self.scale.last()) {
+                let _ = writeln!(
+                    md,
+                    "\nReading the table in one call takes {} requests and {:.1} ms a pass; checking each mapping takes {} \
+                     requests and {:.1} ms ({:.0}x as long).",
+                    listed.total_requests(),
+                    listed.pass_ms.median(),
+                    checked.total_requests(),
+                    checked.pass_ms.median(),
+                    checked.pass_ms.median() / listed.pass_ms.median()
+                );
+            }
+        }
         for (title, body) in &self.sections {
             let _ = writeln!(md, "\n## {title}\n\n{}", body.trim_end());
         }
@@ -338,6 +392,7 @@ impl Report {
     }
 
     pub fn write(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let md = dir.join("BENCHMARKS.md");
         std::fs::write(&md, self.markdown()).with_context(|| format!("writing {}", md.display()))?;
         let svg = dir.join("benchmarks.svg");
@@ -345,6 +400,19 @@ impl Report {
         println!("wrote {} and {}", md.display(), svg.display());
         Ok(())
     }
+}
+
+/// 1000 as "1,000".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 fn fmt_ms(v: f64) -> String {
@@ -391,6 +459,38 @@ mod tests {
         assert!(md.contains("| kernel | 6.18 |"));
         assert!(md.contains("| natbinder | 3 | 10.0 |"), "{md}");
         assert!(md.contains("| table only | 1 |"));
+    }
+
+    #[test]
+    fn a_scale_row_shows_its_requests_by_action_and_its_ratio_to_the_floor() {
+        let row = |reading, requests: Vec<(String, usize)>, pass: f64| ScaleRow {
+            reading,
+            mappings: 1000,
+            requests,
+            pass_ms: Samples::new(vec![pass]),
+            floor_ms: Samples::new(vec![pass / 2.0]),
+            cpu_ms: Samples::new(vec![10.0]),
+        };
+        let md = Report {
+            scale: vec![
+                row("in one call", vec![("GetListOfPortMappings".into(), 2)], 10.0),
+                row(
+                    "entry by entry",
+                    vec![("GetGenericPortMappingEntry".into(), 1), ("GetSpecificPortMappingEntry".into(), 1000)],
+                    500.0,
+                ),
+            ],
+            ..Report::default()
+        }
+        .markdown();
+        assert!(md.contains("## One reconcile pass with 1,000 mappings"), "{md}");
+        assert_eq!(
+            (thousands(999), thousands(1000), thousands(1234567)),
+            ("999".into(), "1,000".into(), "1,234,567".into())
+        );
+        assert!(md.contains("| in one call | 2 (2 GetListOfPortMappings) | 10.0 | 10.0-10.0 | 5.0 | 2.00x |"), "{md}");
+        assert!(md.contains("| 1001 (1 GetGenericPortMappingEntry, 1000 GetSpecificPortMappingEntry) |"), "{md}");
+        assert!(md.contains("takes 1001 requests and 500.0 ms (50x as long)"), "{md}");
     }
 
     #[test]
