@@ -258,3 +258,31 @@ fn a_held_port_fails_the_bind_only_for_programs_the_policy_forwards() {
     f.hooks.set_policy(&desktop).unwrap();
     assert!(!refused(&f, 7041));
 }
+
+#[test]
+fn the_last_events_of_a_storm_are_read_without_another_bind_to_wake_the_reader() {
+    // The programs wake the reader at most once per millisecond: a record committed without a
+    // wake-up must still be read (the reader reads again after each window), never left waiting for
+    // the next bind. A program binds 100 ports, then closes all but the last at once: the releases
+    // come within the window of the last wake-up, and nothing follows them. All of them are read, or
+    // the reader has gone to sleep on them (the limit in events_until).
+    let mut f = Fixture::new();
+    for round in 0..20u16 {
+        let from = 20000 + round * 100;
+        let mut storm = command_in(&f.ns.0, Some(&f.cgroup), testapp_bin()).unwrap();
+        storm.args(["burst", "100", &from.to_string(), "1", "--keep-last"]).stdout(Stdio::null());
+        let mut storm = storm.spawn().unwrap();
+        let (bound, released) = (std::cell::Cell::new(0), std::cell::Cell::new(0));
+        f.events_until(|e| {
+            match e {
+                KernelEvent::Bound(s) if (from..from + 100).contains(&s.port) => bound.set(bound.get() + 1),
+                KernelEvent::Released { .. } => released.set(released.get() + 1),
+                _ => {}
+            }
+            (bound.get(), released.get()) == (100, 99)
+        });
+        storm.kill().unwrap();
+        storm.wait().unwrap();
+        f.events_until(|e| matches!(e, KernelEvent::Released { .. }));
+    }
+}
