@@ -618,6 +618,18 @@ async fn classify(
     }
 }
 
+/// glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps what was
+/// freed in each. The daemon allocates on one thread and briefly on a few others (spawn_blocking): one
+/// arena serves them without contention, and keeps freed memory where malloc_trim finds it. Called
+/// before the runtime starts any thread.
+pub fn use_one_malloc_arena() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes an allocator setting; it takes no pointers.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+}
+
 /// Start-up's large allocations are over: the kernel's BTF (5 MB on 6.18), parsed to relocate the
 /// programs, and the first socket dump. glibc keeps the heap they freed; handing it back keeps an idle
 /// daemon about 2 MiB smaller for good.
