@@ -7,6 +7,16 @@ set -euo pipefail
 say()  { printf '\033[1;34m[setup]\033[0m %s\n' "$*" >&2; }
 fail() { printf '\033[1;31m[setup] FAILED:\033[0m %s\n' "$*" >&2; exit 1; }
 
+# --no-packaging: only what building, the lab demo and the benchmarks need; without the packaging
+# tools (lintian, rpm, cargo-deb, cargo-generate-rpm), which take minutes to build on a fresh machine.
+PACKAGING=1
+for arg in "$@"; do
+    case "$arg" in
+        --no-packaging) PACKAGING=0 ;;
+        *) fail "unknown argument $arg (known: --no-packaging)" ;;
+    esac
+done
+
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null || fail "not root and no sudo: run this script as root"
@@ -18,7 +28,9 @@ fi
 # build and inspect the static test program that binds with a raw syscall; dbus-daemon carries the
 # stand-in for systemd's manager that `natbinder run`'s transient scopes are tested against.
 APT_PACKAGES=(miniupnpd-nftables miniupnpc natpmpc nftables iproute2 util-linux procps python3 rtorrent gcc libc6-dev
-              binutils dbus-daemon systemd man-db lintian rpm)
+              binutils dbus-daemon systemd man-db)
+# lintian checks the .deb, rpm reads the .rpm back (the package tests).
+if [ "$PACKAGING" = 1 ]; then APT_PACKAGES+=(lintian rpm); fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -80,24 +92,26 @@ else
     bpf-linker --version >/dev/null || fail "bpf-linker was built but does not run: check that $PREFIX/lib holds $(basename "$LLVM_SO")"
 fi
 
-# --- 4. cargo-deb for `cargo xtask deb` (pinned: the package's metadata is written for its keys).
-CARGO_DEB_VERSION=3.8.0
-if cargo deb --version 2>/dev/null | grep -qx "cargo-deb $CARGO_DEB_VERSION"; then
-    say "cargo-deb present ($CARGO_DEB_VERSION)"
-else
-    say "installing cargo-deb $CARGO_DEB_VERSION"
-    cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION" --force \
-        || fail "cargo install cargo-deb $CARGO_DEB_VERSION failed: see cargo's message above (needs crates.io access)"
-fi
+if [ "$PACKAGING" = 1 ]; then
+    # --- 4. cargo-deb for `cargo xtask deb` (pinned: the package's metadata is written for its keys).
+    CARGO_DEB_VERSION=3.8.0
+    if cargo deb --version 2>/dev/null | grep -qx "cargo-deb $CARGO_DEB_VERSION"; then
+        say "cargo-deb present ($CARGO_DEB_VERSION)"
+    else
+        say "installing cargo-deb $CARGO_DEB_VERSION"
+        cargo install --locked cargo-deb --version "$CARGO_DEB_VERSION" --force \
+            || fail "cargo install cargo-deb $CARGO_DEB_VERSION failed: see cargo's message above (needs crates.io access)"
+    fi
 
-# --- 5. cargo-generate-rpm for `cargo xtask rpm` (pinned likewise).
-CARGO_GENERATE_RPM_VERSION=0.21.1
-if cargo generate-rpm --version 2>/dev/null | grep -qx "cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"; then
-    say "cargo-generate-rpm present ($CARGO_GENERATE_RPM_VERSION)"
-else
-    say "installing cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"
-    cargo install --locked cargo-generate-rpm --version "$CARGO_GENERATE_RPM_VERSION" --force \
-        || fail "cargo install cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION failed: see cargo's message above (needs crates.io access)"
+    # --- 5. cargo-generate-rpm for `cargo xtask rpm` (pinned likewise).
+    CARGO_GENERATE_RPM_VERSION=0.21.1
+    if cargo generate-rpm --version 2>/dev/null | grep -qx "cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"; then
+        say "cargo-generate-rpm present ($CARGO_GENERATE_RPM_VERSION)"
+    else
+        say "installing cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION"
+        cargo install --locked cargo-generate-rpm --version "$CARGO_GENERATE_RPM_VERSION" --force \
+            || fail "cargo install cargo-generate-rpm $CARGO_GENERATE_RPM_VERSION failed: see cargo's message above (needs crates.io access)"
+    fi
 fi
 
 # cargo-fuzz itself is installed on first use by scripts/fuzz.sh.

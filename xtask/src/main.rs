@@ -166,6 +166,12 @@ fn setup() -> Result<()> {
     run(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")))
 }
 
+/// What the demo and the benchmarks need: setup without the packaging tools, minutes of building on
+/// a fresh machine that neither uses.
+fn setup_without_packaging() -> Result<()> {
+    run(Command::new("bash").arg(workspace_root().join("scripts/setup.sh")).arg("--no-packaging"))
+}
+
 /// Re-runs this xtask command under sudo when not root (builds stay owned by the user).
 fn escalate(args: &[&str]) -> Result<()> {
     let exe = std::env::current_exe()?;
@@ -237,7 +243,7 @@ fn main() -> Result<()> {
         Task::Rpm { no_setup } => package(no_setup, rpm),
         Task::Demo { no_build } => {
             if !no_build {
-                setup()?;
+                setup_without_packaging()?;
                 run(cargo().args(["build", "--release", "-p", "natbinder-daemon"]))?;
             }
             if !is_root() {
@@ -247,7 +253,7 @@ fn main() -> Result<()> {
         }
         Task::Bench { no_build, samples, protocols, natbinder, only, burst } => {
             if !no_build {
-                setup()?;
+                setup_without_packaging()?;
                 run(cargo().args(["build", "--release", "-p", "natbinder-daemon", "-p", "natbinder-tests", "--bins"]))?;
             }
             if !is_root() {
