@@ -417,6 +417,27 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
         ));
     }
     panel.goals = goals;
+    // Where bind() to reachable spends its time over the floor, from the split's medians.
+    if let (Some(intake), Some(queueing), Some(call), Some(connect)) = (
+        get("split: bind() to the daemon's socket-bound"),
+        get("split: queued in the daemon"),
+        get("split: the gateway's add"),
+        get("split: mapped to the first"),
+    ) {
+        panel.notes.push(format!(
+            "Where bind() to reachable goes (medians of the split): the kernel event reaching the daemon {:.2} ms, \
+             queueing in the daemon {:.2} ms, the daemon's own add {:.2} ms against the bare client's {:.2} ms \
+             ({:+.2} ms: natbinder's gateway client), then {:.2} ms to the first connect that succeeds (negative: \
+             the gateway forwards before it answers). The add is the gateway's time: what natbinder adds to it is \
+             the rest.",
+            intake.median(),
+            queueing.median(),
+            call.median(),
+            add.median(),
+            call.median() - add.median(),
+            connect.median()
+        ));
+    }
     if let Some(back_to_back) = get("the same churn back to back") {
         panel.notes.push(format!(
             "Back to back, the program binds its next port while the daemon's delete of the port before is at \

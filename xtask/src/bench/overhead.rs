@@ -146,6 +146,20 @@ fn run_once(lab: &Lab, cgroup: &Cgroup, testapp: &Path, args: &[String]) -> Resu
     }
 }
 
+/// After a forwarded run: until the daemon has deleted every mapping the run made and is idle. The
+/// lab's gateway shares this machine's two CPUs (a real one is another box): its deletes must not land
+/// on the next run.
+fn settle(daemon: &Daemon) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
+    while daemon.mappings()? > 0 {
+        if std::time::Instant::now() > deadline {
+            bail!("the daemon still held {} mappings 300 s after a forwarded run", daemon.mappings()?);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    daemon.wait_idle(Duration::from_secs(120))
+}
+
 pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path) -> Result<Vec<OverheadRow>> {
     // Beside the lab's cgroup, at the same depth, so that both inherit the same ancestors' programs.
     let sibling = Cgroup::create(&natbinder_lab::scratch_cgroup_name("bench-sibling"))?;
@@ -169,7 +183,7 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path) -> Result<Vec<Overhea
                 let cgroup = [&sibling, &empty, &lab.cgroup][arm];
                 ns[arm] = run_once(lab, cgroup, testapp, &case.args)?;
                 if arm == 2 && case.forwarded {
-                    daemon.wait_idle(Duration::from_secs(120))?;
+                    settle(daemon)?;
                 }
             }
             baseline.push(ns[0]);
@@ -188,7 +202,7 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path) -> Result<Vec<Overhea
             .collect();
         drop(stats);
         if case.forwarded {
-            daemon.wait_idle(Duration::from_secs(120))?;
+            settle(daemon)?;
         }
         let row = OverheadRow {
             path: case.path,
