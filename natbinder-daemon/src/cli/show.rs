@@ -293,7 +293,16 @@ pub async fn watch(output: &Output) -> Result<(), ClientError> {
             let line = if json {
                 serde_json::to_string(&event).unwrap_or_default()
             } else {
-                format!("{}  {}", str_of(&event, "time").unwrap_or("?"), str_of(&event, "text").unwrap_or("?"))
+                let time = str_of(&event, "time").unwrap_or("?");
+                // The daemon sends microseconds (for programs); a person reads milliseconds.
+                let time = match time.split_once('.') {
+                    Some((seconds, fraction)) if fraction.len() > 4 => match fraction.get(..3) {
+                        Some(millis) => format!("{seconds}.{millis}Z"),
+                        None => time.to_string(),
+                    },
+                    _ => time.to_string(),
+                };
+                format!("{time}  {}", str_of(&event, "text").unwrap_or("?"))
             };
             let mut out = std::io::stdout().lock();
             // A closed pipe (`natbinder watch | head`) ends the watch.
