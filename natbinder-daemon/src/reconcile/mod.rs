@@ -11,6 +11,7 @@
 //!   of every mapping, which is both the check and the repair.
 //! * [`ownership`]: which of the gateway's mappings are ours (the tag and the journal).
 //! * [`pinholes`]: IPv6 pinholes: whether the gateway needs them, and the calls for each.
+//! * [`precise_timer`]: waits for work due within milliseconds (the delete grace), to the microsecond.
 use std::{future::Future, net::SocketAddrV4, time::Duration};
 
 use tokio::{sync::watch, time::Instant};
@@ -30,6 +31,7 @@ use crate::{
 pub mod audit;
 pub mod ownership;
 pub mod pinholes;
+mod precise_timer;
 
 pub use ownership::{description, is_ours, Ownership, TAG_PREFIX};
 
@@ -252,6 +254,7 @@ impl Reconciler {
             Ok(()) => {}
         }
         self.publish_ready(Some(session.describe()));
+        let timer = precise_timer::PreciseTimer::new();
         let mut next_check = Instant::now() + self.config.interval;
         let mut deferred: Option<Signal> = None;
         loop {
@@ -305,7 +308,7 @@ impl Reconciler {
             tokio::select! {
                 _ = self.table.changed() => {}
                 _ = Self::settings_changed(&mut settings) => {}
-                _ = tokio::time::sleep_until(wake_at) => {}
+                _ = timer.sleep_until(wake_at) => {}
                 signal = self.signals.next() => deferred = Some(signal),
                 _ = stopped(stop) => return Ended::Stop { interrupted: None },
             }

@@ -1101,7 +1101,11 @@ async fn a_new_mapping_never_waits_behind_the_delete_of_the_port_closed_just_bef
     // A port search, or a restart: close one port and bind the next at once, twice over.
     for (old, new, port) in [(1, 2, 8081), (2, 3, 8082)] {
         h.release(old);
-        tokio::time::sleep(Duration::from_micros(300)).await;
+        // The reconciler sees the release and waits out the grace; the bind comes within it (no time
+        // passes: paused time only moves in whole milliseconds, longer than the grace).
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
         h.bind(new, TCP, port);
         sleep(1).await;
     }

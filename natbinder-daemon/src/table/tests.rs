@@ -84,8 +84,8 @@ fn adds_go_before_deletes_that_fell_due_after_them_and_renewals_before_the_other
     let later = now + Duration::from_secs(50);
     release(&mut t, 1, later);
     bind(&mut t, 3, Protocol::Tcp, 9000, later);
-    bind(&mut t, 4, Protocol::Tcp, 6000, later + Duration::from_millis(1));
-    let at = later + Duration::from_millis(1);
+    bind(&mut t, 4, Protocol::Tcp, 6000, later + GRACE / 2);
+    let at = later + GRACE / 2;
     // The adds in the order they fell due (not port order), before the renewal and the delete.
     assert_eq!(t.next_work(at), add(key(9000)));
     t.record_mapped(key(9000), grant(Duration::from_secs(100)), at);
