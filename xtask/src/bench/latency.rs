@@ -2,10 +2,11 @@
 //! floor (a bare add and delete, before and after) and the tools users run today.
 //!
 //! Each natbinder sample is timed from the program's own clock reading as bind() or close() returned
-//! (`--stamp`, CLOCK_MONOTONIC, the clock read here too), and split with the daemon's outcomes as
-//! `natbinder watch --json` delivers them: bind() -> socket-bound (kernel event and the daemon's
-//! intake), -> the add sent (queueing: mapped's arrival less the gateway call it reports), the gateway
-//! call, -> the first connect from the WAN peer that succeeds.
+//! (`--stamp`, CLOCK_MONOTONIC, the clock read here too), and split with the daemon's outcomes, each at
+//! the time the daemon published it (`natbinder watch --json` gives it to the microsecond): bind() ->
+//! socket-bound (kernel event and the daemon's intake), -> the add sent (queueing: mapped less the
+//! gateway call it reports), the gateway call, -> the first connect from the WAN peer that succeeds.
+//! close() is timed to the daemon's `removed`, published as the gateway answered the delete.
 use std::{
     io::{BufRead, BufReader, Write},
     path::Path,
@@ -108,7 +109,36 @@ pub fn first_reachable(lab: &Lab, port: u16, limit: Duration) -> Option<u64> {
     })
 }
 
-/// `natbinder watch --json`, each line stamped as it arrives.
+/// CLOCK_REALTIME in ns.
+fn realtime_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write into.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// ns since the epoch of an RFC 3339 UTC time as the daemon writes it ("2026-12-02T19:35:59.123456Z").
+fn epoch_ns(time: &str) -> Option<u64> {
+    let (date, clock) = time.strip_suffix('Z')?.split_once('T')?;
+    let mut date = date.split('-').map(|n| n.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (hms, fraction) = clock.split_once('.').unwrap_or((clock, "0"));
+    let mut hms = hms.split(':').map(|n| n.parse::<u64>().ok());
+    let (hour, minute, second) = (hms.next()??, hms.next()??, hms.next()??);
+    let digits = fraction.len().min(9);
+    let nanos = fraction.get(..digits)?.parse::<u64>().ok()? * 10u64.pow(9 - digits as u32);
+    // Days since 1970-01-01 of a civil date (Howard Hinnant's days_from_civil).
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let doy = (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = u64::try_from(era * 146_097 + doe - 719_468).ok()?;
+    Some(((days * 86_400 + hour * 3600 + minute * 60 + second) * 1_000_000_000) + nanos)
+}
+
+/// `natbinder watch --json`, each line stamped with when the daemon published it (CLOCK_MONOTONIC ns;
+/// the arrival here if the line has no time).
 pub struct Watch {
     child: Child,
     lines: Receiver<(u64, Value)>,
@@ -125,10 +155,15 @@ impl Watch {
             .context("starting natbinder watch")?;
         let stdout = child.stdout.take().unwrap();
         let (tx, lines) = std::sync::mpsc::channel();
+        // The daemon stamps each outcome with the wall clock as it published it; this clock's reading
+        // of the same moment is that less the clocks' difference.
+        let realtime_ahead = realtime_ns() as i128 - now_ns() as i128;
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let at = now_ns();
+                let arrived = now_ns();
                 if let Ok(value) = serde_json::from_str::<Value>(&line) {
+                    let published = value["time"].as_str().and_then(epoch_ns).map(|t| t as i128 - realtime_ahead);
+                    let at = published.map_or(arrived, |t| t.clamp(0, arrived as i128) as u64);
                     if tx.send((at, value)).is_err() {
                         return;
                     }
@@ -140,7 +175,7 @@ impl Watch {
         Ok(Self { child, lines })
     }
 
-    /// The next `kind` outcome about TCP `port` (earlier other lines are skipped): (arrival ns, details).
+    /// The next `kind` outcome about TCP `port` (earlier other lines are skipped): (published ns, details).
     pub fn next(&self, kind: &str, port: u16, limit: Duration) -> Option<(u64, Value)> {
         let mut found = Value::Null;
         let at = self.until(limit, |_, event| {
@@ -217,6 +252,7 @@ struct Singles {
     gateway: Vec<f64>,
     to_connect: Vec<f64>,
     floor_add: Vec<f64>,
+    floor_reachable: Vec<f64>,
     floor_delete: Vec<f64>,
 }
 
@@ -233,9 +269,11 @@ fn singles(
 ) -> Result<Singles> {
     let mut s = Singles::default();
     for i in 0..samples {
-        let (add, delete) = floor::add_and_delete(lab, protocol, from + 2000 + i as u16)?;
-        s.floor_add.push(add);
-        s.floor_delete.push(delete);
+        let floor_port = from + 2000 + i as u16;
+        let sample = floor_sample(lab, protocol, floor_port, None)?;
+        s.floor_add.push(sample.add);
+        s.floor_reachable.push(sample.reachable);
+        s.floor_delete.push(floor::delete(lab, protocol, floor_port)?);
         let port = from + i as u16;
         watch.drain();
         let address = format!("0.0.0.0:{port}");
@@ -276,8 +314,18 @@ fn singles(
 /// `settled`: each step waits until the daemon has deleted the port before last (nothing is in flight
 /// at the gateway when the program steps, so only the order of the add and the delete is tested);
 /// otherwise it steps as soon as its port is reachable, and the add can find a delete in flight.
-fn churn(lab: &Lab, watch: &Watch, testapp: &Path, samples: usize, from: u16, settled: bool) -> Result<Vec<f64>> {
+/// Returns the latencies and, settled, in how many steps the daemon deleted the port before ahead of
+/// the new port's add (its `removed` published before the `mapped`).
+fn churn(
+    lab: &Lab,
+    watch: &Watch,
+    testapp: &Path,
+    samples: usize,
+    from: u16,
+    settled: bool,
+) -> Result<(Vec<f64>, usize)> {
     let mut latencies = Vec::with_capacity(samples);
+    let mut deleted_first = 0;
     let (mut child, mut stdin, mut out) =
         spawn_testapp(lab, testapp, &["churn", &from.to_string(), &samples.to_string(), "--stamp"])?;
     watch.drain();
@@ -288,12 +336,70 @@ fn churn(lab: &Lab, watch: &Watch, testapp: &Path, samples: usize, from: u16, se
             .with_context(|| format!("churn: tcp/{port} never became reachable"))?;
         latencies.push(ms_between(bound_at, reached));
         if settled && i > 0 {
-            watch.next("removed", port - 1, Duration::from_secs(10)).context("churn: no removed outcome")?;
+            let (mut mapped_at, mut removed_at) = (None, None);
+            watch
+                .until(Duration::from_secs(10), |at, event| {
+                    let external_port = event["details"]["external_port"].as_u64();
+                    if event["event"] == "mapped" && external_port == Some(port.into()) {
+                        mapped_at = Some(at);
+                    }
+                    if event["event"] == "removed" && external_port == Some((port - 1).into()) {
+                        removed_at = Some(at);
+                    }
+                    mapped_at.is_some() && removed_at.is_some()
+                })
+                .with_context(|| format!("churn: no mapped outcome for tcp/{port} or no removed for the one before"))?;
+            deleted_first += usize::from(removed_at < mapped_at);
         }
         stdin.write_all(b"next\n")?;
     }
     let _ = child.kill();
     let _ = child.wait();
+    Ok((latencies, deleted_first))
+}
+
+/// One sample of the gateway's floor, timed as natbinder's samples are.
+struct FloorSample {
+    /// The bare add, to its answer (ms).
+    add: f64,
+    /// The bare add, to the first connect from the WAN peer that succeeds (ms).
+    reachable: f64,
+}
+
+/// A bare add of TCP `port` while the WAN peer probes it from the moment the add is sent, as natbinder's
+/// samples are probed: the probes' SYNs and the prober's CPU weigh on the gateway alike. A listener on
+/// lan1's own address answers them (a specific address: natbinder does not forward it). `then_delete`:
+/// a port whose bare delete follows the add's answer at once (natbinder's order in a churn). The
+/// mapping is left on the gateway.
+fn floor_sample(lab: &Lab, protocol: Protocol, port: u16, then_delete: Option<u16>) -> Result<FloorSample> {
+    let _listener = lab
+        .lan1
+        .run(move || std::net::TcpListener::bind((LAN1_IP, port)))
+        .with_context(|| format!("the floor's listener on {LAN1_IP}:{port}"))?;
+    let started = now_ns();
+    std::thread::scope(|scope| {
+        let probe = scope.spawn(|| first_reachable(lab, port, Duration::from_secs(10)));
+        let add = floor::add(lab, protocol, port)?;
+        if let Some(before) = then_delete {
+            floor::delete(lab, protocol, before)?;
+        }
+        let reached = probe.join().unwrap_or_else(|e| std::panic::resume_unwind(e));
+        let reached = reached.with_context(|| format!("the floor's tcp/{port} never became reachable"))?;
+        Ok(FloorSample { add, reachable: ms_between(started, reached) })
+    })
+}
+
+/// The gateway's floor in the same churn as natbinder's: a bare client adds the next port and, once
+/// that is answered, deletes the port before. What the gateway does with the delete while it already
+/// forwards the new port shows here as it does in natbinder's churn.
+fn floor_churn(lab: &Lab, protocol: Protocol, samples: usize, from: u16) -> Result<Vec<f64>> {
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let port = from + i as u16;
+        let before = (i > 0).then(|| port - 1);
+        latencies.push(floor_sample(lab, protocol, port, before)?.reachable);
+    }
+    floor::delete(lab, protocol, from + samples as u16 - 1)?;
     Ok(latencies)
 }
 
@@ -326,12 +432,12 @@ fn tool_adds(lab: &Lab, tool: &str, samples: usize, from: u16) -> Result<Vec<f64
 }
 
 /// The floor's adds and deletes, `samples` of each, ports from `from`.
-fn floor_samples(lab: &Lab, protocol: Protocol, samples: usize, from: u16) -> Result<(Vec<f64>, Vec<f64>)> {
+fn floor_samples(lab: &Lab, protocol: Protocol, samples: usize, from: u16) -> Result<(Vec<FloorSample>, Vec<f64>)> {
     let (mut adds, mut deletes) = (Vec::new(), Vec::new());
     for i in 0..samples {
-        let (add, delete) = floor::add_and_delete(lab, protocol, from + i as u16)?;
-        adds.push(add);
-        deletes.push(delete);
+        let port = from + i as u16;
+        adds.push(floor_sample(lab, protocol, port, None)?);
+        deletes.push(floor::delete(lab, protocol, port)?);
     }
     Ok((adds, deletes))
 }
@@ -347,15 +453,18 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
     let watch = Watch::start(daemon)?;
     let half = samples.div_ceil(2);
     let single = singles(lab, daemon, &watch, testapp, protocol, samples, 20000)?;
-    let churned = churn(lab, &watch, testapp, half, 24000, true)?;
-    let back_to_back = churn(lab, &watch, testapp, half, 25000, false)?;
+    let (churned, deleted_first) = churn(lab, &watch, testapp, half, 24000, true)?;
+    let (back_to_back, _) = churn(lab, &watch, testapp, half, 25000, false)?;
     daemon.wait_idle(Duration::from_secs(60))?;
+    let churn_floor = floor_churn(lab, protocol, half, 27000)?;
     // And the floor once more after the churn, alone: the gateway as it is at the end of the run.
     let (after_add, after_delete) = floor_samples(lab, protocol, half, 26000)?;
-    let floor_during_p50 = Samples::new(single.floor_add.clone()).median();
-    let floor_after_p50 = Samples::new(after_add.clone()).median();
-    let (mut floor_add, mut floor_delete) = (single.floor_add, single.floor_delete);
-    floor_add.extend(after_add);
+    let floor_during_p50 = Samples::new(single.floor_reachable.clone()).median();
+    let floor_after_p50 = Samples::new(after_add.iter().map(|s| s.reachable).collect()).median();
+    let (mut floor_add, mut floor_reachable, mut floor_delete) =
+        (single.floor_add, single.floor_reachable, single.floor_delete);
+    floor_add.extend(after_add.iter().map(|s| s.add));
+    floor_reachable.extend(after_add.iter().map(|s| s.reachable));
     floor_delete.extend(after_delete);
     let tool = match protocol {
         Protocol::Upnp => Some(("upnpc -a (discovery, then the add)", tool_adds(lab, "upnpc", 8, 28000)?)),
@@ -373,7 +482,13 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
             series("natbinder: bind() to reachable from the WAN", single.reachable, true),
             series("natbinder in a churn: close one port, bind the next", churned, true),
             series("the same churn back to back (a delete may be in flight)", back_to_back, false),
-            series("the gateway's floor: a bare add", floor_add, true),
+            series(
+                "the gateway's floor in the churn: a bare add, then the delete of the port before",
+                churn_floor,
+                false,
+            ),
+            series("the gateway's floor: a bare add, to reachable from the WAN", floor_reachable, true),
+            series("the gateway's floor: a bare add, to its answer", floor_add, false),
             series("natbinder: close() to deleted at the gateway", single.deleted, false),
             series("the gateway's floor: a bare delete", floor_delete, false),
             series("split: bind() to the daemon's socket-bound", single.intake, false),
@@ -388,23 +503,29 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
         panel.series.insert(3, series(label, took, true));
     }
     panel.notes.push(format!(
-        "The floor was sampled before each of natbinder's samples (add p50 {floor_during_p50:.1} ms) and alone at \
-         the end ({floor_after_p50:.1} ms); the floor rows hold both."
+        "The floor was sampled before each of natbinder's samples (to reachable p50 {floor_during_p50:.1} ms) and \
+         alone at the end ({floor_after_p50:.1} ms); the floor rows hold both. The WAN peer probes the floor's \
+         port from the moment its add is sent, as it probes natbinder's from bind(): a SYN every millisecond \
+         until one is answered, which the gateway (on the same two CPUs) serves alike in both."
     ));
     let get = |label: &str| panel.series.iter().find(|s| s.label.starts_with(label)).map(|s| &s.samples);
-    let (Some(reach), Some(churned), Some(add), Some(deleted), Some(delete)) = (
+    let (Some(reach), Some(churned), Some(reach_floor), Some(add), Some(churn_floor), Some(deleted), Some(delete)) = (
         get("natbinder: bind()"),
         get("natbinder in a churn"),
-        get("the gateway's floor: a bare add"),
+        get("the gateway's floor: a bare add, to reachable"),
+        get("the gateway's floor: a bare add, to its answer"),
+        get("the gateway's floor in the churn"),
         get("natbinder: close()"),
         get("the gateway's floor: a bare delete"),
     ) else {
         unreachable!()
     };
     let mut goals = Vec::new();
-    for (what, ours, floor) in
-        [("bind() to reachable", reach, add), ("in a churn", churned, add), ("close() to deleted", deleted, delete)]
-    {
+    for (what, ours, floor) in [
+        ("bind() to reachable", reach, reach_floor),
+        ("in a churn", churned, churn_floor),
+        ("close() to deleted", deleted, delete),
+    ] {
         goals.push((
             format!(
                 "{what}: p50 {:.1} ms vs. the floor's {:.1} ms + 1 ms; p99 {:.1} ms vs. 2 x the floor's {:.1} ms",
@@ -417,6 +538,17 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
         ));
     }
     panel.goals = goals;
+    panel.notes.push(format!(
+        "A churn is judged against the same churn made by a bare client (the next port's add, then the delete \
+         of the port before, the new port probed from the WAN peer from the moment its add is sent): p50 {:.1} \
+         ms, against {:.1} ms for a bare add alone, to reachable. The difference is the gateway's: what it does to a new \
+         port while it deletes the one before. natbinder deleted the port before ahead of the new port's \
+         add in {deleted_first} of {} steps (it holds a released port's delete for half a millisecond, for a \
+         bind made in the same breath).",
+        churn_floor.median(),
+        reach_floor.median(),
+        half.saturating_sub(1)
+    ));
     // Where bind() to reachable spends its time over the floor, from the split's medians.
     if let (Some(intake), Some(queueing), Some(call), Some(connect)) = (
         get("split: bind() to the daemon's socket-bound"),
@@ -427,9 +559,9 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
         panel.notes.push(format!(
             "Where bind() to reachable goes (medians of the split): the kernel event reaching the daemon {:.2} ms, \
              queueing in the daemon {:.2} ms, the daemon's own add {:.2} ms against the bare client's {:.2} ms \
-             ({:+.2} ms: natbinder's gateway client), then {:.2} ms to the first connect that succeeds (negative: \
-             the gateway forwards before it answers). The add is the gateway's time: what natbinder adds to it is \
-             the rest.",
+             ({:+.2} ms; both while the WAN peer probes), then {:.2} ms to the first connect that succeeds \
+             (negative: the gateway forwards before it answers). The add is the gateway's time: what natbinder \
+             adds to it is the rest.",
             intake.median(),
             queueing.median(),
             call.median(),
@@ -457,4 +589,18 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
         );
     }
     Ok(panel)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::epoch_ns;
+
+    #[test]
+    fn the_daemons_times_are_read_to_the_nanosecond_since_the_epoch() {
+        assert_eq!(epoch_ns("1970-01-01T00:00:00.000000Z"), Some(0));
+        assert_eq!(epoch_ns("2026-12-02T19:35:59.123456Z"), Some(1_796_240_159_123_456_000));
+        assert_eq!(epoch_ns("2000-02-29T00:00:00.5Z"), Some(951_782_400_500_000_000));
+        assert_eq!(epoch_ns("2026-12-02 19:35:59Z"), None);
+        assert_eq!(epoch_ns("2026-12-02T19:35:59.123456"), None);
+    }
 }
