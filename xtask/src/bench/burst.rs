@@ -46,6 +46,8 @@ pub struct Idle {
     pub rss_kib: u64,
     pub cpu_ms: f64,
     pub wakeups: u64,
+    /// Requests the gateway got meanwhile: the periodic check's, if one fell in the period.
+    pub requests: usize,
 }
 
 /// How long the daemon is watched idle, all mappings made.
@@ -93,20 +95,23 @@ impl Gateway<'_> {
     }
 }
 
-/// Waits for `count` outcomes of `kind` about ports in `ports`; returns when the last arrived.
-pub fn until_all(watch: &Watch, kind: &str, ports: std::ops::Range<u16>, limit: Duration) -> Result<u64> {
+/// Waits for an outcome of `kind` about each port in `ports`; returns when the last was published, and
+/// the ports in the order their outcomes came (the order the daemon sent its requests in).
+pub fn until_all(watch: &Watch, kind: &str, ports: std::ops::Range<u16>, limit: Duration) -> Result<(u64, Vec<u16>)> {
     let mut seen = std::collections::HashSet::new();
+    let mut order = Vec::with_capacity(ports.len());
     let wanted = ports.len();
-    watch
+    let last = watch
         .until(limit, |_, event| {
             let details = &event["details"];
             let port = details["internal_port"].as_u64().or(details["external_port"].as_u64()).unwrap_or(0) as u16;
-            if event["event"] == kind && ports.contains(&port) {
-                seen.insert(port);
+            if event["event"] == kind && ports.contains(&port) && seen.insert(port) {
+                order.push(port);
             }
             seen.len() == wanted
         })
-        .with_context(|| format!("{} of {wanted} `{kind}` outcomes within {limit:?}", seen.len()))
+        .with_context(|| format!("{} of {wanted} `{kind}` outcomes within {limit:?}", seen.len()))?;
+    Ok((last, order))
 }
 
 pub fn measure(
@@ -141,13 +146,15 @@ pub fn measure(
             peak
         })
     };
-    let mapped_at = until_all(&watch, "mapped", ports.clone(), limit);
+    let mapped = until_all(&watch, "mapped", ports.clone(), limit);
     sampling.store(false, std::sync::atomic::Ordering::SeqCst);
     let peak_rss_kib = sampler.join().unwrap_or(0);
-    let mapped_at = mapped_at?;
+    let (mapped_at, add_order) = mapped?;
     let cpu_ms = (daemon.cpu_time()? - cpu_before).as_secs_f64() * 1e3;
     daemon.wait_idle(limit)?;
+    let requests_open = gateway.requests_since(lab, opening);
     let idle = if with_idle {
+        let idling = gateway.mark(lab);
         let (cpu, switches) = (daemon.cpu_time()?, daemon.context_switches()?);
         std::thread::sleep(IDLE);
         Some(Idle {
@@ -155,15 +162,15 @@ pub fn measure(
             rss_kib: daemon.rss_kib()?,
             cpu_ms: (daemon.cpu_time()? - cpu).as_secs_f64() * 1e3,
             wakeups: super::daemon::wakeups_between(&switches, &daemon.context_switches()?),
+            requests: gateway.requests_since(lab, idling),
         })
     } else {
         None
     };
-    let requests_open = gateway.requests_since(lab, opening);
     let closing = gateway.mark(lab);
     stdin.write_all(b"close\n")?;
     let closed_at = read_stamp(&mut out, "closed")?;
-    let clean_at = until_all(&watch, "removed", ports.clone(), limit)?;
+    let (clean_at, delete_order) = until_all(&watch, "removed", ports.clone(), limit)?;
     daemon.wait_idle(limit)?;
     if daemon.mappings()? != 0 {
         bail!("the table was not empty after the burst of {listeners} closed");
@@ -198,16 +205,16 @@ pub fn measure(
         bail!("the table was not empty after the burst of {listeners} closed at once");
     }
 
-    // The gateway's own service time for the same requests.
+    // The gateway's own service time for the same requests, in the order the daemon sent them
+    // (miniupnpd finds a rule to delete by walking its chain: the order changes what a delete costs).
+    // Ports of their own, 5000 up: the gateway may still be closing the burst's last connections.
     let (mut floor_adds_ms, mut floor_deletes_ms) = (0.0, 0.0);
-    // Ports of their own: the gateway may still be closing the burst's last connections.
-    let floor_ports = from + 5000..from + 5000 + listeners;
     let (http_port, version) = gateway.endpoint(lab);
-    for port in floor_ports.clone() {
-        floor_adds_ms += floor::upnp_add(lab, http_port, version, port)?;
+    for port in add_order {
+        floor_adds_ms += floor::upnp_add(lab, http_port, version, port + 5000)?;
     }
-    for port in floor_ports {
-        floor_deletes_ms += floor::upnp_delete(lab, http_port, version, port)?;
+    for port in delete_order {
+        floor_deletes_ms += floor::upnp_delete(lab, http_port, version, port + 5000)?;
     }
     let row = BurstRow {
         gateway: match gateway {
