@@ -113,6 +113,39 @@ impl Default for LabConfig {
     }
 }
 
+/// Run between fork and exec of the command that becomes miniupnpd: gives it a mount namespace of its
+/// own in which /dev/console and /dev/log are /dev/null. miniupnpd logs through syslog(3) with
+/// LOG_CONS, so where no syslog daemon listens on /dev/log (a CI VM) every line it logs went to
+/// /dev/console, here a serial port at 115200 baud: perf showed miniupnpd spending most of its time in
+/// uart_write, each request taking 10 to 400 ms as its debug output grew with its table. Where one
+/// listens (a desktop), the lab's lines would fill the system journal. Its stderr, which the lab keeps
+/// in miniupnpd.log, has every line either way. `ip netns exec` makes its own mount namespace from
+/// this one, so the bind mounts carry over.
+fn syslog_to_null() -> std::io::Result<()> {
+    let fail = || Err(std::io::Error::last_os_error());
+    // SAFETY: plain syscalls on NUL-terminated static strings.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return fail();
+        }
+        let root = c"/".as_ptr();
+        if libc::mount(std::ptr::null(), root, std::ptr::null(), libc::MS_REC | libc::MS_PRIVATE, std::ptr::null()) != 0
+        {
+            return fail();
+        }
+        for target in [c"/dev/console", c"/dev/log"] {
+            // ENOENT (no /dev/log on a machine without a syslog daemon) is fine: nothing to hide.
+            if libc::mount(c"/dev/null".as_ptr(), target.as_ptr(), std::ptr::null(), libc::MS_BIND, std::ptr::null())
+                != 0
+                && *libc::__errno_location() != libc::ENOENT
+            {
+                return fail();
+            }
+        }
+    }
+    Ok(())
+}
+
 /// A network namespace created by the lab (a file under /run/netns).
 #[derive(Debug)]
 pub struct Netns {
@@ -588,15 +621,17 @@ impl Lab {
         let conf = self.dir.join("miniupnpd.conf");
         fs::write(&conf, self.miniupnpd_config())?;
         let log = File::create(self.dir.join("miniupnpd.log"))?;
-        let child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(["netns", "exec", &self.gw.name, "miniupnpd", "-d", "-f"])
             .arg(&conf)
             .arg("-P")
             .arg(self.dir.join("miniupnpd.pid"))
             .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("starting miniupnpd")?;
+            .stderr(log);
+        // SAFETY: the hook makes only syscalls, on static paths (nothing allocated after fork).
+        unsafe { command.pre_exec(syslog_to_null) };
+        let child = command.spawn().context("starting miniupnpd")?;
         self.miniupnpd = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {

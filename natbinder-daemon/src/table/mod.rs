@@ -286,7 +286,7 @@ impl Default for TableConfig {
     }
 }
 
-/// See [`TableConfig::delete_grace`].
+/// See [`TableConfig::delete_grace`]. The benchmarks quote it (xtask/src/bench/latency.rs).
 pub const DELETE_GRACE: Duration = Duration::from_micros(500);
 
 #[derive(Default)]
