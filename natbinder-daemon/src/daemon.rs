@@ -630,10 +630,11 @@ pub fn use_one_malloc_arena() {
     }
 }
 
-/// Start-up's large allocations are over: the kernel's BTF (5 MB on 6.18), parsed to relocate the
-/// programs, and the first socket dump. glibc keeps the heap they freed; handing it back keeps an idle
-/// daemon about 2 MiB smaller for good.
-fn give_back_freed_heap() {
+/// Hands the heap glibc keeps after frees back to the system. Called once start-up's large allocations
+/// are over (the kernel's BTF, 5 MB on 6.18, parsed to relocate the programs, and the first socket
+/// dump: about 2 MiB), and after each periodic check of the gateway, the quiet moment after whatever
+/// came before (a burst of mappings made and deleted leaves its heap free but resident).
+pub(crate) fn give_back_freed_heap() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only returns free memory to the system; it takes no pointers.
     unsafe {

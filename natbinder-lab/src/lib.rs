@@ -146,6 +146,9 @@ fn syslog_to_null() -> std::io::Result<()> {
     Ok(())
 }
 
+/// The ephemeral ports of the lab's LAN hosts: tests and benchmarks bind explicit ports below these.
+pub const LAN_EPHEMERAL_PORTS: &str = "50000 60999";
+
 /// A network namespace created by the lab (a file under /run/netns).
 #[derive(Debug)]
 pub struct Netns {
@@ -539,6 +542,13 @@ impl Lab {
                 }
             }
             run_ip_batch(Some(ns), &cmds)?;
+        }
+        for host in [&self.lan1, &self.lan2] {
+            // A LAN host's client connections (the daemon's to the gateway, the benchmarks' bare
+            // clients) take their ports from here, above every port a test or benchmark binds on purpose:
+            // a listener's bind() must never meet a connection that happens to hold its port (`run
+            // --wait` once failed with EADDRINUSE on 33004 that way).
+            host.sysctl("net/ipv4/ip_local_port_range", LAN_EPHEMERAL_PORTS)?;
         }
         self.gw.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"])?;
         // LAN hosts talk to each other through br0 unfiltered, as on a home router's switch. Where the

@@ -57,8 +57,8 @@ pub const IDLE: Duration = Duration::from_secs(60);
 pub enum Gateway<'a> {
     /// The lab's miniupnpd: its requests are counted in its log.
     Miniupnpd,
-    /// The scripted fake IGD, for bursts larger than miniupnpd's nftables backend can take in minutes
-    /// (each add costs it more as its table grows: about 0.4 s per add at 100 entries here). It counts
+    /// The scripted fake IGD, for bursts larger than miniupnpd takes quickly (each add costs it more as
+    /// its nftables table grows). It answers at once, so what is timed is natbinder's own work. It counts
     /// each request by action.
     Fake(&'a FakeIgd),
 }

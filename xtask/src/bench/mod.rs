@@ -147,9 +147,8 @@ pub fn run(options: Options) -> Result<()> {
         let _ = std::fs::copy(&daemon.log, &kept);
     }
     if wants("burst") {
-        // miniupnpd's nftables backend takes minutes per hundred mappings once its table has some:
-        // the larger burst runs against the fake IGD, which answers at once, so that what is timed is
-        // natbinder's own work.
+        // miniupnpd's adds slow down as its nftables table grows: the larger burst runs against the
+        // fake IGD, which answers at once, so that what is timed is natbinder's own work.
         let mut lab = Lab::start(LabConfig { miniupnpd: false, ..LabConfig::default() })?;
         let fake = natbinder_lab::fake_igd::FakeIgd::start(&lab, natbinder_lab::fake_igd::FakeScript::new())?;
         let daemon = daemon::Daemon::start(&mut lab, &natbinder, "upnp", &["--max-mappings-per-user", "0"])?;

@@ -276,8 +276,8 @@ impl Report {
             let _ = writeln!(
                 md,
                 "The periodic check of the gateway's table (`reconcile/audit.rs`), asked for with SIGHUP while one \
-                 program holds {} forwarded listeners, on the fake IGD (miniupnpd's nftables backend takes minutes to \
-                 hold that many). A pass is timed where the gateway stamps each request as it arrives: from the pass's \
+                 program holds {} forwarded listeners, on the fake IGD (which answers at once; miniupnpd's adds slow down \
+                 as its table grows). A pass is timed where the gateway stamps each request as it arrives: from the pass's \
                  first request to the one the check sends once the table is read and the findings recorded \
                  (GetExternalIPAddress). The floor is the same requests, as the gateway recorded them, sent again from \
                  the same host by a bare client in a row, each on a new connection as the daemon does. Medians of {} \
