@@ -1102,7 +1102,7 @@ async fn a_new_mapping_never_waits_behind_the_delete_of_the_port_closed_just_bef
     for (old, new, port) in [(1, 2, 8081), (2, 3, 8082)] {
         h.release(old);
         // The reconciler sees the release and waits out the grace; the bind comes within it (no time
-        // passes: paused time only moves in whole milliseconds, longer than the grace).
+        // passes meanwhile).
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }

@@ -27,7 +27,7 @@ use super::{
 };
 
 /// How long natbinder holds a released port's delete (natbinder-daemon's `table::DELETE_GRACE`).
-const DELETE_GRACE_MS: f64 = 0.5;
+const DELETE_GRACE_MS: f64 = 2.0;
 
 /// CLOCK_MONOTONIC in ns (what the test program's --stamp prints).
 pub fn now_ns() -> u64 {
@@ -543,7 +543,7 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
     panel.goals = goals;
     if deleted.median() > delete.median() + 1.0 || deleted.percentile(0.99) > 2.0 * delete.percentile(0.99) {
         panel.notes.push(format!(
-            "close() to deleted holds the half millisecond natbinder waits before a released port's delete (for \
+            "close() to deleted holds the {DELETE_GRACE_MS} ms natbinder waits before a released port's delete (for \
              a bind made in the same breath, whose add then goes first): the rest is p50 {:.1} ms and p99 {:.1} ms \
              against the floor's {:.1} ms + 1 ms and 2 x {:.1} ms. On a gateway whose delete takes less than that \
              wait, the wait is the bound.",
@@ -558,8 +558,8 @@ pub fn measure(lab: &Lab, daemon: &Daemon, testapp: &Path, protocol: Protocol, s
          of the port before, the new port probed from the WAN peer from the moment its add is sent): p50 {:.1} \
          ms, against {:.1} ms for a bare add alone, to reachable. The difference is the gateway's: what it does to a new \
          port while it deletes the one before. natbinder deleted the port before ahead of the new port's \
-         add in {deleted_first} of {} steps (it holds a released port's delete for half a millisecond, for a \
-         bind made in the same breath).",
+         add in {deleted_first} of {} steps (it holds a released port's delete {DELETE_GRACE_MS} ms for a bind \
+         made in the same breath).",
         churn_floor.median(),
         reach_floor.median(),
         half.saturating_sub(1)
