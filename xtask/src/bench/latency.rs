@@ -31,9 +31,14 @@ const DELETE_GRACE_MS: f64 = 2.0;
 
 /// CLOCK_MONOTONIC in ns (what the test program's --stamp prints).
 pub fn now_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// `clock`'s reading in ns.
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
@@ -114,10 +119,7 @@ pub fn first_reachable(lab: &Lab, port: u16, limit: Duration) -> Option<u64> {
 
 /// CLOCK_REALTIME in ns.
 fn realtime_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: a valid timespec to write into.
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    clock_ns(libc::CLOCK_REALTIME)
 }
 
 /// ns since the epoch of an RFC 3339 UTC time as the daemon writes it ("2026-12-02T19:35:59.123456Z").
