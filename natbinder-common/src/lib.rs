@@ -122,12 +122,20 @@ pub struct SocketEvent {
     pub cookie: u64,
     /// cgroup v2 id of the process that bound (0 for Released).
     pub cgroup_id: u64,
+    /// When the hook ran, `bpf_ktime_get_ns` (CLOCK_MONOTONIC): user space orders a release and the
+    /// next bind by when the program made them, not by when it got round to reading them.
+    pub at_ns: u64,
     /// An `EventKind` value.
     pub kind: u32,
-    /// Thread-group id (the process id users know) of the binder; 0 for Released.
+    /// Thread-group id (the process id users know) of the binder, or of the releaser for Released.
     pub pid: u32,
+    /// The thread that bound or released: a release's delete waits while it is still running (it may
+    /// be on its way to binding the next port).
+    pub tid: u32,
+    /// uid and gid of the binder; 0 for Released.
     pub uid: u32,
     pub gid: u32,
+    pub _pad32: u32,
     /// AF_INET or AF_INET6 (an AF_INET6 socket on [::] may also accept IPv4).
     pub family: u16,
     /// IPPROTO_TCP or IPPROTO_UDP.
@@ -193,7 +201,7 @@ pub mod counters {
 
 const _: () = assert!(core::mem::size_of::<Config>() == 16);
 const _: () = assert!(core::mem::size_of::<PolicyRule>() == 40);
-const _: () = assert!(core::mem::size_of::<SocketEvent>() == 56);
+const _: () = assert!(core::mem::size_of::<SocketEvent>() == 72);
 const _: () = assert!(core::mem::size_of::<BoundSocket>() == 8);
 const _: () = assert!(core::mem::size_of::<SocketMark>() == 16);
 const _: () = assert!(core::mem::size_of::<PortKey>() == 4);

@@ -28,7 +28,7 @@ use crate::{
     journal::Journal,
     kernel::{self, AttachedLinks, BoundSocket, KernelEvent, KernelHooks},
     operator_state::OperatorState,
-    outcome::{Found, Outcome, OutcomeBus, Seen},
+    outcome::{Found, Outcome, OutcomeBus},
     policy::{self, exposure::Exposure, Policy, PolicySpec, Scope},
     reconcile::{Ownership, Reconciler, ReconcilerConfig},
     run::{
@@ -36,7 +36,7 @@ use crate::{
         wait::BindWaits,
     },
     service_manager,
-    table::{Listener, Owner, Stack, TableConfig, TableHandle, DELETE_GRACE},
+    table::{Listener, Owner, Stack, TableConfig, TableHandle},
     Family, Protocol,
 };
 
@@ -171,11 +171,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let kernel_rules = exposure.kernel_rules();
     hooks.set_policy(&kernel_rules)?;
     let table = TableHandle::new(
-        TableConfig {
-            min_port: config.min_port,
-            delete_grace: DELETE_GRACE,
-            max_mappings_per_user: config.max_mappings_per_user,
-        },
+        TableConfig { min_port: config.min_port, max_mappings_per_user: config.max_mappings_per_user },
         outcomes.clone(),
         hooks.held_elsewhere(),
     );
@@ -225,10 +221,12 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
         keep_gateway_chosen_ports: config.keep_gateway_chosen_ports,
     };
     let (settings_tx, settings_rx) = watch::channel(reconciler_config.clone());
+    let (intake_flush, mut flush_requests) = crate::reconcile::intake::channel();
     let reconciler =
         Reconciler::new(reconciler_config, table.clone(), signals.clone(), Ownership::new(host::hostname(), journal))
             .following(settings_rx)
-            .with_lan6(lan6.clone());
+            .with_lan6(lan6.clone())
+            .with_intake(intake_flush);
     let names: Vec<String> = config.backends.iter().map(|b| b.to_string()).collect();
     info!("gateway protocols, best first: {}", names.join(", "));
     let discover = {
@@ -312,8 +310,14 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let watchdog_on = service_manager::watchdog_interval().is_some();
     tokio::pin!(shutdown);
     loop {
+        // A flush asked by the reconciler before a delete, answered once the events are applied.
+        let mut flushed = None;
         tokio::select! {
             read = hooks.read_events(&mut events) => read?,
+            Some(done) = flush_requests.recv() => {
+                hooks.read_available(&mut events);
+                flushed = Some(done);
+            }
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading the policy, and checking the sockets and the gateway now");
                 let _ = Reload {
@@ -373,6 +377,9 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             lost_seen = lost;
             table.update(|t| t.pause_adds(lost));
             resync_requested.notify_one();
+        }
+        if let Some(done) = flushed {
+            let _ = done.send(());
         }
     }
 
@@ -489,9 +496,11 @@ fn handle_event(
     classify: &mpsc::UnboundedSender<(Protocol, u64)>,
     event: KernelEvent,
 ) {
-    let now = std::time::Instant::now();
     match event {
         KernelEvent::Bound(socket) => {
+            // When the program bound, not when this loop read it: a churn's release and next bind are
+            // ordered by the program's own gap, however late the daemon gets to them.
+            let at = kernel::instant_of(socket.at_ns);
             let (protocol, cookie) = (socket.protocol, socket.cookie);
             let stack = match socket.family {
                 Family::Ipv4 => Stack::Ipv4,
@@ -500,12 +509,15 @@ fn handle_event(
             };
             let mut listener = listener(socket);
             let decision = exposure.admit(&mut listener);
-            table.update(|t| t.socket_bound(listener, stack, Found::Bind, decision, now));
+            table.update(|t| t.socket_bound(listener, stack, Found::Bind, decision, at));
             if stack == Stack::Unknown {
                 let _ = classify.send((protocol, cookie));
             }
         }
-        KernelEvent::Released { cookie } => table.update(|t| t.socket_released(cookie, Seen::Released, now)),
+        KernelEvent::Released { cookie, at_ns, thread } => {
+            let at = kernel::instant_of(at_ns);
+            table.update(|t| t.socket_released_by(cookie, thread, at))
+        }
         KernelEvent::Refused(socket) => table.update(|t| t.bind_refused(listener(socket))),
     }
 }

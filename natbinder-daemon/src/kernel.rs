@@ -42,6 +42,10 @@ pub enum KernelEvent {
     Bound(BoundSocket),
     Released {
         cookie: u64,
+        /// When the kernel released it: see [`instant_of`].
+        at_ns: u64,
+        /// The thread that released it (the one exiting, for a process that ended).
+        thread: u32,
     },
     /// A bind failed with EADDRINUSE because another host holds the port on the gateway.
     Refused(BoundSocket),
@@ -51,6 +55,8 @@ pub enum KernelEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BoundSocket {
     pub cookie: u64,
+    /// When the hook saw the bind: see [`instant_of`].
+    pub at_ns: u64,
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
@@ -59,6 +65,26 @@ pub struct BoundSocket {
     pub family: Family,
     pub protocol: Protocol,
     pub port: u16,
+}
+
+/// The `Instant` of a hook's `bpf_ktime_get_ns`. Both are CLOCK_MONOTONIC: the event's age on that
+/// clock, taken from now. A time not in the past (a record without one) is now.
+pub fn instant_of(at_ns: u64) -> std::time::Instant {
+    // In this order, the result is never earlier than the event.
+    let age = monotonic_ns().saturating_sub(at_ns);
+    let now = std::time::Instant::now();
+    if at_ns == 0 {
+        return now;
+    }
+    now.checked_sub(std::time::Duration::from_nanos(age)).unwrap_or(now)
+}
+
+/// CLOCK_MONOTONIC in nanoseconds, the clock `bpf_ktime_get_ns` reads.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec to write; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 impl KernelEvent {
@@ -71,7 +97,7 @@ impl KernelEvent {
         let raw: SocketEvent = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
         let kind = EventKind::from_u32(raw.kind).ok_or_else(|| anyhow!("unknown event kind {}", raw.kind))?;
         if kind == EventKind::Released {
-            return Ok(KernelEvent::Released { cookie: raw.cookie });
+            return Ok(KernelEvent::Released { cookie: raw.cookie, at_ns: raw.at_ns, thread: raw.tid });
         }
         let protocol = match raw.protocol {
             IPPROTO_TCP => Protocol::Tcp,
@@ -82,6 +108,7 @@ impl KernelEvent {
         let comm_len = raw.comm.iter().position(|&b| b == 0).unwrap_or(raw.comm.len());
         let socket = BoundSocket {
             cookie: raw.cookie,
+            at_ns: raw.at_ns,
             pid: raw.pid,
             uid: raw.uid,
             gid: raw.gid,
@@ -401,6 +428,18 @@ impl KernelHooks {
         Ok(())
     }
 
+    /// Decodes into `out` the events the ring holds now, without waiting: what the kernel reported
+    /// before this call is then all in hand.
+    pub fn read_available(&mut self, out: &mut Vec<KernelEvent>) {
+        let ring = self.events.get_mut();
+        while let Some(item) = ring.next() {
+            match KernelEvent::decode(&item) {
+                Ok(event) => out.push(event),
+                Err(e) => warn!("dropping an undecodable kernel event: {e:#}"),
+            }
+        }
+    }
+
     /// Total events lost to a full ring buffer, and forwardable sockets left untracked (no mark).
     pub fn lost_events(&self) -> u64 {
         self.losses.total()
@@ -491,10 +530,13 @@ mod tests {
         let ev = SocketEvent {
             cookie: 42,
             cgroup_id: 7,
+            at_ns: 5_000_000_000,
             kind,
             pid: 1234,
+            tid: 1235,
             uid: 1000,
             gid: 1000,
+            _pad32: 0,
             family,
             protocol,
             port: 10000,
@@ -513,10 +555,26 @@ mod tests {
         let KernelEvent::Bound(b) = KernelEvent::decode(&raw(1, 2, 6)).unwrap() else { panic!() };
         assert_eq!((b.cookie, b.pid, b.port, b.protocol, b.family), (42, 1234, 10000, Protocol::Tcp, Family::Ipv4));
         assert_eq!(b.comm, "rtorren");
-        assert_eq!(KernelEvent::decode(&raw(2, 10, 17)).unwrap(), KernelEvent::Released { cookie: 42 });
+        assert_eq!(b.at_ns, 5_000_000_000);
+        assert_eq!(
+            KernelEvent::decode(&raw(2, 10, 17)).unwrap(),
+            KernelEvent::Released { cookie: 42, at_ns: 5_000_000_000, thread: 1235 }
+        );
         assert!(
             matches!(KernelEvent::decode(&raw(3, 10, 17)).unwrap(), KernelEvent::Refused(s) if s.family == Family::Ipv6)
         );
+    }
+
+    #[test]
+    fn a_kernel_time_is_placed_on_the_instant_clock() {
+        let before = std::time::Instant::now();
+        let at = instant_of(monotonic_ns() - 3_000_000);
+        let after = std::time::Instant::now();
+        let three_ms = std::time::Duration::from_millis(3);
+        assert!(at + three_ms >= before && at + three_ms <= after);
+        // No time, or one not yet come: now.
+        assert!(instant_of(0) >= after);
+        assert!(instant_of(u64::MAX) >= after);
     }
 
     #[test]

@@ -29,7 +29,7 @@ use aya_ebpf::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_set_retval, bpf_sk_storage_get,
+            bpf_ktime_get_ns, bpf_set_retval, bpf_sk_storage_get,
         },
     },
     macros::{btf_map, cgroup_sock, cgroup_sock_addr, map},
@@ -239,12 +239,13 @@ fn emit(cookie: u64, kind: EventKind, family: u16, protocol: u16, port: u16) {
         count(counters::EVENTS_DROPPED);
         return;
     };
-    let (pid, uid, gid, cgroup_id, comm) = if matches!(kind, EventKind::Released) {
-        (0, 0, 0, 0, [0u8; 16])
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let (pid, tid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
+    let (uid, gid, cgroup_id, comm) = if matches!(kind, EventKind::Released) {
+        (0, 0, 0, [0u8; 16])
     } else {
         let uid_gid = bpf_get_current_uid_gid();
         (
-            (bpf_get_current_pid_tgid() >> 32) as u32,
             uid_gid as u32,
             (uid_gid >> 32) as u32,
             unsafe { bpf_get_current_cgroup_id() },
@@ -254,10 +255,14 @@ fn emit(cookie: u64, kind: EventKind, family: u16, protocol: u16, port: u16) {
     entry.write(SocketEvent {
         cookie,
         cgroup_id,
+        // SAFETY: a helper every program type may call; it reads a clock.
+        at_ns: unsafe { bpf_ktime_get_ns() },
         kind: kind as u32,
         pid,
+        tid,
         uid,
         gid,
+        _pad32: 0,
         family,
         protocol,
         port,

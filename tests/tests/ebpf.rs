@@ -102,19 +102,29 @@ fn bound_port(e: &KernelEvent) -> Option<u16> {
 #[test]
 fn a_wildcard_bind_is_reported_with_its_owner_and_released_by_cookie_on_kill() {
     let mut f = Fixture::new();
+    let before_bind = natbinder::kernel::monotonic_ns();
     let (mut child, port) = f.bind(&["tcp-echo", "0.0.0.0:7000"]);
+    let after_bind = natbinder::kernel::monotonic_ns();
     assert_eq!(port, Ok(7000));
     let events = f.events_until(|e| bound_port(e) == Some(7000));
     let KernelEvent::Bound(s) = events.last().unwrap() else { unreachable!() };
     assert_eq!((s.pid, s.uid, s.protocol, s.family, s.port), (child.id(), 0, Protocol::Tcp, Family::Ipv4, 7000));
     assert_eq!(s.comm, "natbinder-testa");
     assert_ne!(s.cgroup_id, 0);
+    // The hook's time is on the daemon's monotonic clock: when the program bound.
+    assert!((before_bind..after_bind).contains(&s.at_ns), "bound at {} ns, not within the bind", s.at_ns);
     let cookie = s.cookie;
 
+    let before_kill = natbinder::kernel::monotonic_ns();
     child.kill().unwrap();
     child.wait().unwrap();
+    let after_exit = natbinder::kernel::monotonic_ns();
     let events = f.events_until(|e| matches!(e, KernelEvent::Released { .. }));
-    assert_eq!(events.last(), Some(&KernelEvent::Released { cookie }));
+    let Some(&KernelEvent::Released { cookie: released, at_ns, thread }) = events.last() else { unreachable!() };
+    assert_eq!(released, cookie);
+    // The program had one thread: it released the socket as it exited.
+    assert_eq!(thread, s.pid);
+    assert!((before_kill..after_exit).contains(&at_ns), "released at {at_ns} ns, not between kill and exit");
 }
 
 #[test]

@@ -123,9 +123,87 @@ pub fn supplementary_groups(pid: u32) -> Vec<u32> {
         .unwrap_or_default()
 }
 
+/// Whether thread `tid` is running or waiting for a CPU (state R in /proc/TID/stat): a program that
+/// has just closed a port and is still running may be on its way to binding the next. Sleeping,
+/// stopped, exiting or gone: false.
+pub fn thread_is_running(tid: u32) -> bool {
+    tid != 0 && std::fs::read(format!("/proc/{tid}/stat")).is_ok_and(|stat| stat_state(&stat) == Some(b'R'))
+}
+
+/// The state letter of a /proc/PID/stat line: after the command name, which may hold spaces and
+/// parentheses, so after the last ')'.
+fn stat_state(stat: &[u8]) -> Option<u8> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    stat.get(close + 2).copied()
+}
+
+/// The calling thread's id, as the hooks report it.
+#[cfg(test)]
+pub fn current_thread() -> u32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() as u32 }
+}
+
+/// A thread blocked on a channel until this is dropped, for tests of what a sleeping thread means.
+#[cfg(test)]
+pub struct SleepingThread {
+    pub tid: u32,
+    wake: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+#[cfg(test)]
+impl SleepingThread {
+    /// Returns once the thread is seen asleep (or panics after a second).
+    pub fn start() -> Self {
+        let (wake, asleep) = std::sync::mpsc::channel::<()>();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            tid_tx.send(current_thread()).unwrap();
+            let _ = asleep.recv();
+        });
+        let tid = tid_rx.recv().unwrap();
+        let asleep = (0..1000).any(|_| {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            !thread_is_running(tid)
+        });
+        assert!(asleep, "a thread blocked on a channel was never seen asleep");
+        Self { tid, wake: Some(wake), thread: Some(thread) }
+    }
+}
+
+#[cfg(test)]
+impl Drop for SleepingThread {
+    fn drop(&mut self) {
+        drop(self.wake.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_is_running_while_it_runs_and_not_while_it_sleeps_or_after_it_ends() {
+        assert!(thread_is_running(current_thread()), "this thread, reading its own state, runs");
+        let sleeper = SleepingThread::start();
+        let tid = sleeper.tid;
+        assert!(!thread_is_running(tid));
+        drop(sleeper);
+        assert!(!thread_is_running(tid), "a thread that ended");
+        assert!(!thread_is_running(0));
+    }
+
+    #[test]
+    fn the_state_is_read_after_a_command_name_with_spaces_and_parentheses() {
+        assert_eq!(stat_state(b"42 (a) b) c) S 1 42 42 0"), Some(b'S'));
+        assert_eq!(stat_state(b"42 (x) R 1"), Some(b'R'));
+        assert_eq!(stat_state(b"42 (x"), None);
+        assert_eq!(stat_state(b"42 (x)"), None);
+    }
 
     #[test]
     fn proc_cgroup_lines_are_read_as_paths_below_the_root() {

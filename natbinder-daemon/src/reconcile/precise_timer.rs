@@ -3,10 +3,11 @@
 //! tokio's timer wheel turns in whole milliseconds and rounds a deadline up to its next tick, and its
 //! driver sleeps in epoll_wait, whose timeout is in milliseconds too: a wait of 0.5 ms ends 1 to 2.5 ms
 //! later (measured in the benchmarks: a released port's delete, held 0.5 ms, went out 1.38 ms after
-//! the release, p50). The delete grace (`table::DELETE_GRACE`, 2 ms) is such a wait, and close() to
-//! deleted is measured against the gateway's own delete. A timerfd on CLOCK_MONOTONIC, the clock under std's
-//! and tokio's `Instant`, wakes epoll at its deadline, so near deadlines get one. tokio's sleep still
-//! runs beside it: it is what a test with paused time advances, and the wait if there is no timerfd.
+//! the release, p50). A delete held while the thread that released its port still runs waits in
+//! steps of 100 us, and close() to deleted is measured against the gateway's own delete. A timerfd
+//! on CLOCK_MONOTONIC, the clock under std's and tokio's `Instant`, wakes epoll at its deadline, so
+//! near deadlines get one. tokio's sleep still runs beside it: it is what a test with paused time
+//! advances, and the wait if there is no timerfd.
 use std::{
     io,
     os::fd::{AsRawFd, FromRawFd, OwnedFd},

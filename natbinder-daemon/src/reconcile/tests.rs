@@ -444,9 +444,10 @@ fn key(protocol: Protocol, port: u16) -> MappingKey {
 }
 
 /// Lets the reconciler run until it waits (paused time only moves once every task is idle). Longer
-/// than the delete grace, so that a release's delete has happened.
+/// than a delete is held for the thread that released its port, so that a release's delete has
+/// happened.
 async fn settle() {
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
 async fn sleep(secs: u64) {
@@ -479,6 +480,21 @@ impl Harness {
         bound: &[Listener],
         journal: Journal,
     ) -> Self {
+        Self::start_full(gateway, config, bound, journal, None)
+    }
+
+    /// With an event loop that reads the kernel's events only when the reconciler asks.
+    fn start_with_intake(gateway: &FakeGateway, intake: intake::IntakeFlush) -> Self {
+        Self::start_full(gateway, config(), &[], Journal::in_memory(), Some(intake))
+    }
+
+    fn start_full(
+        gateway: &FakeGateway,
+        config: ReconcilerConfig,
+        bound: &[Listener],
+        journal: Journal,
+        intake: Option<intake::IntakeFlush>,
+    ) -> Self {
         let bus = OutcomeBus::silent();
         let outcomes = bus.subscribe();
         let mirror = FakeMirror::default();
@@ -497,8 +513,12 @@ impl Harness {
             ..Lan6::default()
         };
         table.update(|t| t.set_ipv6_addresses(lan6.addresses.clone(), Default::default(), Instant::now().into_std()));
-        let reconciler = Reconciler::new(config, table.clone(), signals.clone(), Ownership::new(HOST.into(), journal))
-            .with_lan6(Lan6Watch::fixed(lan6));
+        let mut reconciler =
+            Reconciler::new(config, table.clone(), signals.clone(), Ownership::new(HOST.into(), journal))
+                .with_lan6(Lan6Watch::fixed(lan6));
+        if let Some(intake) = intake {
+            reconciler = reconciler.with_intake(intake);
+        }
         let (found, count, sender) = (gateway.clone(), discoveries.clone(), signals.sender());
         let discover = move |session: u64| {
             count.fetch_add(1, Ordering::SeqCst);
@@ -525,6 +545,11 @@ impl Harness {
     /// What the event loop does for a Released event.
     fn release(&self, cookie: u64) {
         self.table.update(|t| t.socket_released(cookie, Seen::Released, Instant::now().into_std()));
+    }
+
+    /// What the event loop does for a Released event the hook saw `thread` cause.
+    fn release_by(&self, cookie: u64, thread: u32) {
+        self.table.update(|t| t.socket_released_by(cookie, thread, Instant::now().into_std()));
     }
 
     fn state(&self, protocol: Protocol, port: u16) -> Option<MappingState> {
@@ -1098,11 +1123,12 @@ async fn a_new_mapping_never_waits_behind_the_delete_of_the_port_closed_just_bef
     h.bind(1, TCP, 8080);
     settle().await;
     gw.slow(Duration::from_millis(20));
-    // A port search, or a restart: close one port and bind the next at once, twice over.
+    let program = crate::host::process::current_thread(); // running whenever the reconciler looks
+                                                          // A port search, or a restart: close one port and bind the next at once, twice over.
     for (old, new, port) in [(1, 2, 8081), (2, 3, 8082)] {
-        h.release(old);
-        // The reconciler sees the release and waits out the grace; the bind comes within it (no time
-        // passes meanwhile).
+        h.release_by(old, program);
+        // The reconciler sees the release and holds the delete while the program still runs; the
+        // bind comes meanwhile (no time passes).
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
@@ -1138,13 +1164,102 @@ async fn a_new_mapping_never_waits_behind_the_delete_of_the_port_closed_just_bef
     h.stop().await;
 }
 
+/// Adds and deletes, in the order the gateway got them.
+fn adds_and_deletes(gw: &FakeGateway) -> Vec<(&'static str, u16)> {
+    gw.calls()
+        .into_iter()
+        .filter_map(|c| match c.kind {
+            CallKind::Add(r) => Some(("add", r.port)),
+            CallKind::Delete(_, port) => Some(("delete", port)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_bind_the_event_loop_has_not_read_yet_still_goes_before_the_delete_of_the_port_closed_before_it() {
+    let gw = FakeGateway::new();
+    let (flush, mut flush_requests) = intake::channel();
+    let h = Harness::start_with_intake(&gw, flush);
+    // The event loop, behind: the next bind is in the kernel's ring, read only when a flush asks.
+    let (table, flushes) = (h.table.clone(), Arc::new(AtomicUsize::new(0)));
+    let unread: Arc<std::sync::Mutex<Vec<(Listener, std::time::Instant)>>> = Default::default();
+    let event_loop = {
+        let (unread, flushes) = (unread.clone(), flushes.clone());
+        tokio::spawn(async move {
+            while let Some(done) = flush_requests.recv().await {
+                flushes.fetch_add(1, Ordering::SeqCst);
+                for (socket, at) in unread.lock().unwrap().drain(..) {
+                    table.update(|t| t.socket_bound(socket, Stack::Ipv4, Found::Bind, forwarded(), at));
+                }
+                let _ = done.send(());
+            }
+        })
+    };
+    settle().await;
+    h.bind(1, TCP, 8080);
+    settle().await;
+    // Closed, and the next port bound at once (paused time: no time passes); the loop has read the
+    // release only, which the hook saw no thread make.
+    let released = Instant::now().into_std();
+    h.release(1);
+    unread.lock().unwrap().push((sock(2, TCP, 8081), released));
+    sleep(1).await;
+    assert_eq!(
+        adds_and_deletes(&gw),
+        vec![("add", 8080), ("add", 8081), ("delete", 8080)],
+        "the bind read late was asked for before the delete"
+    );
+    // A burst of releases: one flush covers every delete that fell due before it.
+    for (cookie, port) in (10..20).zip(9000..) {
+        h.bind(cookie, TCP, port);
+    }
+    settle().await;
+    let before = flushes.load(Ordering::SeqCst);
+    for cookie in 10..20 {
+        h.release(cookie);
+    }
+    sleep(1).await;
+    assert_eq!(gw.deletes().len(), 11, "{:?}", gw.deletes());
+    assert_eq!(flushes.load(Ordering::SeqCst) - before, 1, "one flush for the whole burst");
+    h.stop().await;
+    event_loop.abort();
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_release_s_delete_waits_while_the_thread_that_released_it_still_runs() {
+    // This test's thread: running whenever the reconciler looks.
+    let running = crate::host::process::current_thread();
+    let sleeper = crate::host::process::SleepingThread::start();
+    let sleeping = sleeper.tid;
+    for (releaser, expected) in [
+        // Still running after its close() (a program preempted before its next bind): the next
+        // port, bound 3 ms later, is asked for first.
+        (running, vec![("add", 8081), ("delete", 8080)]),
+        // Asleep: nothing is coming; the delete goes at once.
+        (sleeping, vec![("delete", 8080), ("add", 8081)]),
+    ] {
+        let gw = FakeGateway::new();
+        let h = Harness::start(&gw).await;
+        h.bind(1, TCP, 8080);
+        settle().await;
+        let calls = adds_and_deletes(&gw).len();
+        h.release_by(1, releaser);
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        h.bind(2, TCP, 8081);
+        sleep(1).await;
+        assert_eq!(adds_and_deletes(&gw)[calls..], expected, "released by thread {releaser}");
+        h.stop().await;
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_port_bound_again_before_its_delete_keeps_its_mapping_untouched() {
     let gw = FakeGateway::new();
     let h = Harness::start(&gw).await;
     h.bind(1, TCP, 8080);
     settle().await;
-    // The program restarts faster than the delete grace: nothing to delete, nothing to add.
+    // The program binds the port again before its delete went: nothing to delete, nothing to add.
     h.release(1);
     h.bind(2, TCP, 8080);
     sleep(1).await;

@@ -150,6 +150,14 @@ pub enum GatewayHandle {
     PinholeId(u16),
 }
 
+/// See [`Table::delete_hold`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeleteHold {
+    pub released_at: Instant,
+    pub due: Instant,
+    pub released_by: Option<u32>,
+}
+
 #[derive(Clone, Debug)]
 pub struct Mapping {
     /// Cookies of the sockets that want this mapping; empty means it should go.
@@ -160,14 +168,19 @@ pub struct Mapping {
     /// The gateway may hold this mapping for us (an add succeeded and no delete since): when no socket
     /// needs it any more it must be deleted, whatever happened to later renewals.
     pub on_gateway: bool,
-    /// When the last socket that wanted it went: its delete falls due [`TableConfig::delete_grace`]
-    /// later, unless a socket wants it again first.
+    /// When the last socket that wanted it went (on the kernel's clock, for a release the hook saw):
+    /// its delete falls due then, unless a socket wants it again first.
     pub unwanted_since: Option<Instant>,
     pub handle: Option<GatewayHandle>,
     /// The user the mapping counts against (the uid of the socket that made it wanted).
     pub uid: u32,
     /// Why it became unwanted, when that was not its last socket's release (a reload's policy).
     pub unwanted_by: Option<Removal>,
+    /// The thread whose release of the last socket made it unwanted, as the hook saw it.
+    pub released_by: Option<u32>,
+    /// Its delete is held until then: the thread that released it was still running (the
+    /// reconciler's [`Table::hold_delete`]).
+    pub delete_held_until: Option<Instant>,
     /// The protocol that last mapped it.
     pub backend: Option<Backend>,
     /// The external port the gateway chose, when it is not the internal one (kept only with
@@ -267,28 +280,27 @@ const MAX_RETRY: Duration = Duration::from_secs(300);
 pub struct TableConfig {
     /// Ports below this are never mapped (nor asked for).
     pub min_port: u16,
-    /// How long a released mapping's delete waits. A program that closes one port binds the next at
-    /// once (a port search, a restart, a BitTorrent client moving on), and the gateway answers one
-    /// request at a time: the new port's add, which someone waits for, must go before the old port's
-    /// delete, which nobody waits for (it is asynchronous in the paper's design). The daemon reads
-    /// the two events 0.2 ms apart (p50, release build), and more in a debug build or on a loaded
-    /// machine: half a millisecond let the delete go first in 1-6 of 99 churn steps (BENCHMARKS.md)
-    /// and in the lab tests' debug builds (tests/core.rs). Waiting longer than this helps nothing and
-    /// is paid on every close: deletes held back pile up in the gateway's table (miniupnpd's adds slow
-    /// down as it grows), and close() to deleted is measured against the gateway's own delete.
-    pub delete_grace: Duration,
     /// Concurrent mappings one uid may hold; 0: no limit.
     pub max_mappings_per_user: u32,
 }
 
 impl Default for TableConfig {
     fn default() -> Self {
-        Self { min_port: 1024, delete_grace: DELETE_GRACE, max_mappings_per_user: 0 }
+        Self { min_port: 1024, max_mappings_per_user: 0 }
     }
 }
 
-/// See [`TableConfig::delete_grace`]. The benchmarks quote it (xtask/src/bench/latency.rs).
-pub const DELETE_GRACE: Duration = Duration::from_millis(2);
+/// A program that closes one port binds the next at once (a port search, a restart, a BitTorrent
+/// client moving on), and the gateway answers one request at a time: the new port's add, which
+/// someone waits for, must go before the old port's delete, which nobody waits for (it is
+/// asynchronous in the paper's design). So an add goes before a delete that fell due up to this long
+/// before the add's socket was bound, both on the kernel's clock (the events carry the hook's
+/// time): a program preempted between its close() and its bind(), by this daemon's own work among
+/// others, binds a little after its release. Beyond it the delete goes first, so that deletes do not
+/// starve behind a program that keeps binding new ports. The reconciler does its part before a
+/// delete goes: it waits while the thread that released the port still runs, and has the event
+/// loop read what the kernel reported (`reconcile::intake`). No fixed wait is paid on each close.
+pub const ADD_FIRST_WINDOW: Duration = Duration::from_millis(10);
 
 #[derive(Default)]
 pub struct Table {
@@ -527,6 +539,8 @@ impl Table {
                     m.uid = uid;
                     m.unwanted_since = None;
                     m.unwanted_by = None;
+                    m.released_by = None;
+                    m.delete_held_until = None;
                     // Wanted again before its delete: it stays as it is on the gateway.
                     if let MappingState::Pending { .. } = m.state {
                         m.state = MappingState::Pending { reason: reason.clone(), attempts: 0, retry_at: now };
@@ -556,6 +570,8 @@ impl Table {
                     handle: None,
                     uid,
                     unwanted_by: None,
+                    released_by: None,
+                    delete_held_until: None,
                     backend: None,
                     external_port: None,
                 };
@@ -601,6 +617,8 @@ impl Table {
         }
         if mapping.on_gateway {
             mapping.unwanted_since = Some(now);
+            mapping.released_by = None;
+            mapping.delete_held_until = None;
             mapping.unwanted_by = (why != Removal::Released).then_some(why);
         } else {
             // Never on the gateway: nothing to undo.
@@ -614,6 +632,18 @@ impl Table {
         let keys = self.sockets.get(&cookie).map(|r| r.mappings.clone()).unwrap_or_default();
         for key in keys {
             self.unwant(cookie, key, why, now);
+        }
+    }
+
+    /// The hook saw `thread` release a socket: as [`Table::socket_released`], and the mappings it
+    /// leaves unwanted note the thread (see [`Table::delete_hold`]).
+    pub fn socket_released_by(&mut self, cookie: u64, thread: u32, now: Instant) {
+        let keys = self.sockets.get(&cookie).map(|r| r.mappings.clone()).unwrap_or_default();
+        self.socket_released(cookie, Seen::Released, now);
+        for key in keys {
+            if let Some(m) = self.mappings.get_mut(&key).filter(|m| m.sockets.is_empty()) {
+                m.released_by = Some(thread);
+            }
         }
     }
 
@@ -774,10 +804,10 @@ impl Table {
     // ---- work ---------------------------------------------------------------------------------
 
     /// The most urgent piece of work due at `now`. New mappings (someone waits for them) before any
-    /// delete that fell due after them; a delete falls due [`TableConfig::delete_grace`] after its
-    /// socket went, so the add of a port bound as another closes goes first, while deletes never
-    /// starve behind a program that keeps moving. Then renewals (their leases have half their time
-    /// left), then the remaining deletes.
+    /// delete that fell due after them or shortly before ([`ADD_FIRST_WINDOW`]); a delete falls due
+    /// when its socket went (or later, held), so the add of a port bound as another closes goes
+    /// first, while deletes never starve behind a program that keeps moving. Then renewals (their
+    /// leases have half their time left), then the remaining deletes.
     pub fn next_work(&self, now: Instant) -> Option<Work> {
         let mut add: Option<(Instant, MappingKey, &Mapping)> = None;
         let mut renew: Option<(Instant, MappingKey, &Mapping)> = None;
@@ -807,9 +837,10 @@ impl Table {
             }
         }
         if let Some((due, key, m)) = add {
-            // A delete that fell due before this add did goes first, so that deletes never starve
-            // behind a program that keeps moving (its table would grow, and every add slow down).
-            if let Some((_, key)) = delete.filter(|(d, _)| *d < due) {
+            // A delete that fell due well before this add did goes first, so that deletes never
+            // starve behind a program that keeps moving (its table would grow, and every add slow
+            // down).
+            if let Some((_, key)) = delete.filter(|(d, _)| *d + ADD_FIRST_WINDOW < due) {
                 return Some(Work::Delete { key });
             }
             return Some(Work::Add { key, comm: m.comm.clone() });
@@ -820,10 +851,27 @@ impl Table {
         delete.map(|(_, key)| Work::Delete { key })
     }
 
+    /// For the delete of `key`, released and still on the gateway: when its socket went, when it
+    /// falls due (later, if held), and the thread that released it, if the hook saw one.
+    pub fn delete_hold(&self, key: &MappingKey) -> Option<DeleteHold> {
+        let m = self.mappings.get(key).filter(|m| m.sockets.is_empty() && m.on_gateway)?;
+        let released_at = m.unwanted_since?;
+        Some(DeleteHold { released_at, due: self.delete_due(m), released_by: m.released_by })
+    }
+
+    /// Holds the delete of `key` until `until` (the thread that released it is still running): a
+    /// port it binds before then is mapped first.
+    pub fn hold_delete(&mut self, key: &MappingKey, until: Instant) {
+        if let Some(m) = self.mappings.get_mut(key).filter(|m| m.sockets.is_empty()) {
+            m.delete_held_until = Some(until);
+        }
+    }
+
     /// When an unwanted mapping's delete falls due.
     fn delete_due(&self, m: &Mapping) -> Instant {
         // Unwanted since before this table knew it (a release during its add): now.
-        m.unwanted_since.map_or_else(Instant::now, |since| since + self.config.delete_grace)
+        let due = m.unwanted_since.unwrap_or_else(Instant::now);
+        m.delete_held_until.map_or(due, |held| held.max(due))
     }
 
     /// When the next piece of work falls due, if any is scheduled.
@@ -875,6 +923,8 @@ impl Table {
                     handle: grant.handle,
                     uid: 0,
                     unwanted_by: None,
+                    released_by: None,
+                    delete_held_until: None,
                     backend: None,
                     external_port: None,
                 };

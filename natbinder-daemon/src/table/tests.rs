@@ -6,7 +6,8 @@ use super::*;
 const TCP8080: MappingKey = MappingKey::ipv4(Protocol::Tcp, 8080);
 const GATEWAY: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 1);
 const OTHER: Ipv4Addr = Ipv4Addr::new(192, 168, 1, 20);
-const GRACE: Duration = DELETE_GRACE;
+/// A moment later: how long a test lets pass before it asks for the next piece of work.
+const A_MOMENT: Duration = Duration::from_micros(500);
 
 fn table() -> Table {
     Table::new(TableConfig::default())
@@ -63,16 +64,20 @@ fn bind_then_add_then_release_then_delete() {
     t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
     assert_eq!(t.next_work(now), None);
     release(&mut t, 1, now);
-    assert_eq!(t.next_work(now), None, "the delete waits out the grace");
-    assert_eq!(t.next_due(), Some(now + GRACE));
-    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
-    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
+    assert_eq!(t.next_work(now), delete(TCP8080), "due when the socket went");
+    // Held (the thread that released it still runs): due when the hold ends.
+    let held = now + Duration::from_micros(100);
+    t.hold_delete(&TCP8080, held);
+    assert_eq!(t.next_work(now), None);
+    assert_eq!(t.next_due(), Some(held));
+    assert_eq!(t.next_work(held), delete(TCP8080));
+    t.record_deleted(TCP8080, Removal::Released, held);
     assert!(t.mapping(&TCP8080).is_none());
-    assert_eq!(t.next_work(now + GRACE), None);
+    assert_eq!(t.next_work(held), None);
 }
 
 #[test]
-fn adds_go_before_deletes_that_fell_due_after_them_and_renewals_before_the_other_deletes() {
+fn adds_go_before_deletes_that_fell_due_after_them_or_just_before_and_renewals_before_the_other_deletes() {
     let now = Instant::now();
     let mut t = table();
     let key = |port| MappingKey::ipv4(Protocol::Tcp, port);
@@ -84,21 +89,20 @@ fn adds_go_before_deletes_that_fell_due_after_them_and_renewals_before_the_other
     let later = now + Duration::from_secs(50);
     release(&mut t, 1, later);
     bind(&mut t, 3, Protocol::Tcp, 9000, later);
-    bind(&mut t, 4, Protocol::Tcp, 6000, later + GRACE / 2);
-    let at = later + GRACE / 2;
+    let at = later + Duration::from_millis(1);
+    bind(&mut t, 4, Protocol::Tcp, 6000, at);
     // The adds in the order they fell due (not port order), before the renewal and the delete.
     assert_eq!(t.next_work(at), add(key(9000)));
     t.record_mapped(key(9000), grant(Duration::from_secs(100)), at);
     assert_eq!(t.next_work(at), add(key(6000)));
     t.record_mapped(key(6000), grant(Duration::from_secs(100)), at);
-    let at = later + GRACE;
     assert_eq!(t.next_work(at), renew(key(7001)));
     t.record_mapped(key(7001), grant(Duration::from_secs(100)), at);
     assert_eq!(t.next_work(at), delete(key(7000)));
-    // A delete that fell due before an add (its socket went earlier) goes first: deletes never starve
-    // behind a program that keeps binding new ports.
+    // A delete that fell due well before an add (its socket went earlier) goes first: deletes never
+    // starve behind a program that keeps binding new ports.
     release(&mut t, 3, at);
-    let after = at + GRACE + Duration::from_millis(1);
+    let after = at + ADD_FIRST_WINDOW + Duration::from_millis(1);
     bind(&mut t, 5, Protocol::Tcp, 9001, after);
     assert_eq!(t.next_work(after), delete(key(7000)));
     t.record_deleted(key(7000), Removal::Released, after);
@@ -108,14 +112,14 @@ fn adds_go_before_deletes_that_fell_due_after_them_and_renewals_before_the_other
 }
 
 #[test]
-fn a_port_wanted_again_within_the_grace_is_neither_deleted_nor_added() {
+fn a_port_wanted_again_before_its_delete_went_is_neither_deleted_nor_added() {
     let now = Instant::now();
     let mut t = table();
     bind(&mut t, 1, Protocol::Tcp, 8080, now);
     t.record_mapped(TCP8080, grant(Duration::from_secs(3600)), now);
     release(&mut t, 1, now);
-    bind(&mut t, 2, Protocol::Tcp, 8080, now + GRACE / 2);
-    assert_eq!(t.next_work(now + GRACE * 10), None);
+    bind(&mut t, 2, Protocol::Tcp, 8080, now + Duration::from_micros(100));
+    assert_eq!(t.next_work(now + Duration::from_secs(1)), None);
     assert!(matches!(t.mapping(&TCP8080).unwrap().state, MappingState::Active { .. }));
 }
 
@@ -128,9 +132,9 @@ fn shared_port_lives_until_last_socket() {
     let key = MappingKey::ipv4(Protocol::Udp, 9000);
     t.record_mapped(key, grant(Duration::from_secs(100)), now);
     release(&mut t, 1, now);
-    assert_eq!(t.next_work(now + GRACE), None);
+    assert_eq!(t.next_work(now), None);
     release(&mut t, 2, now);
-    assert_eq!(t.next_work(now + GRACE), delete(key));
+    assert_eq!(t.next_work(now), delete(key));
 }
 
 #[test]
@@ -148,7 +152,7 @@ fn released_before_mapped_needs_no_delete() {
     let mut t = table();
     bind(&mut t, 1, Protocol::Tcp, 8080, now);
     release(&mut t, 1, now);
-    assert_eq!(t.next_work(now + GRACE), None);
+    assert_eq!(t.next_work(now + A_MOMENT), None);
     assert!(t.mapping(&TCP8080).is_none());
 }
 
@@ -160,7 +164,7 @@ fn release_during_add_deletes_afterwards() {
     let _work = t.next_work(now); // the reconciler starts the add...
     release(&mut t, 1, now); // ...the socket goes meanwhile...
     t.record_mapped(TCP8080, grant(Duration::from_secs(60)), now); // ...and the add lands.
-    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
+    assert_eq!(t.next_work(now + A_MOMENT), delete(TCP8080));
 }
 
 #[test]
@@ -170,10 +174,10 @@ fn rebind_during_delete_adds_again() {
     bind(&mut t, 1, Protocol::Tcp, 8080, now);
     t.record_mapped(TCP8080, grant(Duration::from_secs(60)), now);
     release(&mut t, 1, now);
-    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
-    bind(&mut t, 2, Protocol::Tcp, 8080, now + GRACE);
-    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
-    assert_eq!(t.next_work(now + GRACE), add(TCP8080));
+    assert_eq!(t.next_work(now + A_MOMENT), delete(TCP8080));
+    bind(&mut t, 2, Protocol::Tcp, 8080, now + A_MOMENT);
+    t.record_deleted(TCP8080, Removal::Released, now + A_MOMENT);
+    assert_eq!(t.next_work(now + A_MOMENT), add(TCP8080));
 }
 
 #[test]
@@ -358,9 +362,9 @@ fn gateway_reset_keeps_unwanted_mappings_for_deletion_and_makes_the_rest_pending
     t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 8081), grant(Duration::from_secs(100)), now);
     release(&mut t, 1, now);
     t.gateway_reset(GATEWAY, now);
-    assert_eq!(t.next_work(now + GRACE), add(MappingKey::ipv4(Protocol::Tcp, 8081)));
+    assert_eq!(t.next_work(now + A_MOMENT), add(MappingKey::ipv4(Protocol::Tcp, 8081)));
     t.record_mapped(MappingKey::ipv4(Protocol::Tcp, 8081), grant(Duration::from_secs(100)), now);
-    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
+    assert_eq!(t.next_work(now + A_MOMENT), delete(TCP8080));
 }
 
 #[test]
@@ -404,6 +408,28 @@ fn an_adopted_socket_reported_again_by_the_hook_keeps_one_record_with_its_owner(
 }
 
 #[test]
+fn a_port_bound_a_little_after_the_grace_of_the_one_closed_before_it_is_still_added_first() {
+    // The program was preempted between its close() and its bind(): 3 ms on the kernel's clock.
+    let now = Instant::now();
+    let mut t = table();
+    let key = |port| MappingKey::ipv4(Protocol::Tcp, port);
+    bind(&mut t, 1, Protocol::Tcp, 9000, now);
+    t.record_mapped(key(9000), grant(Duration::from_secs(100)), now);
+    release(&mut t, 1, now);
+    let bound = now + Duration::from_millis(3);
+    bind(&mut t, 2, Protocol::Tcp, 9001, bound);
+    assert_eq!(t.next_work(bound), add(key(9001)));
+    t.record_mapped(key(9001), grant(Duration::from_secs(100)), bound);
+    assert_eq!(t.next_work(bound), delete(key(9000)));
+    t.record_deleted(key(9000), Removal::Released, bound);
+    // One bound past the window waits behind the delete.
+    release(&mut t, 2, bound);
+    let late = bound + ADD_FIRST_WINDOW + Duration::from_millis(1);
+    bind(&mut t, 3, Protocol::Tcp, 9002, late);
+    assert_eq!(t.next_work(late), delete(key(9001)));
+}
+
+#[test]
 fn a_program_that_never_stops_moving_still_has_its_old_ports_deleted() {
     // Each port is closed and the next bound while the previous add is still in flight, step after
     // step: there is always an add due, and yet no delete may wait for ever.
@@ -417,7 +443,7 @@ fn a_program_that_never_stops_moving_still_has_its_old_ports_deleted() {
         now += Duration::from_millis(10); // the gateway call
         release(&mut t, u64::from(step - 1), now);
         bind(&mut t, u64::from(step), Protocol::Tcp, 9000 + step, now);
-        now += GRACE * 2;
+        now += A_MOMENT * 2;
         match work {
             Work::Add { key, .. } => t.record_mapped(key, grant(Duration::from_secs(3600)), now),
             Work::Delete { key } => t.record_deleted(key, Removal::Released, now),
@@ -516,7 +542,7 @@ fn a_reload_removes_what_the_policy_no_longer_allows_and_maps_what_it_now_allows
     };
     t.apply_policy(deny_8080, 0, now);
     assert_eq!(not_forwarded_rules(&t.take_outcomes()), ["tcp/8080: deny tcp/8080 (t.toml line 3)"]);
-    assert_eq!(t.next_work(now + GRACE), delete(TCP8080), "the mapping comes off the gateway");
+    assert_eq!(t.next_work(now + A_MOMENT), delete(TCP8080), "the mapping comes off the gateway");
     assert!(t.socket(1).is_some(), "the socket stays, bound locally");
     // The same policy again changes nothing.
     t.apply_policy(deny_8080, 0, now);
@@ -524,19 +550,19 @@ fn a_reload_removes_what_the_policy_no_longer_allows_and_maps_what_it_now_allows
     // Allowed again (before the delete went out): it stays on the gateway as it was.
     t.apply_policy(|_| forwarded(), 0, now);
     assert!(matches!(t.mapping(&TCP8080).unwrap().state, MappingState::Active { .. }));
-    assert_eq!(t.next_work(now + GRACE), None, "nothing to do: both are on the gateway and wanted");
+    assert_eq!(t.next_work(now + A_MOMENT), None, "nothing to do: both are on the gateway and wanted");
     // Denied, deleted, then allowed: made again.
     t.apply_policy(deny_8080, 0, now);
     let _ = t.take_outcomes();
-    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
+    t.record_deleted(TCP8080, Removal::Released, now + A_MOMENT);
     let removed = t.take_outcomes();
     assert!(
         removed.contains(&Outcome::Removed { key: PortKey::new(Protocol::Tcp, 8080), why: Removal::Policy }),
         "{removed:?}"
     );
     assert!(t.mapping(&TCP8080).is_none());
-    t.apply_policy(|_| forwarded(), 0, now + GRACE);
-    assert_eq!(t.next_work(now + GRACE), add(TCP8080));
+    t.apply_policy(|_| forwarded(), 0, now + A_MOMENT);
+    assert_eq!(t.next_work(now + A_MOMENT), add(TCP8080));
 }
 
 #[test]
@@ -561,7 +587,7 @@ fn a_static_mapping_is_wanted_until_deleted_and_is_no_socket_of_the_kernels() {
         Err(StaticError::NoSuchStatic(PortKey::new(Protocol::Udp, 25565)))
     );
     t.delete_static(key, now).unwrap();
-    assert_eq!(t.next_work(now + GRACE), delete(MappingKey::Ipv4(key)));
+    assert_eq!(t.next_work(now + A_MOMENT), delete(MappingKey::Ipv4(key)));
     assert!(t.statics().is_empty());
 }
 
@@ -576,14 +602,14 @@ fn a_disabled_port_comes_off_the_gateway_keeps_its_sockets_and_comes_back_on_ena
     t.disable(key, now);
     let rules = not_forwarded_rules(&t.take_outcomes());
     assert!(rules.len() == 1 && rules[0].contains("natbinder enable"), "{rules:?}");
-    assert_eq!(t.next_work(now + GRACE), delete(TCP8080));
-    t.record_deleted(TCP8080, Removal::Released, now + GRACE);
+    assert_eq!(t.next_work(now + A_MOMENT), delete(TCP8080));
+    t.record_deleted(TCP8080, Removal::Released, now + A_MOMENT);
     assert!(t.take_outcomes().contains(&Outcome::Removed { key, why: Removal::Disabled }));
     // A new socket on the port while disabled wants nothing either.
-    bind(&mut t, 2, Protocol::Tcp, 8080, now + GRACE);
+    bind(&mut t, 2, Protocol::Tcp, 8080, now + A_MOMENT);
     assert!(t.mapping(&TCP8080).is_none() && t.socket(2).is_some());
-    t.enable(key, now + GRACE);
-    assert_eq!(t.next_work(now + GRACE), add(TCP8080));
+    t.enable(key, now + A_MOMENT);
+    assert_eq!(t.next_work(now + A_MOMENT), add(TCP8080));
     assert_eq!(t.mapping(&TCP8080).unwrap().sockets.len(), 2, "both sockets want it again");
 }
 
@@ -606,8 +632,8 @@ fn a_reservation_is_mapped_before_its_socket_exists_and_the_socket_takes_the_map
     let outcomes = t.take_outcomes();
     assert!(outcomes.iter().any(|o| matches!(o, Outcome::SocketReleased { seen: Seen::Claimed, .. })));
     // Ending the reservation later changes nothing: no delete, no second add.
-    t.end_reservation(cookie, now + GRACE);
-    assert_eq!(t.next_work(now + GRACE * 10), None);
+    t.end_reservation(cookie, now + A_MOMENT);
+    assert_eq!(t.next_work(now + A_MOMENT * 10), None);
     assert!(t.socket_cookies().contains(&1) && !t.socket_cookies().contains(&cookie), "resync never sees it");
 }
 
@@ -628,7 +654,7 @@ fn a_reservation_no_socket_claims_lapses_and_takes_its_mapping_off_the_gateway()
     t.end_reservation(cookie, now);
     let outcomes = t.take_outcomes();
     assert!(outcomes.iter().any(|o| matches!(o, Outcome::SocketReleased { seen: Seen::Lapsed, .. })));
-    assert_eq!(t.next_work(now + GRACE), delete(TCP8080), "the gateway holds nothing no socket needs");
+    assert_eq!(t.next_work(now + A_MOMENT), delete(TCP8080), "the gateway holds nothing no socket needs");
 }
 
 #[test]
@@ -732,9 +758,9 @@ fn pinholes_open_renew_and_close_with_the_socket_by_the_gateways_id() {
     assert_eq!(t.next_work(now), add(key));
     t.record_mapped(key, Grant { handle: Some(GatewayHandle::PinholeId(9)), ..opened }, now);
     release(&mut t, 1, now);
-    assert_eq!(t.next_work(now + GRACE), delete(key));
+    assert_eq!(t.next_work(now + A_MOMENT), delete(key));
     assert_eq!(t.mapping(&key).unwrap().handle, Some(GatewayHandle::PinholeId(9)), "closed by its id");
-    t.record_deleted(key, Removal::Released, now + GRACE);
+    t.record_deleted(key, Removal::Released, now + A_MOMENT);
     assert!(t.take_outcomes().iter().any(|o| matches!(o, Outcome::PinholeClosed { why: Removal::Released, .. })));
     assert!(t.mapping(&key).is_none());
 }
@@ -761,7 +787,7 @@ fn an_address_change_moves_the_pinholes_and_deprecated_ones_are_left_alone() {
     assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A1), pinhole(8080, A2)]);
     assert_eq!(t.next_work(now), add(pinhole(8080, A2)));
     t.record_mapped(pinhole(8080, A2), grant(Duration::from_secs(3600)), now);
-    assert_eq!(t.next_work(now + GRACE), None, "the deprecated address's pinhole stays");
+    assert_eq!(t.next_work(now + A_MOMENT), None, "the deprecated address's pinhole stays");
     bind_stack(&mut t, 2, 8090, Stack::Ipv6Only, now);
     assert_eq!(wanted(&t, 2), vec![pinhole(8090, A2)], "no new pinhole for a deprecated address");
     t.record_mapped(pinhole(8090, A2), grant(Duration::from_secs(3600)), now);
@@ -772,8 +798,8 @@ fn an_address_change_moves_the_pinholes_and_deprecated_ones_are_left_alone() {
     let outcomes = t.take_outcomes();
     assert!(matches!(&outcomes[0], Outcome::Ipv6AddressesChanged { removed, .. } if *removed == [A1]));
     assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080), pinhole(8080, A2)]);
-    assert_eq!(t.next_work(now + GRACE), delete(pinhole(8080, A1)));
-    t.record_deleted(pinhole(8080, A1), Removal::Released, now + GRACE);
+    assert_eq!(t.next_work(now + A_MOMENT), delete(pinhole(8080, A1)));
+    t.record_deleted(pinhole(8080, A1), Removal::Released, now + A_MOMENT);
     assert!(t
         .take_outcomes()
         .iter()
@@ -795,7 +821,7 @@ fn a_gateway_whose_firewall_is_open_needs_no_pinholes() {
     t.set_pinhole_service(PinholeService::FirewallOpen, now);
     assert_eq!(wanted(&t, 1), vec![MappingKey::ipv4(Protocol::Tcp, 8080)], "the mapping stays");
     assert!(t.mapping(&pinhole(8080, A2)).is_none(), "never opened: simply forgotten");
-    assert_eq!(t.next_work(now + GRACE), add(MappingKey::ipv4(Protocol::Tcp, 8080)));
+    assert_eq!(t.next_work(now + A_MOMENT), add(MappingKey::ipv4(Protocol::Tcp, 8080)));
     assert!(t.mapping(&pinhole(8080, A1)).unwrap().sockets.is_empty(), "the opened one is closed");
     // Unknown (no gateway checked) wants nothing either; Needed again wants them back.
     t.set_pinhole_service(PinholeService::Needed, now);

@@ -26,8 +26,10 @@
 //!                                            on the next port; prints "bound PORT" each time)
 //!
 //! tcp-echo --timed prints "took NS" (how long bind() took) after "bound PORT".
-//! --stamp (tcp-echo, churn): after "bound PORT" and after "closed", prints "at NS", CLOCK_MONOTONIC
-//! read as bind() or close() returned, for benchmarks that time what follows from the other side.
+//! --stamp (tcp-echo, churn, hold): after "bound PORT" and after "closed", prints "at NS",
+//! CLOCK_MONOTONIC read as bind() or close() was called (hold: as the last bind() returned, as the
+//! first close() was called), for benchmarks that time what follows from the other side: the
+//! syscall, and whatever preempts the program in it, count.
 //!
 //! Once bound it prints "bound PORT" on stdout. --close-on-stdin closes the socket (but keeps running)
 //! when a line arrives on stdin and then prints "closed".
@@ -101,8 +103,8 @@ fn serve_tcp_after(listener: TcpListener, name: String, close_on_stdin: bool, mo
             }
         }
     }
-    drop(listener);
     let closed_at = monotonic_ns();
+    drop(listener);
     announce("closed".into());
     if STAMP.load(Ordering::SeqCst) {
         announce(format!("at {closed_at}"));
@@ -240,11 +242,11 @@ fn main() {
             let addr: SocketAddr = args.get(1).and_then(|a| a.parse().ok()).unwrap_or_else(|| usage());
             let v6only = args.iter().any(|a| a == "--v6only");
             let reuseport = args.iter().any(|a| a == "--reuseport");
+            let bound_at = monotonic_ns();
             let started = std::time::Instant::now();
             let bound =
                 if v6only || reuseport { bind_with_options(addr, v6only, reuseport) } else { TcpListener::bind(addr) };
             let took = started.elapsed();
-            let bound_at = monotonic_ns();
             let mut timed = if args.iter().any(|a| a == "--timed") {
                 vec![format!("took {}", took.as_nanos())]
             } else {
@@ -377,8 +379,8 @@ fn main() {
                 announce(format!("at {bound_at}"));
             }
             wait_for_stdin_line();
-            drop(listeners);
             let closed_at = monotonic_ns();
+            drop(listeners);
             announce("closed".into());
             if STAMP.load(Ordering::SeqCst) {
                 announce(format!("at {closed_at}"));
@@ -393,6 +395,7 @@ fn main() {
             for port in from..from.saturating_add(n) {
                 // Closing one port and binding the next back to back, as a port search or a restart does.
                 drop(listener.take());
+                let bound_at = monotonic_ns();
                 match TcpListener::bind(("0.0.0.0", port)) {
                     Ok(l) => listener = Some(l),
                     Err(e) => {
@@ -400,7 +403,6 @@ fn main() {
                         exit(1)
                     }
                 }
-                let bound_at = monotonic_ns();
                 announce(format!("bound {port}"));
                 if STAMP.load(Ordering::SeqCst) {
                     announce(format!("at {bound_at}"));
