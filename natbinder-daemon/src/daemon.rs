@@ -23,7 +23,13 @@ use crate::{
         signals::{Signal, Signals},
     },
     host::{
-        self, cgroup, lan::LanWatch, lan6::Lan6Watch, netwatch, process::CgroupNames, resync::Resynchronizer, sockdiag,
+        self, cgroup,
+        lan::LanWatch,
+        lan6::Lan6Watch,
+        memory, netwatch,
+        process::CgroupNames,
+        resync::{ReleaseTracker, Resynchronizer},
+        sockdiag,
     },
     journal::Journal,
     kernel::{self, AttachedLinks, BoundSocket, KernelEvent, KernelHooks},
@@ -187,7 +193,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let mut resync = Resynchronizer::new(cgroup.clone(), table.clone(), exposure.clone(), hooks.releases())
         .also_watching(runs_apart.then(|| runs.base().to_path_buf()));
     resync.run_once().await;
-    give_back_freed_heap();
+    memory::give_back_freed_heap();
 
     let journal = Journal::open(&config.state_dir)?;
     // What operators asked for (static mappings, disabled ports), before the first check of the gateway.
@@ -302,6 +308,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
     let mut running = config.clone();
     let mut events = Vec::new();
     let mut lost_seen = hooks.lost_events();
+    let releases = hooks.releases();
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
     let hangups = signals.sender();
@@ -369,7 +376,7 @@ pub async fn run_with(config: DaemonConfig, shutdown: impl Future<Output = ()>, 
             _ = &mut shutdown => break,
         }
         for event in events.drain(..) {
-            handle_event(&table, &exposure, &classify_tx, event);
+            handle_event(&table, &exposure, &classify_tx, &releases, event);
         }
         let lost = hooks.lost_events();
         if lost > lost_seen {
@@ -494,6 +501,7 @@ fn handle_event(
     table: &TableHandle,
     exposure: &Exposure,
     classify: &mpsc::UnboundedSender<(Protocol, u64)>,
+    releases: &kernel::Releases,
     event: KernelEvent,
 ) {
     match event {
@@ -516,6 +524,8 @@ fn handle_event(
         }
         KernelEvent::Released { cookie, at_ns, thread } => {
             let at = kernel::instant_of(at_ns);
+            // An adopted socket is tracked apart, until now.
+            releases.untrack(cookie);
             table.update(|t| t.socket_released_by(cookie, thread, at))
         }
         KernelEvent::Refused(socket) => table.update(|t| t.bind_refused(listener(socket))),
@@ -627,29 +637,5 @@ async fn classify(
                 t.socket_classified(*cookie, if v6only { Stack::Ipv6Only } else { Stack::DualStack }, now);
             }
         });
-    }
-}
-
-/// glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps what was
-/// freed in each. The daemon allocates on one thread and briefly on a few others (spawn_blocking): one
-/// arena serves them without contention, and keeps freed memory where malloc_trim finds it. Called
-/// before the runtime starts any thread.
-pub fn use_one_malloc_arena() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: mallopt only changes an allocator setting; it takes no pointers.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-    }
-}
-
-/// Hands the heap glibc keeps after frees back to the system. Called once start-up's large allocations
-/// are over (the kernel's BTF, 5 MB on 6.18, parsed to relocate the programs, and the first socket
-/// dump: about 2 MiB), and after each periodic check of the gateway, the quiet moment after whatever
-/// came before (a burst of mappings made and deleted leaves its heap free but resident).
-pub(crate) fn give_back_freed_heap() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only returns free memory to the system; it takes no pointers.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }

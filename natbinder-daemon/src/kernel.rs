@@ -233,14 +233,18 @@ impl ReleaseTracker for Releases {
         tracked
     }
 
+    /// Called for every release the daemon reads, and for adopted sockets found gone: only the
+    /// adopted ones cost more than a set lookup.
     fn untrack(&self, cookie: u64) {
         let mut maps = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        // The hook removes an entry itself when it reports the release; either way it is gone now.
+        if !maps.cookies.remove(&cookie) {
+            return;
+        }
+        // The hook removes an entry itself when it reports the release; either way it is gone now,
+        // and the count goes down with it, so that other releases skip the lookup again.
         let _ = maps.adopted.remove(&cookie);
-        if maps.cookies.remove(&cookie) {
-            if let Err(e) = maps.write_count() {
-                warn!("{e:#}");
-            }
+        if let Err(e) = maps.write_count() {
+            warn!("{e:#}");
         }
     }
 }

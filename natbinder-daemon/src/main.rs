@@ -12,7 +12,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Daemon(args) => {
-            natbinder::daemon::use_one_malloc_arena();
+            natbinder::host::memory::use_one_malloc_arena();
             init_logging();
             // aya-log forwards the eBPF programs' messages through the `log` facade.
             let _ = tracing_log::LogTracer::init();

@@ -7,7 +7,9 @@
 //!   IPv6 router;
 //! * [`netlink`]: the one blocking netlink dump both of those use;
 //! * [`probes`]: what this kernel supports, probed rather than read from a version string;
-//! * [`process`]: what the exposure policy needs about a bind's program (cgroup path, exe, groups).
+//! * [`process`]: what the exposure policy needs about a bind's program (cgroup path, exe, groups),
+//!   and whether a thread still runs;
+//! * [`memory`]: one malloc arena, and the freed heap given back at quiet moments.
 //!
 //! Everything here that blocks (socket dumps, the /proc walk, netlink dumps) is called from the async
 //! side through `spawn_blocking`, never on the event loop itself.
@@ -15,6 +17,7 @@ pub mod cgroup;
 pub mod firewall;
 pub mod lan;
 pub mod lan6;
+pub mod memory;
 pub mod netlink;
 pub mod netwatch;
 pub mod probes;

@@ -346,7 +346,7 @@ impl Reconciler {
                 if let Flow::Rediscover(why) = check {
                     return Ended::Rediscover(why);
                 }
-                crate::daemon::give_back_freed_heap();
+                crate::host::memory::give_back_freed_heap();
                 next_check = Instant::now() + self.config.interval;
                 continue;
             }
