@@ -28,9 +28,13 @@ pub struct BurstRow {
     /// SOAP requests miniupnpd received from lan1 while the listeners were open, and after they closed.
     pub requests_open: usize,
     pub requests_closed: usize,
-    /// The gateway's own time for N adds and N deletes in a row (bare client), ms.
+    /// The gateway's own time for N adds and N deletes in a row (bare client), ms: the mean of the
+    /// floor taken before the burst (ports in order) and after it (the daemon's order).
     pub floor_adds_ms: f64,
     pub floor_deletes_ms: f64,
+    /// The floor before and after, (adds, deletes) each.
+    pub floor_before_ms: (f64, f64),
+    pub floor_after_ms: (f64, f64),
     /// The same listeners closed as soon as they were bound: mappings made (and deleted) and requests.
     pub closed_at_once_mapped: usize,
     pub closed_at_once_requests: usize,
@@ -114,6 +118,18 @@ pub fn until_all(watch: &Watch, kind: &str, ports: std::ops::Range<u16>, limit: 
     Ok((last, order))
 }
 
+/// A bare client's N adds, then N deletes, of `ports` in order: (adds, deletes), ms.
+fn floor_in_a_row(lab: &Lab, http_port: u16, version: u8, ports: std::ops::Range<u16>) -> Result<(f64, f64)> {
+    let (mut adds, mut deletes) = (0.0, 0.0);
+    for port in ports.clone() {
+        adds += floor::upnp_add(lab, http_port, version, port)?;
+    }
+    for port in ports {
+        deletes += floor::upnp_delete(lab, http_port, version, port)?;
+    }
+    Ok((adds, deletes))
+}
+
 pub fn measure(
     lab: &Lab,
     gateway: Gateway,
@@ -124,6 +140,11 @@ pub fn measure(
     with_idle: bool,
 ) -> Result<BurstRow> {
     let limit = Duration::from_secs(60) + Duration::from_millis(200) * listeners as u32;
+    // The gateway's service time before the burst as well as after it: its speed drifts within a run
+    // (miniupnpd's after a thousand requests of the parts before), and the burst falls in between.
+    // Ports of their own, 5000 up.
+    let (http_port, version) = gateway.endpoint(lab);
+    let floor_before_ms = floor_in_a_row(lab, http_port, version, from + 5000..from + 5000 + listeners)?;
     let watch = Watch::start(daemon)?;
     let lost_before = daemon.lost_events()?;
     let opening = gateway.mark(lab);
@@ -209,13 +230,15 @@ pub fn measure(
     // (miniupnpd finds a rule to delete by walking its chain: the order changes what a delete costs).
     // Ports of their own, 5000 up: the gateway may still be closing the burst's last connections.
     let (mut floor_adds_ms, mut floor_deletes_ms) = (0.0, 0.0);
-    let (http_port, version) = gateway.endpoint(lab);
     for port in add_order {
         floor_adds_ms += floor::upnp_add(lab, http_port, version, port + 5000)?;
     }
     for port in delete_order {
         floor_deletes_ms += floor::upnp_delete(lab, http_port, version, port + 5000)?;
     }
+    let floor_after_ms = (floor_adds_ms, floor_deletes_ms);
+    let (floor_adds_ms, floor_deletes_ms) =
+        ((floor_before_ms.0 + floor_after_ms.0) / 2.0, (floor_before_ms.1 + floor_after_ms.1) / 2.0);
     let row = BurstRow {
         gateway: match gateway {
             Gateway::Miniupnpd => "miniupnpd",
@@ -229,6 +252,8 @@ pub fn measure(
         requests_closed,
         floor_adds_ms,
         floor_deletes_ms,
+        floor_before_ms,
+        floor_after_ms,
         closed_at_once_mapped: mapped,
         closed_at_once_requests,
         peak_rss_kib,

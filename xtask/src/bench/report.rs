@@ -173,26 +173,32 @@ impl Report {
                 "One program opens N TCP listeners on 0.0.0.0 at once, waits until all are forwarded, and closes \
                  them. Times run from its last bind() (or its close()) to the daemon's last `mapped` (or `removed`) \
                  outcome. Requests are what miniupnpd logged from this host. The floor is the gateway's own time for \
-                 the same N adds, then N deletes, by a bare client in a row. Then the same burst, closed as soon as it \
+                 the same N adds, then N deletes, by a bare client in a row, taken before the burst (ports in order) \
+                 and after it (in the daemon's order): the gateway's speed drifts within a run, so the two are shown \
+                 and their mean is the floor. Then the same burst, closed as soon as it \
                  is bound: sockets released before their add must cost no request.\n"
             );
             let _ = writeln!(
                 md,
-                "| gateway | listeners | all forwarded (ms) | floor: N adds (ms) | ratio | clean (ms) | floor: N deletes (ms) | ratio | requests per mapping (open + closed) | events lost | closed at once: mapped, requests |"
+                "| gateway | listeners | all forwarded (ms) | floor: N adds, mean (before / after) (ms) | ratio | clean (ms) | floor: N deletes, mean (before / after) (ms) | ratio | requests per mapping (open + closed) | events lost | closed at once: mapped, requests |"
             );
             let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
             for b in &self.bursts {
                 let n = b.listeners as f64;
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {:.0} | {:.0} | {:.2}x | {:.0} | {:.0} | {:.2}x | {:.2} + {:.2} | {} | {}, {} |",
+                    "| {} | {} | {:.0} | {:.0} ({:.0} / {:.0}) | {:.2}x | {:.0} | {:.0} ({:.0} / {:.0}) | {:.2}x | {:.2} + {:.2} | {} | {}, {} |",
                     b.gateway,
                     b.listeners,
                     b.to_forwarded_ms,
                     b.floor_adds_ms,
+                    b.floor_before_ms.0,
+                    b.floor_after_ms.0,
                     b.to_forwarded_ms / b.floor_adds_ms,
                     b.to_clean_ms,
                     b.floor_deletes_ms,
+                    b.floor_before_ms.1,
+                    b.floor_after_ms.1,
                     b.to_clean_ms / b.floor_deletes_ms,
                     b.requests_open as f64 / n,
                     b.requests_closed as f64 / n,
