@@ -408,7 +408,7 @@ fn an_adopted_socket_reported_again_by_the_hook_keeps_one_record_with_its_owner(
 }
 
 #[test]
-fn a_port_bound_a_little_after_the_grace_of_the_one_closed_before_it_is_still_added_first() {
+fn a_port_bound_a_little_after_the_one_closed_before_it_is_still_added_first() {
     // The program was preempted between its close() and its bind(): 3 ms on the kernel's clock.
     let now = Instant::now();
     let mut t = table();
