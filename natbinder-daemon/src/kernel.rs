@@ -421,13 +421,7 @@ impl KernelHooks {
     /// Waits until events are available and decodes all of them into `out`.
     pub async fn read_events(&mut self, out: &mut Vec<KernelEvent>) -> Result<()> {
         let mut guard = self.events.readable_mut().await.context("waiting on the event ring buffer")?;
-        let ring = guard.get_inner_mut();
-        while let Some(item) = ring.next() {
-            match KernelEvent::decode(&item) {
-                Ok(event) => out.push(event),
-                Err(e) => warn!("dropping an undecodable kernel event: {e:#}"),
-            }
-        }
+        drain(guard.get_inner_mut(), out);
         guard.clear_ready();
         Ok(())
     }
@@ -435,13 +429,7 @@ impl KernelHooks {
     /// Decodes into `out` the events the ring holds now, without waiting: what the kernel reported
     /// before this call is then all in hand.
     pub fn read_available(&mut self, out: &mut Vec<KernelEvent>) {
-        let ring = self.events.get_mut();
-        while let Some(item) = ring.next() {
-            match KernelEvent::decode(&item) {
-                Ok(event) => out.push(event),
-                Err(e) => warn!("dropping an undecodable kernel event: {e:#}"),
-            }
-        }
+        drain(self.events.get_mut(), out);
     }
 
     /// Total events lost to a full ring buffer, and forwardable sockets left untracked (no mark).
@@ -490,6 +478,16 @@ fn explain(error: anyhow::Error) -> anyhow::Error {
 }
 
 /// Registers a map's fd with tokio for readiness.
+/// Decodes every record the ring holds into `out`.
+fn drain(ring: &mut RingBuf<MapData>, out: &mut Vec<KernelEvent>) {
+    while let Some(item) = ring.next() {
+        match KernelEvent::decode(&item) {
+            Ok(event) => out.push(event),
+            Err(e) => warn!("dropping an undecodable kernel event: {e:#}"),
+        }
+    }
+}
+
 fn register_readable<T: AsRawFd>(inner: T) -> std::io::Result<AsyncFd<T>> {
     // SAFETY: the fd belongs to `inner`, which the AsyncFd owns, so it stays open while registered.
     unsafe { AsyncFd::register_with_interest(inner, tokio::io::Interest::READABLE) }

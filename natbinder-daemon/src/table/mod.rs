@@ -604,9 +604,9 @@ impl Table {
         }
     }
 
-    /// The socket no longer wants its mapping: released, or (`why` = Policy) the policy no longer
-    /// forwards it.
-    fn unwant(&mut self, cookie: u64, key: MappingKey, why: Removal, now: Instant) {
+    /// The socket no longer wants its mapping: released (by `released_by`, where the hook saw the
+    /// thread), or (`why` = Policy) the policy no longer forwards it.
+    fn unwant(&mut self, cookie: u64, key: MappingKey, why: Removal, released_by: Option<u32>, now: Instant) {
         if let Some(record) = self.sockets.get_mut(&cookie) {
             record.mappings.retain(|k| *k != key);
         }
@@ -617,7 +617,7 @@ impl Table {
         }
         if mapping.on_gateway {
             mapping.unwanted_since = Some(now);
-            mapping.released_by = None;
+            mapping.released_by = released_by;
             mapping.delete_held_until = None;
             mapping.unwanted_by = (why != Removal::Released).then_some(why);
         } else {
@@ -631,28 +631,26 @@ impl Table {
     fn unwant_all(&mut self, cookie: u64, why: Removal, now: Instant) {
         let keys = self.sockets.get(&cookie).map(|r| r.mappings.clone()).unwrap_or_default();
         for key in keys {
-            self.unwant(cookie, key, why, now);
+            self.unwant(cookie, key, why, None, now);
         }
     }
 
     /// The hook saw `thread` release a socket: as [`Table::socket_released`], and the mappings it
     /// leaves unwanted note the thread (see [`Table::delete_hold`]).
     pub fn socket_released_by(&mut self, cookie: u64, thread: u32, now: Instant) {
-        let keys = self.sockets.get(&cookie).map(|r| r.mappings.clone()).unwrap_or_default();
-        self.socket_released(cookie, Seen::Released, now);
-        for key in keys {
-            if let Some(m) = self.mappings.get_mut(&key).filter(|m| m.sockets.is_empty()) {
-                m.released_by = Some(thread);
-            }
-        }
+        self.release(cookie, Seen::Released, Some(thread), now);
     }
 
     /// A socket is gone: released (the hook saw it) or missing from sock_diag listings.
     pub fn socket_released(&mut self, cookie: u64, seen: Seen, now: Instant) {
+        self.release(cookie, seen, None, now);
+    }
+
+    fn release(&mut self, cookie: u64, seen: Seen, thread: Option<u32>, now: Instant) {
         let Some(record) = self.sockets.remove(&cookie) else { return };
         self.publish(Outcome::SocketReleased { listener: record.listener, seen });
         for key in record.mappings {
-            self.unwant(cookie, key, Removal::Released, now);
+            self.unwant(cookie, key, Removal::Released, thread, now);
         }
     }
 
@@ -769,7 +767,7 @@ impl Table {
                 .collect();
             let new: Vec<MappingKey> = wanted.into_iter().filter(|k| !record.mappings.contains(k)).collect();
             for key in stale {
-                self.unwant(cookie, key, why, now);
+                self.unwant(cookie, key, why, None, now);
             }
             self.want_all(new, cookie, now);
         }

@@ -118,16 +118,23 @@ pub fn until_all(watch: &Watch, kind: &str, ports: std::ops::Range<u16>, limit: 
     Ok((last, order))
 }
 
-/// A bare client's N adds, then N deletes, of `ports` in order: (adds, deletes), ms.
-fn floor_in_a_row(lab: &Lab, http_port: u16, version: u8, ports: std::ops::Range<u16>) -> Result<(f64, f64)> {
-    let (mut adds, mut deletes) = (0.0, 0.0);
-    for port in ports.clone() {
-        adds += floor::upnp_add(lab, http_port, version, port)?;
+/// A bare client's adds of `adds`, then deletes of `deletes`, in those orders: the sums of their
+/// service times (adds, deletes), ms.
+fn floor_in_a_row(
+    lab: &Lab,
+    http_port: u16,
+    version: u8,
+    adds: impl IntoIterator<Item = u16>,
+    deletes: impl IntoIterator<Item = u16>,
+) -> Result<(f64, f64)> {
+    let (mut adds_ms, mut deletes_ms) = (0.0, 0.0);
+    for port in adds {
+        adds_ms += floor::upnp_add(lab, http_port, version, port)?;
     }
-    for port in ports {
-        deletes += floor::upnp_delete(lab, http_port, version, port)?;
+    for port in deletes {
+        deletes_ms += floor::upnp_delete(lab, http_port, version, port)?;
     }
-    Ok((adds, deletes))
+    Ok((adds_ms, deletes_ms))
 }
 
 pub fn measure(
@@ -144,7 +151,8 @@ pub fn measure(
     // (miniupnpd's after a thousand requests of the parts before), and the burst falls in between.
     // Ports of their own, 5000 up.
     let (http_port, version) = gateway.endpoint(lab);
-    let floor_before_ms = floor_in_a_row(lab, http_port, version, from + 5000..from + 5000 + listeners)?;
+    let floor_ports = from + 5000..from + 5000 + listeners;
+    let floor_before_ms = floor_in_a_row(lab, http_port, version, floor_ports.clone(), floor_ports)?;
     let watch = Watch::start(daemon)?;
     let lost_before = daemon.lost_events()?;
     let opening = gateway.mark(lab);
@@ -229,14 +237,13 @@ pub fn measure(
     // The gateway's own service time for the same requests, in the order the daemon sent them
     // (miniupnpd finds a rule to delete by walking its chain: the order changes what a delete costs).
     // Ports of their own, 5000 up: the gateway may still be closing the burst's last connections.
-    let (mut floor_adds_ms, mut floor_deletes_ms) = (0.0, 0.0);
-    for port in add_order {
-        floor_adds_ms += floor::upnp_add(lab, http_port, version, port + 5000)?;
-    }
-    for port in delete_order {
-        floor_deletes_ms += floor::upnp_delete(lab, http_port, version, port + 5000)?;
-    }
-    let floor_after_ms = (floor_adds_ms, floor_deletes_ms);
+    let floor_after_ms = floor_in_a_row(
+        lab,
+        http_port,
+        version,
+        add_order.into_iter().map(|p| p + 5000),
+        delete_order.into_iter().map(|p| p + 5000),
+    )?;
     let (floor_adds_ms, floor_deletes_ms) =
         ((floor_before_ms.0 + floor_after_ms.0) / 2.0, (floor_before_ms.1 + floor_after_ms.1) / 2.0);
     let row = BurstRow {
